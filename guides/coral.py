@@ -1,0 +1,245 @@
+"""CORAL's amortised guide: a graph-attention encoder over the cell graph.
+
+Read :class:`CoralGuide`'s docstring for the variational family.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro.nn import PyroModule
+from torch import nn
+from torch.nn import functional as F
+from torch_geometric.nn import GATConv
+
+from pyrospatial.batch import Batch, cell_plate, spot_plate
+from pyrospatial.models.blocks import MIN_SCALE
+
+__all__ = ["CoralGuide"]
+
+
+def _mlp(n_in: int, hidden: int, n_out: int, out_bias: torch.Tensor | None = None, out_gain: float = 0.1) -> nn.Sequential:
+    """``n_in -> hidden -> n_out``; the output layer starts small (near its bias)."""
+    net = nn.Sequential(nn.Linear(n_in, hidden), nn.ELU(), nn.Linear(hidden, n_out))
+    with torch.no_grad():
+        net[-1].weight.mul_(out_gain)
+        if out_bias is not None:
+            net[-1].bias.copy_(out_bias)
+    return net
+
+
+def _standardise(x: torch.Tensor) -> torch.Tensor:
+    """Per row: zero mean, unit variance over the last dim (a LayerNorm without weights)."""
+    return F.layer_norm(x, x.shape[-1:]) if x.shape[-1] > 1 else x - x
+
+
+def _raw(scale: float) -> float:
+    """Inverse of ``softplus(.) + MIN_SCALE``."""
+    return math.log(math.expm1(max(scale - MIN_SCALE, 1e-4)))
+
+
+class CoralGuide(PyroModule):
+    r"""Amortised variational family for :class:`~pyrospatial.models.coral.CoralModel`.
+
+    Per-cell input ``e_i = [std(log1p(y_i / l^y_i * lbar)), std(log1p(X_{j(i)} / l_{j(i)} *
+    1e4)), onehot(c_i), 1{cell in a spot}]``: the cell's normalised proteins, its spot's
+    normalised expression (zeros for cells outside every spot, ``batch.cell_spot == -1``) and
+    its type; ``std`` standardises each row over its features (a LayerNorm without weights,
+    so inputs are O(1) whatever the panel size). Then::
+
+        h_i  = ELU(GATConv_1(e, A))                 multi-head, heads concatenated
+        (m_i, r_i) = GATConv_2(h, A)                multi-head, heads averaged
+        q(z_i)        = Normal(m_i, softplus(r_i))                                  "z"
+        q(v_i | z_i)  = Normal(MLP_v([z_i, onehot(c_i)]))                          "v"
+        q(s_i | z_i)  = LogNormal(o_i + MLP_s([z_i, onehot(c_i), log(l^y_i/lbar),
+                                               1{spot}, u_i - a0]))             "cell_size"
+        [q(l_j)       = LogNormal(MLP_l([std(log1p(X_j / l_j * 1e4)), log(l_j / n_j) - a0]))
+                                                                          "spot_capture"]
+
+    ``A`` is ``batch.edge_index`` with self loops added by GATConv. Both GATConv layers have
+    a residual (linear skip) connection, so a cell's own input is not averaged away by its
+    neighbours' (without it, q(z) mixes the types of neighbouring cells and the
+    deconvolution is barely better than spot means). The output layer starts small, so q(z)
+    starts near 0 with spread ``init_scale``. ``u_i = log(l_{j(i)} /
+    n_{j(i)})`` (the spot's library split evenly over its ``n_j`` cells) and ``o_i = u_i`` for
+    cells in a spot, ``o_i = a0`` (``size_loc_init``) otherwise, so ``q(s_i)`` starts at a
+    spot-consistent scale. ``z`` is sampled first; ``v`` and ``s`` are conditioned on it.
+    All networks are amortisation parameters (point estimates).
+
+    ``forward(batch, predictive=False)``: the flag is accepted (so one argument list serves
+    model and guide under ``Predictive``) and ignored. :meth:`attention` returns GATConv's
+    per-edge, per-head attention weights.
+
+    Parameters
+    ----------
+    n_types, n_features, n_genes
+        As in the model.
+    z_dim, v_dim, hidden
+        Must match the model's ``z_dim``, ``v_dim``; ``hidden`` is the encoder width.
+    heads
+        Attention heads of both GATConv layers.
+    capture
+        True when the model has a per-spot capture latent (``capture_sd`` set).
+    cell_library_mean
+        ``lbar`` (mean protein library of the data set); None uses the batch mean.
+    size_loc_init
+        ``a0``: the log expected RNA total of a cell (see ``CoralModel``).
+    init_scale
+        Initial standard deviation of every ``q`` (log scale for ``s`` and ``l``).
+    spot_norm
+        Target total of the normalised spot expression (1e4: counts per 10k).
+    name
+        Prefix of the parameters' names in Pyro's param store.
+    """
+
+    def __init__(
+        self,
+        n_types: int,
+        n_features: int,
+        n_genes: int,
+        *,
+        z_dim: int = 8,
+        v_dim: int = 1,
+        hidden: int = 64,
+        heads: int = 4,
+        capture: bool = False,
+        cell_library_mean: float | None = None,
+        size_loc_init: float = 0.0,
+        init_scale: float = 0.1,
+        spot_norm: float = 1e4,
+        name: str = "coral_guide",
+    ) -> None:
+        super().__init__(name=name)
+        self.n_types, self.n_features, self.n_genes = int(n_types), int(n_features), int(n_genes)
+        self.z_dim, self.v_dim, self.hidden, self.heads = int(z_dim), int(v_dim), int(hidden), int(heads)
+        self.capture = bool(capture)
+        self.cell_library_mean = None if cell_library_mean is None else float(cell_library_mean)
+        self.size_loc_init = float(size_loc_init)
+        self.spot_norm = float(spot_norm)
+        self.init_raw = _raw(init_scale)
+
+        n_in = self.n_features + self.n_genes + self.n_types + 1
+        per_head = max(math.ceil(self.hidden / self.heads), 1)
+        self.gat1 = GATConv(n_in, per_head, heads=self.heads, concat=True, add_self_loops=True, residual=True)
+        self.gat2 = GATConv(per_head * self.heads, 2 * self.z_dim, heads=self.heads, concat=False, add_self_loops=True, residual=True)
+        with torch.no_grad():  # q(z) starts near 0 with a small spread, on the prior's scale
+            self.gat2.lin.weight.mul_(0.1)
+            self.gat2.res.weight.mul_(0.1)
+        raw = torch.tensor([0.0, self.init_raw])
+        self.v_net = _mlp(self.z_dim + self.n_types, self.hidden, 2 * self.v_dim, raw.repeat_interleave(self.v_dim))
+        self.size_net = _mlp(self.z_dim + self.n_types + 3, self.hidden, 2, raw)
+        if self.capture:
+            self.capture_net = _mlp(self.n_genes + 1, self.hidden, 2, raw)
+
+    # ------------------------------------------------------------------------------------
+    @classmethod
+    def from_dataset(cls, dataset: Any, **kwargs: Any) -> "CoralGuide":
+        """A guide sized for ``dataset``, with ``lbar`` and ``a0`` read from the data
+        (:func:`pyrospatial.models.coral.data_scales`); ``kwargs`` override."""
+        from pyrospatial.models.coral import data_scales
+
+        scales = data_scales(dataset)
+        init = {k: scales[k] for k in ("cell_library_mean", "size_loc_init")}
+        init.update(kwargs)
+        return cls(int(dataset.n_types), int(dataset.n_features), int(dataset.n_genes), **init)
+
+    # ------------------------------------------------------------------------------------
+    def _lbar(self, batch: Batch) -> torch.Tensor | float:
+        return self.cell_library_mean if self.cell_library_mean is not None else batch.cell_library.mean()
+
+    def _spot_inputs(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalised spot expression ``(m, G)`` and ``u_j = log(l_j / n_j)`` ``(m,)``."""
+        lib = batch.spot_library.clamp(min=1.0)
+        expr = torch.log1p(batch.spot_counts / lib.unsqueeze(-1) * self.spot_norm)
+        members = batch.cell_spot[batch.cell_spot >= 0]
+        n_per_spot = torch.bincount(members, minlength=batch.n_spots).clamp(min=1).to(lib.dtype)
+        return expr, torch.log(lib / n_per_spot)
+
+    def cell_inputs(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Encoder input ``e`` ``(n, P + G + C + 1)``, one-hot types, ``1{spot}`` and ``u_i``."""
+        n = batch.n_cells
+        lib_y = batch.cell_library
+        proteins = _standardise(torch.log1p(batch.cell_features / lib_y.unsqueeze(-1) * self._lbar(batch)))
+        has_spot = (batch.cell_spot >= 0).to(proteins.dtype)
+        if batch.n_spots > 0:
+            expr, u_spot = self._spot_inputs(batch)
+            j = batch.cell_spot.clamp(min=0)
+            spot_expr = _standardise(expr)[j] * has_spot.unsqueeze(-1)
+            u = u_spot[j] * has_spot
+        else:
+            spot_expr = proteins.new_zeros(n, self.n_genes)
+            u = proteins.new_zeros(n)
+        onehot = F.one_hot(batch.cell_type, self.n_types).to(proteins.dtype)
+        e = torch.cat([proteins, spot_expr, onehot, has_spot.unsqueeze(-1)], dim=-1)
+        return e, onehot, has_spot, u
+
+    def encode(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(loc, scale)`` of ``q(z_i)``, each ``(n, z_dim)``."""
+        return self._encode(self.cell_inputs(batch)[0], batch.edge_index)
+
+    def _encode(self, e: torch.Tensor, edge_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = F.elu(self.gat1(e, edge_index))
+        out = self.gat2(h, edge_index)
+        loc, raw = out[..., : self.z_dim], out[..., self.z_dim :]
+        return loc, F.softplus(raw + self.init_raw) + MIN_SCALE
+
+    # ------------------------------------------------------------------------------------
+    def forward(self, batch: Batch, predictive: bool = False) -> None:
+        """Sample the local latents ``z``, ``v``, ``cell_size`` (and ``spot_capture``)."""
+        e, onehot, has_spot, u = self.cell_inputs(batch)
+        z_loc, z_scale = self._encode(e, batch.edge_index)
+        lib_y = batch.cell_library
+        with cell_plate(batch):
+            z = pyro.sample("z", dist.Normal(z_loc, z_scale).to_event(1))
+            zc = torch.cat([z, onehot.expand(z.shape[:-1] + onehot.shape[-1:])], dim=-1)
+            v_out = self.v_net(zc)
+            v_loc, v_raw = v_out[..., : self.v_dim], v_out[..., self.v_dim :]
+            pyro.sample("v", dist.Normal(v_loc, F.softplus(v_raw) + MIN_SCALE).to_event(1))
+            extra = torch.stack([torch.log(lib_y / self._lbar(batch)), has_spot, (u - self.size_loc_init) * has_spot], -1)
+            s_out = self.size_net(torch.cat([zc, extra.expand(zc.shape[:-1] + extra.shape[-1:])], dim=-1))
+            offset = has_spot * u + (1.0 - has_spot) * self.size_loc_init
+            s_loc = offset + s_out[..., 0]
+            pyro.sample("cell_size", dist.LogNormal(s_loc, F.softplus(s_out[..., 1]) + MIN_SCALE))
+        if self.capture and batch.n_spots > 0:
+            expr, u_spot = self._spot_inputs(batch)
+            out = self.capture_net(torch.cat([_standardise(expr), (u_spot - self.size_loc_init).unsqueeze(-1)], dim=-1))
+            with spot_plate(batch):
+                pyro.sample("spot_capture", dist.LogNormal(out[..., 0], F.softplus(out[..., 1]) + MIN_SCALE))
+
+    # ------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def attention(
+        self, batch: Batch, layer: int = 2, remove_self_loops: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-edge attention weights of a GATConv layer.
+
+        Parameters
+        ----------
+        batch
+            The batch whose graph to attend over.
+        layer
+            1 or 2 (the layer giving ``q(z)``; default).
+        remove_self_loops
+            Drop the self loops GATConv adds (they carry no cell--cell information).
+
+        Returns
+        -------
+        edge_index, alpha
+            ``(2, E')`` local edges (source, target) and ``(E', heads)`` weights; for each
+            target cell the weights over its incoming edges (incl. the self loop) sum to 1
+            per head.
+        """
+        if layer not in (1, 2):
+            raise ValueError(f"layer must be 1 or 2, got {layer!r}")
+        e, _, _, _ = self.cell_inputs(batch)
+        h, (ei, alpha) = self.gat1(e, batch.edge_index, return_attention_weights=True)
+        if layer == 2:
+            _, (ei, alpha) = self.gat2(F.elu(h), batch.edge_index, return_attention_weights=True)
+        if remove_self_loops:
+            keep = ei[0] != ei[1]
+            ei, alpha = ei[:, keep], alpha[keep]
+        return ei, alpha

@@ -1,0 +1,327 @@
+"""CORAL: cells with proteins, spots with RNA, and the cell graph in one generative model.
+
+Read :class:`CoralModel`'s docstring for the generative story; ``CoralModel.forward`` is that
+story, line by line, built from :mod:`pyrospatial.models.blocks`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro.distributions import constraints
+from pyro.nn import PyroModule, PyroParam
+from torch import nn
+from torch.nn import functional as F
+
+from pyrospatial.batch import Batch, cell_plate, spot_plate
+
+from .blocks import (
+    EdgeDecoder,
+    HierarchicalPrior,
+    bernoulli_edges,
+    contrastive_factor,
+    gamma_likelihood,
+    laplacian_factor,
+    negative_binomial,
+    spot_sum,
+)
+
+__all__ = ["CoralModel", "data_scales"]
+
+
+def _decoder(z_dim: int, hidden: int, out: int, bias_init: torch.Tensor | None) -> nn.Sequential:
+    """``z -> hidden -> out`` logits; the output bias starts at ``bias_init`` (log-proportions)."""
+    net = nn.Sequential(nn.Linear(z_dim, hidden), nn.ELU(), nn.Linear(hidden, out))
+    if bias_init is not None:
+        with torch.no_grad():
+            net[-1].bias.copy_(torch.as_tensor(bias_init, dtype=net[-1].bias.dtype))
+    return net
+
+
+def _as_2d_array(x: Any) -> Any:
+    """Dense or scipy-sparse matrix, unchanged; anything else through ``np.asarray``."""
+    return x if hasattr(x, "tocsr") else np.asarray(x, dtype=np.float64)
+
+
+def data_scales(dataset: Any) -> dict[str, Any]:
+    """Initial values of CORAL's scale parameters read from a ``SpatialDataset``-like object.
+
+    Uses ``spot_counts`` (spots x genes), ``cell_library`` (cells), and, when present,
+    ``cell_features`` (cells x features), ``cell_spot`` (spot index per cell, -1 for none) and
+    the graph size (``n_edges_total`` / ``n_edges`` / ``edge_index``).
+
+    Returns
+    -------
+    dict
+        ``size_loc_init = log(median spot library / median cells per spot)`` (the log expected
+        RNA total of one cell), ``cell_library_mean`` (mean protein library), ``gene_logits_init``
+        (log mean gene proportions in the spots), ``protein_logits_init`` (log mean feature
+        proportions, when features are available), ``edge_bias_init`` (logit of the graph's
+        edge density, when its size is available).
+    """
+    out: dict[str, Any] = {}
+    X = _as_2d_array(dataset.spot_counts)
+    spot_lib = np.asarray(X.sum(axis=1), dtype=np.float64).ravel()
+    gene_tot = np.asarray(X.sum(axis=0), dtype=np.float64).ravel()
+    lib_y = np.asarray(dataset.cell_library, dtype=np.float64).ravel()
+    n_cells, n_spots = len(lib_y), max(len(spot_lib), 1)
+    cell_spot = getattr(dataset, "cell_spot", None)
+    if cell_spot is not None:
+        cs = np.asarray(cell_spot).ravel()
+        per_spot = np.bincount(cs[cs >= 0], minlength=len(spot_lib))
+        per_spot = per_spot[per_spot > 0]
+        cells_per_spot = float(np.median(per_spot)) if len(per_spot) else 1.0
+    else:
+        cells_per_spot = max(n_cells / n_spots, 1.0)
+    med_lib = float(np.median(spot_lib)) if len(spot_lib) else 1.0
+    out["size_loc_init"] = math.log(max(med_lib, 1.0) / max(cells_per_spot, 1.0))
+    out["cell_library_mean"] = float(lib_y.mean()) if len(lib_y) else 1.0
+    out["gene_logits_init"] = torch.as_tensor(np.log((gene_tot + 0.5) / (gene_tot + 0.5).sum()), dtype=torch.float32)
+    feats = getattr(dataset, "cell_features", None)
+    if feats is not None:
+        Y = _as_2d_array(feats)
+        prop = np.asarray(Y.sum(axis=0), dtype=np.float64).ravel()
+        prop = prop / max(prop.sum(), 1e-12)
+        out["protein_logits_init"] = torch.as_tensor(np.log(prop + 1e-6), dtype=torch.float32)
+    n_edges = None
+    for key in ("n_edges_total", "n_edges"):
+        if getattr(dataset, key, None) is not None:
+            n_edges = int(getattr(dataset, key))
+            break
+    if n_edges is None and getattr(dataset, "edge_index", None) is not None:
+        n_edges = int(np.asarray(dataset.edge_index).shape[1]) // 2
+    if n_edges is not None and n_cells > 1:
+        density = min(max(n_edges / (n_cells * (n_cells - 1) / 2), 1e-6), 1 - 1e-6)
+        out["edge_bias_init"] = math.log(density / (1 - density))
+    return out
+
+
+class CoralModel(PyroModule):
+    r"""CORAL's generative model of cells (proteins), spots (RNA) and the cell graph.
+
+    Symbols: cells ``i`` with type ``c_i`` and protein library ``l^y_i = sum_p y_ip``;
+    spots ``j`` with member cells ``U(j)``; proteins ``p``, genes ``g``.
+
+    Generative story (one line per line of :meth:`forward`)::
+
+        for each cell i (plate "cells", scaled by batch.cell_scale):
+            v_i ~ Normal(0, I_{v_dim})                                         "v"
+            z_i ~ Normal(mu_{c_i}(v_i), sigma_{c_i}(v_i))                      "z"
+            y_i ~ Gamma(mean = l^y_i h_y(z_i), concentration k_p)             "proteins"
+            log s_i ~ Normal(a + b log(l^y_i / lbar), sigma_s)                 "cell_size"
+            rho_i = s_i softmax(h_x(z_i))                                      "expected_rna"
+        for each spot j (plate "spots", scaled by batch.spot_scale):
+            [log l_j ~ Normal(0, capture_sd)    only with capture_sd; else l_j = 1]  "spot_capture"
+            X_j ~ NB(mean = l_j sum_{i in U(j)} rho_i, inverse dispersion theta_g)  "spot_counts"
+        for each observed edge (i, i'), i < i' (scaled by batch.edge_scale):
+            A_ii' = 1 ~ Bernoulli(sigmoid(f(z_i, z_i')))                       "edges"
+        for each sampled non-edge (scaled by batch.nonedge_scale):
+            A_ii' = 0 ~ Bernoulli(sigmoid(f(z_i, z_i')))                       "nonedges"
+        optional factors (weight 0 = absent):
+            -laplacian_weight * tr(Z^T L Z)                                     "laplacian"
+            -contrastive_weight * N * mean_pairs contrastive(z, c; margin)     "contrastive"
+
+    * ``mu_c, sigma_c`` (:class:`~pyrospatial.models.blocks.HierarchicalPrior`): one small
+      network head per cell type.
+    * ``h_y(z) = softmax(decoder_y(z))`` over proteins, so ``sum_p E[y_ip] = l^y_i``: the
+      decoder explains composition, the observed library explains total intensity. The Gamma
+      is in mean/concentration form (``rate = k_p / mean``, ``Var = mean^2 / k_p``); features
+      must be strictly positive.
+    * ``s_i`` is the cell's expected total RNA (a per-cell size factor in count units). Its
+      prior links it to the protein total (cell size drives both): ``a`` starts at
+      ``log(median spot library / median cells per spot)``, ``b`` at 0. ``lbar`` is the data
+      set's mean protein library (``cell_library_mean``; the batch mean when not given).
+      Thus ``rho_ig = E[x_ig | z_i, s_i]`` is directly comparable to a simulated per-cell truth
+      ``E[x_ig]`` and a spot's mean is the plain sum over its member cells.
+    * ``l_j`` is a per-spot capture efficiency. By default ``l_j = 1`` (a spot's counts are the
+      sum of its cells' counts, as in a simulation or pseudo-spots). On real data pass
+      ``capture_sd`` (e.g. 0.2) to make ``log l_j`` a local latent; the guide must then be
+      built with ``capture=True``.
+    * ``f(z, z') = z^T W z' + b`` with symmetric ``W`` (:class:`~pyrospatial.models.blocks.EdgeDecoder`).
+      ``pyro.deterministic("edge_prob")`` holds ``sigmoid(f)`` for the batch's observed edges.
+
+    Latent vs point estimate: ``v``, ``z``, ``cell_size`` (and ``spot_capture``) are local
+    latents with a posterior (fitted by the guide). Everything else -- the prior networks
+    ``mu_c, sigma_c``, decoders ``h_y, h_x``, the edge decoder ``W, b``, concentrations
+    ``k_p``, inverse dispersions ``theta_g``, the size-prior ``a, b, sigma_s`` -- is a
+    global point estimate (``nn.Parameter`` / ``PyroParam``, positive ones constrained
+    positive) learned by maximising the ELBO.
+
+    Posterior predictive checks: ``model(batch, predictive=True)`` drops every ``obs`` so
+    ``"proteins"``, ``"spot_counts"``, ``"edges"``, ``"nonedges"`` are *drawn*; e.g.
+    ``Predictive(model, guide=guide, num_samples=S)(batch, predictive=True)`` (the guide
+    accepts and ignores the flag).
+
+    Batches without spots or without edges are fine: the corresponding sites are simply
+    absent from the trace (a plate of size 0 is not a valid Pyro plate).
+    ``"edge_prob"`` is then an empty tensor.
+
+    Parameters
+    ----------
+    n_types, n_features, n_genes
+        Cell types ``C``, per-cell features ``P`` (proteins), spot genes ``G``.
+    z_dim, v_dim, hidden
+        Latent sizes and the width of the decoder / prior networks.
+    laplacian_weight
+        Weight of the graph-Laplacian factor, per observed edge (0: off).
+    contrastive_weight, contrastive_margin
+        Weight (per cell) and margin of the contrastive cell-type factor (0: off). Pairs are
+        the batch's observed edges and sampled non-edges, weighted to estimate the mean over
+        all pairs of cells; the factor is ``-weight * n_cells_total * mean pair loss``.
+    size_loc_init
+        Initial ``a`` (log expected RNA total per cell).
+    size_scale_init
+        Initial ``sigma_s``.
+    cell_library_mean
+        ``lbar``; None uses each batch's mean protein library.
+    protein_concentration_init, rna_inverse_dispersion_init
+        Initial ``k_p`` and ``theta_g``.
+    gene_logits_init, protein_logits_init
+        Optional ``(G,)`` / ``(P,)`` initial output biases of ``h_x`` / ``h_y`` (log
+        proportions); :meth:`from_dataset` fills them from the data.
+    edge_bias_init
+        Initial ``b`` of the edge decoder (e.g. the logit of the graph's edge density).
+    capture_sd
+        None: ``l_j = 1``. A float: ``log l_j ~ Normal(0, capture_sd)`` per spot.
+    name
+        Prefix of the parameters' names in Pyro's param store.
+    """
+
+    def __init__(
+        self,
+        n_types: int,
+        n_features: int,
+        n_genes: int,
+        *,
+        z_dim: int = 8,
+        v_dim: int = 1,
+        hidden: int = 64,
+        laplacian_weight: float = 0.0,
+        contrastive_weight: float = 0.0,
+        contrastive_margin: float = 1.0,
+        size_loc_init: float = 0.0,
+        size_scale_init: float = 0.3,
+        cell_library_mean: float | None = None,
+        protein_concentration_init: float = 5.0,
+        rna_inverse_dispersion_init: float = 5.0,
+        gene_logits_init: torch.Tensor | None = None,
+        protein_logits_init: torch.Tensor | None = None,
+        edge_bias_init: float = 0.0,
+        capture_sd: float | None = None,
+        name: str = "coral_model",
+    ) -> None:
+        super().__init__(name=name)
+        self.n_types, self.n_features, self.n_genes = int(n_types), int(n_features), int(n_genes)
+        self.z_dim, self.v_dim, self.hidden = int(z_dim), int(v_dim), int(hidden)
+        self.laplacian_weight = float(laplacian_weight)
+        self.contrastive_weight = float(contrastive_weight)
+        self.contrastive_margin = float(contrastive_margin)
+        self.capture_sd = None if capture_sd is None else float(capture_sd)
+        self.cell_library_mean = None if cell_library_mean is None else float(cell_library_mean)
+
+        # z | v, c : one head per cell type
+        self.prior = HierarchicalPrior(self.n_types, self.v_dim, self.z_dim, hidden=max(self.hidden // 2, 8))
+        # proteins: decoder h_y and concentrations k_p
+        self.protein_decoder = _decoder(self.z_dim, self.hidden, self.n_features, protein_logits_init)
+        self.protein_concentration = PyroParam(
+            torch.full((self.n_features,), float(protein_concentration_init)), constraint=constraints.positive
+        )
+        # RNA: decoder h_x, size prior (a, b, sigma_s), inverse dispersions theta_g
+        self.rna_decoder = _decoder(self.z_dim, self.hidden, self.n_genes, gene_logits_init)
+        self.size_intercept = nn.Parameter(torch.tensor(float(size_loc_init)))
+        self.size_slope = nn.Parameter(torch.tensor(0.0))
+        self.size_scale = PyroParam(torch.tensor(float(size_scale_init)), constraint=constraints.interval(0.01, 3.0))
+        self.rna_inverse_dispersion = PyroParam(
+            torch.full((self.n_genes,), float(rna_inverse_dispersion_init)), constraint=constraints.positive
+        )
+        # edges
+        self.edge_decoder = EdgeDecoder(self.z_dim, bias_init=edge_bias_init)
+
+    # ------------------------------------------------------------------------------------
+    @classmethod
+    def from_dataset(cls, dataset: Any, **kwargs: Any) -> "CoralModel":
+        """A model sized for ``dataset`` (``n_types``, ``n_features``, ``n_genes``), with its
+        scales initialised from the data (:func:`data_scales`); ``kwargs`` override."""
+        init = data_scales(dataset)
+        init.update(kwargs)
+        return cls(int(dataset.n_types), int(dataset.n_features), int(dataset.n_genes), **init)
+
+    # ------------------------------------------------------------------------------------
+    def forward(self, batch: Batch, predictive: bool = False) -> None:
+        """The generative story on one minibatch (see the class docstring).
+
+        Parameters
+        ----------
+        batch
+            A :class:`~pyrospatial.batch.Batch`.
+        predictive
+            True: observed sites are sampled instead of conditioned (posterior predictive).
+        """
+        observe = not predictive
+        n = batch.n_cells
+        lib_y = batch.cell_library
+        lbar = self.cell_library_mean if self.cell_library_mean is not None else lib_y.mean().detach()
+
+        with cell_plate(batch):
+            v = pyro.sample("v", dist.Normal(lib_y.new_zeros(n, self.v_dim), 1.0).to_event(1))
+            z = pyro.sample("z", self.prior.distribution(v, batch.cell_type))
+            mean_y = lib_y.unsqueeze(-1) * F.softmax(self.protein_decoder(z), dim=-1)
+            pyro.sample(
+                "proteins",
+                gamma_likelihood(mean_y, self.protein_concentration),
+                obs=batch.cell_features if observe else None,
+            )
+            size_loc = self.size_intercept + self.size_slope * torch.log(lib_y / lbar)
+            s = pyro.sample("cell_size", dist.LogNormal(size_loc, self.size_scale))
+            rho = pyro.deterministic(
+                "expected_rna", s.unsqueeze(-1) * F.softmax(self.rna_decoder(z), dim=-1), event_dim=1
+            )
+
+        if batch.n_spots > 0:
+            with spot_plate(batch):
+                mean_x = spot_sum(batch.membership, rho)
+                if self.capture_sd is not None:
+                    zeros = batch.spot_library.new_zeros(batch.n_spots)
+                    capture = pyro.sample("spot_capture", dist.LogNormal(zeros, self.capture_sd))
+                    mean_x = capture.unsqueeze(-1) * mean_x
+                pyro.sample(
+                    "spot_counts",
+                    negative_binomial(mean_x, self.rna_inverse_dispersion),
+                    obs=batch.spot_counts if observe else None,
+                )
+
+        edge_pairs, nonedge_pairs = batch.edge_pairs, batch.nonedge_index
+        edge_logits = self.edge_decoder(z, edge_pairs)
+        pyro.deterministic("edge_prob", torch.sigmoid(edge_logits), event_dim=1)
+        bernoulli_edges("edges", edge_logits, True if observe else None, scale=batch.edge_scale)
+        nonedge_logits = self.edge_decoder(z, nonedge_pairs)
+        bernoulli_edges("nonedges", nonedge_logits, False if observe else None, scale=batch.nonedge_scale)
+
+        laplacian_factor("laplacian", z, edge_pairs, self.laplacian_weight, scale=batch.edge_scale)
+        if self.contrastive_weight != 0:
+            pairs, weights = self._contrastive_pairs(batch, edge_pairs, nonedge_pairs, z)
+            contrastive_factor(
+                "contrastive", z, batch.cell_type, pairs, self.contrastive_weight,
+                self.contrastive_margin, pair_weights=weights,
+            )
+
+    @staticmethod
+    def _contrastive_pairs(
+        batch: Batch, edge_pairs: torch.Tensor, nonedge_pairs: torch.Tensor, z: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pairs (edges + sampled non-edges) and weights estimating ``N * mean over all pairs``."""
+        N = batch.n_cells_total
+        n_pairs_total = max(N * (N - 1) / 2.0, 1.0)
+        pairs = torch.cat([edge_pairs, nonedge_pairs], dim=1)
+        weights = torch.cat(
+            [
+                z.new_full((edge_pairs.shape[1],), float(batch.edge_scale)),
+                z.new_full((nonedge_pairs.shape[1],), float(batch.nonedge_scale)),
+            ]
+        ) * (N / n_pairs_total)
+        return pairs, weights
