@@ -7,6 +7,13 @@ Models live in :mod:`pyrospatial.models`, guides in :mod:`pyrospatial.guides`.
 
 from importlib.metadata import PackageNotFoundError, version
 
+import pyro
+
+# Parameters live in their PyroModules (not Pyro's global param store), so that the
+# Lightning engine optimises them and several models coexist in one process. Pyro reads
+# this when a PyroModule is built, so it is set before any model can be created.
+pyro.settings.set(module_local_params=True)
+
 from pyrospatial import analysis, baselines, datasets, metrics, sim
 from pyrospatial.batch import Batch, batch_plates, cell_plate, spot_plate
 from pyrospatial.data import SpatialDataset

@@ -248,12 +248,15 @@ class SpotBatchSampler(torch.utils.data.Sampler):
         return self.dataset.batch_specs(groups, seed=self.seed * 1_000_003 + self.epoch)
 
     def __iter__(self) -> Iterator[BatchSpec]:
+        # a generator: the partition is drawn when the first batch is requested, i.e. after
+        # Lightning's set_epoch (it creates the iterator before calling set_epoch)
         rank, world = self._ranks()
         specs = self.partition()
         order = np.arange(len(specs))
         if self.shuffle:
             np.random.default_rng([self.seed, self.epoch, 1]).shuffle(order)
-        return iter([specs[i] for i in order[rank::world]])
+        for i in order[rank::world]:
+            yield specs[i]
 
     def __len__(self) -> int:
         _, world = self._ranks()
