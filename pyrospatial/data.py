@@ -27,6 +27,7 @@ cell exactly once.
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 from dataclasses import dataclass
@@ -364,10 +365,22 @@ class SpatialDataset:
         self._unit_cells = sp.csr_matrix(
             (np.ones(n, np.float32), (self.cell_home, np.arange(n))), shape=(self.n_units, n)
         )
-        self._adjacency = sp.csr_matrix(
-            (np.ones(self.edges.shape[1], np.int8), (self.edges[0], self.edges[1])), shape=(n, n)
-        )
-        self._adjacency = (self._adjacency + self._adjacency.T).tocsr()
+        self._adjacency = _symmetric_adjacency(self.edges, n)
+
+    def with_edges(self, edges: np.ndarray) -> "SpatialDataset":
+        """A copy that shares every array but uses ``edges`` (2, E) as the cell graph, e.g. a
+        precomputed graph or the training graph with held-out edges removed. Pairs are
+        symmetrised and deduplicated; self loops are dropped."""
+        edges = np.asarray(edges)
+        if edges.ndim != 2 or edges.shape[0] != 2 or edges.dtype.kind not in "iu":
+            raise InputError(f"edges must be an integer array of shape (2, E), got {edges.dtype} {edges.shape}.")
+        if edges.size and (edges.min() < 0 or edges.max() >= self.n_cells):
+            raise InputError(f"edges index cells outside [0, {self.n_cells}); pass dataset cell indices.")
+        new = copy.copy(self)
+        new.edges = _unique_pairs(edges[0].astype(np.int64), edges[1].astype(np.int64), self.n_cells)
+        new._adjacency = _symmetric_adjacency(new.edges, self.n_cells)
+        new.settings = {**self.settings, "graph": "precomputed"}
+        return new
 
     # ---- sizes --------------------------------------------------------------------------
     @property
@@ -746,6 +759,12 @@ def _validated_counts(matrix, field: str) -> sp.csr_matrix:
         )
     csr.data = np.round(data)
     return csr.astype(np.float32)
+
+
+def _symmetric_adjacency(edges: np.ndarray, n: int) -> sp.csr_matrix:
+    """(n, n) 0/1 adjacency with both directions of every undirected edge."""
+    upper = sp.csr_matrix((np.ones(edges.shape[1], np.int8), (edges[0], edges[1])), shape=(n, n))
+    return (upper + upper.T).tocsr()
 
 
 def _sample_nonedges(rng: np.random.Generator, n: int, adjacency: sp.coo_matrix, size: int) -> np.ndarray:

@@ -387,3 +387,16 @@ def test_batch_moves_to_device_and_keeps_sparse_membership(dataset):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert b.edge_pairs.shape[1] == dataset.n_edges
+
+
+def test_with_edges_replaces_only_the_graph(dataset):
+    held_out = dataset.edges[:, ::10]
+    keep = np.ones(dataset.n_edges, bool)
+    keep[::10] = False
+    train = dataset.with_edges(dataset.edges[:, keep][::-1])  # reversed direction is fine
+    assert train.n_edges == keep.sum() and dataset.n_edges == keep.size
+    assert train.cell_features is dataset.cell_features
+    batch_pairs = set(map(tuple, train.full_batch().edge_pairs.T.tolist()))
+    assert not batch_pairs & set(map(tuple, held_out.T.tolist()))
+    with pytest.raises(InputError, match="shape"):
+        dataset.with_edges(np.zeros((3, 2), dtype=int))

@@ -1,0 +1,286 @@
+"""CORAL on AnnData: deconvolve spots into single cells, with uncertainty on every quantity.
+
+The maths lives in :class:`pyrospatial.models.CoralModel` and
+:class:`pyrospatial.guides.CoralGuide`; this module is the user API around them (in the
+spirit of scvi-tools' model classes): build the dataset, train with the shared engine, draw
+coherent posterior samples, and export every result with its spread into AnnData.
+
+Result keys (written by :meth:`CORAL.export`)
+---------------------------------------------
+``cells`` AnnData returned (obs = cells, var = the spots' genes; the input cells AnnData,
+whose variables are proteins, is left untouched):
+
+- ``X``: posterior mean of the per-cell expected RNA ``E[x_ig | z_i, s_i] = rho_ig``;
+- ``layers["expected_rna_{mean,sd,q05,q50,q95}"]``: its posterior summaries;
+- ``layers["counts_{mean,sd,q05,q50,q95}"]``: spot-consistent per-cell counts (each draw's
+  cell counts add up exactly to the observed spot counts; NaN for cells outside every spot);
+- ``obsm["z_{stat}"]``, ``obsm["v_{stat}"]`` / ``obs["v_{stat}"]`` (1-D v), ``obs["cell_size_{stat}"]``;
+- ``obs["domain"]``, ``obs["domain_confidence"]`` (co-clustering across posterior draws);
+- ``obsp["edge_prob_mean"]``, ``obsp["edge_prob_sd"]``: per-edge probabilities of the cell
+  graph (sparse, symmetric); ``obsp["attention"]``: the guide's GAT attention per edge (mean
+  over heads; an encoder quantity, not a posterior one);
+- ``obsm["spatial"]``, ``obsm["proteins"]`` (the input features), ``obs`` columns of the input;
+- ``uns["pyrospatial"]``: settings, versions, global point estimates, and
+  ``"interactions"``: cell-type x cell-type interaction matrix ``mean``, ``sd``, ``q05``,
+  ``q50``, ``q95``, ``n_edges`` and ``cell_types``.
+
+``spots`` AnnData returned (the spots kept by the dataset): the input plus
+``layers["expected_counts_{mean,sd,q05,q50,q95}"]`` (the model's spot means ``sum_i rho_i``)
+and ``obs["n_cells"]``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+import torch
+from anndata import AnnData
+
+from pyrospatial.analysis import CountSplit, deconvolve_counts, interaction_matrix, spatial_domains, summarise_draws
+from pyrospatial.data import SpatialDataset
+from pyrospatial.infer import FitResult, fit
+from pyrospatial.posterior import export as export_summaries
+from pyrospatial.posterior import sample_posterior, summarise
+
+__all__ = ["CORAL", "CoralPosterior"]
+
+LOCAL_SITES = ("z", "v", "cell_size", "expected_rna")
+
+
+@dataclass
+class CoralPosterior:
+    """Posterior draws of CORAL's per-cell quantities (leading axis = draw).
+
+    ``samples``: site -> (S, N, ...) arrays for ``z``, ``v``, ``cell_size``, ``expected_rna``;
+    ``edge_prob``: (S, E) per-edge probabilities for the dataset's graph edges
+    (``dataset.edges``), computed from the same draws of z.
+    """
+
+    samples: dict[str, np.ndarray]
+    edge_prob: np.ndarray
+    plates: dict[str, str]
+
+    @property
+    def num_samples(self) -> int:
+        return int(self.samples["z"].shape[0])
+
+
+class CORAL:
+    """CORAL: spots (RNA counts) + single cells (proteins) + the cell graph, one Pyro model.
+
+    Parameters
+    ----------
+    cells, spots
+        AnnData inputs (see :meth:`pyrospatial.SpatialDataset.from_anndata`).
+    cell_type_key, spot_diameter, assignment, k, protein_layer, spot_layer
+        Passed to :meth:`~pyrospatial.SpatialDataset.from_anndata`.
+    dataset
+        A prebuilt :class:`~pyrospatial.SpatialDataset` (then the AnnData keys are not read
+        again), e.g. with held-out edges.
+    model_kwargs, guide_kwargs
+        Passed to :meth:`CoralModel.from_dataset` / :meth:`CoralGuide.from_dataset`.
+
+    Examples
+    --------
+    >>> coral = CORAL(cells, spots, cell_type_key="cell_type", spot_diameter=55.0)  # doctest: +SKIP
+    >>> coral.train(max_epochs=200, batch_size=32)                                  # doctest: +SKIP
+    >>> cells_rna, spots_out = coral.export(num_samples=100)                        # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        cells: AnnData,
+        spots: AnnData | None,
+        *,
+        cell_type_key: str = "cell_type",
+        spot_diameter: float | None = None,
+        assignment: Literal["radius", "nearest"] = "radius",
+        k: int = 6,
+        protein_layer: str | None = None,
+        spot_layer: str | None = None,
+        dataset: SpatialDataset | None = None,
+        model_kwargs: dict[str, Any] | None = None,
+        guide_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        from pyrospatial.guides import CoralGuide
+        from pyrospatial.models import CoralModel
+
+        self.cells, self.spots = cells, spots
+        self.dataset = dataset or SpatialDataset.from_anndata(
+            cells, spots, cell_type_key=cell_type_key, spot_diameter=spot_diameter,
+            assignment=assignment, k=k, protein_layer=protein_layer, spot_layer=spot_layer,
+        )
+        self.model_kwargs = dict(model_kwargs or {})
+        self.guide_kwargs = dict(guide_kwargs or {})
+        if self.model_kwargs.get("capture_sd") is not None:
+            self.guide_kwargs.setdefault("capture", True)
+        self.model = CoralModel.from_dataset(self.dataset, **self.model_kwargs)
+        self.guide = CoralGuide.from_dataset(self.dataset, **self.guide_kwargs)
+        self.fit_result: FitResult | None = None
+        self.posterior: CoralPosterior | None = None
+
+    # ------------------------------------------------------------------------------------
+    def train(
+        self,
+        *,
+        max_epochs: int | None = 200,
+        max_steps: int | None = None,
+        batch_size: int | None = None,
+        lr: float = 1e-2,
+        device: str = "auto",
+        seed: int = 0,
+        progress: bool = True,
+        **fit_kwargs: Any,
+    ) -> FitResult:
+        """Fit by SVI with :func:`pyrospatial.fit` (any of its options pass through)."""
+        self.fit_result = fit(
+            self.model, self.guide, self.dataset, max_epochs=max_epochs, max_steps=max_steps,
+            batch_size=batch_size, lr=lr, device=device, seed=seed, progress=progress, **fit_kwargs,
+        )
+        self.posterior = None
+        return self.fit_result
+
+    # ------------------------------------------------------------------------------------
+    def sample(self, num_samples: int = 100, *, seed: int = 0, chunk_size: int | None = None) -> CoralPosterior:
+        """Coherent joint posterior draws of z, v, s and rho, and per-edge probabilities."""
+        draws = sample_posterior(
+            self.model, self.guide, self.dataset, num_samples, sites=list(LOCAL_SITES),
+            chunk_size=chunk_size, seed=seed,
+        )
+        edge_prob = self._edge_probabilities(draws["z"], self.dataset.edges)
+        self.posterior = CoralPosterior(samples=dict(draws), edge_prob=edge_prob, plates=dict(draws.plates))
+        return self.posterior
+
+    @torch.no_grad()
+    def _edge_probabilities(self, z_draws: np.ndarray, pairs: np.ndarray, chunk: int = 16) -> np.ndarray:
+        """sigmoid(f(z_i, z_i')) for every draw and pair (chunked over draws)."""
+        decoder = self.model.edge_decoder
+        device = next(decoder.parameters()).device
+        pairs_t = torch.as_tensor(pairs, device=device)
+        out = []
+        for lo in range(0, z_draws.shape[0], chunk):
+            z = torch.as_tensor(z_draws[lo : lo + chunk], device=device, dtype=torch.float32)
+            out.append(torch.sigmoid(decoder(z, pairs_t)).cpu().numpy())
+        return np.concatenate(out, axis=0)
+
+    def edge_probabilities(self, pairs: np.ndarray) -> np.ndarray:
+        """(S, K) posterior draws of the edge probability of arbitrary cell pairs (2, K)."""
+        posterior = self._require_posterior()
+        return self._edge_probabilities(posterior.samples["z"], np.asarray(pairs))
+
+    def _require_posterior(self) -> CoralPosterior:
+        if self.posterior is None:
+            self.sample()
+        return self.posterior
+
+    # ------------------------------------------------------------------------------------
+    def deconvolve_counts(
+        self, *, method: Literal["multinomial", "dirichlet_multinomial"] = "dirichlet_multinomial",
+        seed: int = 0, keep_draws: bool = False,
+    ) -> CountSplit:
+        """Per-cell counts that split each spot's observed counts among its cells under the
+        posterior draws of their expected expression (see
+        :func:`pyrospatial.analysis.deconvolve_counts`); every draw adds up exactly."""
+        posterior = self._require_posterior()
+        theta = self.model.rna_inverse_dispersion.detach().cpu().numpy()
+        return deconvolve_counts(
+            self.dataset.spot_counts, self.dataset.cell_spot, posterior.samples["expected_rna"],
+            method=method, inverse_dispersion=theta, seed=seed, keep_draws=keep_draws,
+        )
+
+    def interactions(self) -> dict[str, np.ndarray]:
+        """Cell-type x cell-type interaction matrix (mean, sd, q05, q50, q95 over draws)."""
+        posterior = self._require_posterior()
+        result = interaction_matrix(posterior.edge_prob, self.dataset.edges, self.dataset.cell_type, self.dataset.n_types)
+        result["cell_types"] = np.asarray(self.dataset.cell_types)
+        return result
+
+    def domains(self, n_domains: int, *, smooth: int = 2, seed: int = 0) -> dict[str, np.ndarray]:
+        """Spatial domains from posterior z with co-clustering confidence."""
+        posterior = self._require_posterior()
+        return spatial_domains(posterior.samples["z"], self.dataset.edges, n_domains, smooth=smooth, seed=seed)
+
+    @torch.no_grad()
+    def attention(self) -> sp.csr_matrix:
+        """(N, N) sparse GAT attention of the guide's last layer, mean over heads (target row,
+        source column), on the full graph."""
+        batch = self.dataset.full_batch().to(next(self.guide.parameters()).device)
+        edge_index, alpha = self.guide.attention(batch)
+        cells = batch.cell_index.cpu().numpy()
+        src, dst = edge_index.cpu().numpy()
+        n = self.dataset.n_cells
+        return sp.csr_matrix((alpha.mean(-1).cpu().numpy(), (cells[dst], cells[src])), shape=(n, n))
+
+    # ------------------------------------------------------------------------------------
+    def export(self, *, n_domains: int | None = None, count_method: str = "dirichlet_multinomial",
+               seed: int = 0) -> tuple[AnnData, AnnData | None]:
+        """Cells x genes and spots AnnData with every result and its spread (module docstring)."""
+        ds = self.dataset
+        posterior = self._require_posterior()
+        summary = summarise({k: v for k, v in posterior.samples.items()})
+        summary.plates.update(posterior.plates)
+
+        obs = self.cells.obs.loc[ds.cell_names].copy() if self.cells is not None else pd.DataFrame(index=ds.cell_names)
+        cells_rna = AnnData(
+            X=summary["expected_rna"]["mean"].astype(np.float32),
+            obs=obs,
+            var=pd.DataFrame(index=pd.Index(ds.gene_names, name="gene")),
+        )
+        cells_rna.obsm["spatial"] = ds.cell_coords.astype(np.float64)
+        cells_rna.obsm["proteins"] = ds.cell_features
+        spots_in = self.spots[ds.spot_names] if self.spots is not None else None
+        locations = {"z": "obsm"}
+        cells_rna, spots_out = export_summaries(
+            cells_rna, None, summary, settings=self._settings(), locations=locations,
+        )
+        # spot-consistent counts
+        split = self.deconvolve_counts(method=count_method, seed=seed)
+        for stat in ("mean", "sd", "q05", "q50", "q95"):
+            cells_rna.layers[f"counts_{stat}"] = getattr(split, stat).astype(np.float32)
+        cells_rna.uns["pyrospatial"]["spot_sum_max_abs_error"] = float(split.max_abs_spot_error)
+        cells_rna.uns["pyrospatial"]["protein_names"] = np.asarray(ds.feature_names, dtype=str)
+        # graph quantities
+        n = ds.n_cells
+        edge_stats = summarise_draws(posterior.edge_prob)
+        rows = np.concatenate([ds.edges[0], ds.edges[1]])
+        cols = np.concatenate([ds.edges[1], ds.edges[0]])
+        for stat in ("mean", "sd"):
+            values = np.concatenate([edge_stats[stat], edge_stats[stat]])
+            cells_rna.obsp[f"edge_prob_{stat}"] = sp.csr_matrix((values, (rows, cols)), shape=(n, n))
+        cells_rna.obsp["attention"] = self.attention()
+        interactions = self.interactions()
+        cells_rna.uns["pyrospatial"]["interactions"] = {
+            key: (np.nan_to_num(value, nan=-1.0) if value.dtype.kind == "f" else value)
+            for key, value in interactions.items()
+        }
+        cells_rna.uns["pyrospatial"]["interactions"]["note"] = "entries with no edge between the two types are -1"
+        if n_domains:
+            domains = self.domains(n_domains, seed=seed)
+            cells_rna.obs["domain"] = pd.Categorical(domains["labels"].astype(str))
+            cells_rna.obs["domain_confidence"] = domains["confidence"]
+        # spots
+        if spots_in is not None:
+            spots_out = spots_in.copy()
+            member = sp.csr_matrix(ds.membership)
+            spot_means = np.stack([member @ draw for draw in posterior.samples["expected_rna"]])
+            spot_stats = summarise_draws(spot_means)
+            for stat, value in spot_stats.items():
+                spots_out.layers[f"expected_counts_{stat}"] = value.astype(np.float32)
+            spots_out.obs["n_cells"] = np.asarray(member.sum(1)).ravel().astype(int)
+            spots_out.uns["pyrospatial"] = {"settings": cells_rna.uns["pyrospatial"]["settings"]}
+        return cells_rna, spots_out
+
+    def _settings(self) -> dict[str, Any]:
+        settings = {"method": "CORAL", **{f"data_{k}": v for k, v in self.dataset.settings.items()}}
+        settings.update({f"model_{k}": v for k, v in self.model_kwargs.items() if np.isscalar(v)})
+        if self.fit_result is not None:
+            settings.update({f"fit_{k}": v for k, v in self.fit_result.settings.items() if np.isscalar(v)})
+        if self.posterior is not None:
+            settings["num_samples"] = self.posterior.num_samples
+        return settings
+

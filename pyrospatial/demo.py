@@ -1,0 +1,298 @@
+"""``pyrospatial demo``: CORAL end to end on a simulated tissue with known truth.
+
+A layered tissue is simulated by :func:`pyrospatial.sim.simulate_tissue` (cell types in
+layers, a protein panel per cell, Visium-like spot RNA, a cell graph); CORAL is fitted;
+every result is exported with its uncertainty; the results are scored against the truth and
+against two simple baselines; figures, ``metrics.json`` and ``report.md`` are written.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from anndata import AnnData
+
+import pyrospatial
+from pyrospatial.baselines import spot_broadcast, type_split
+from pyrospatial.coral import CORAL
+from pyrospatial.data import SpatialDataset
+from pyrospatial.metrics import domain_ari, edge_auc, gene_mean_pearson, interval_coverage, within_type_abs_spearman
+from pyrospatial.plotting import (
+    central_interval_coverage,
+    plot_calibration,
+    plot_domains,
+    plot_elbo,
+    plot_interactions,
+    plot_spatial_panels,
+)
+from pyrospatial.sim import simulate_tissue
+
+__all__ = ["DemoConfig", "run_demo", "deconvolution_metrics", "split_edges"]
+
+METRIC_KEYS = (
+    "imputation_pearson_gene_mean",
+    "baseline_spot_broadcast_pearson",
+    "baseline_type_split_pearson",
+    "interval_coverage_90",
+    "spot_sum_max_abs_error",
+    "domain_ari",
+    "edge_auc",
+    "v_spearman_abs",
+    "elbo_final",
+    "fit_seconds",
+    "n_cells",
+    "n_spots",
+    "cells_per_spot",
+    "device",
+    "seed",
+    "version",
+)
+
+
+@dataclass
+class DemoConfig:
+    """Size of the simulated tissue and the training budget."""
+
+    n_cells: int = 3000
+    n_types: int = 5
+    n_proteins: int = 20
+    n_genes: int = 100
+    spot_diameter: float = 55.0
+    n_layers: int = 4
+    edge_z_scale: float = 1.0
+    holdout_edge_fraction: float = 0.1
+    max_epochs: int = 300
+    batch_size: int | None = 32
+    lr: float = 1e-2
+    num_samples: int = 100
+
+    @classmethod
+    def quick(cls) -> "DemoConfig":
+        return cls(n_cells=1200, max_epochs=150, batch_size=None, num_samples=60)
+
+
+def split_edges(edges: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Hold out a random ``fraction`` of undirected edges (2, E): (train, held_out)."""
+    rng = np.random.default_rng(seed)
+    held = rng.random(edges.shape[1]) < fraction
+    return edges[:, ~held], edges[:, held]
+
+
+def random_nonedges(n_cells: int, edges: np.ndarray, size: int, seed: int) -> np.ndarray:
+    """``size`` uniformly random pairs (i < j) that are not in ``edges``."""
+    rng = np.random.default_rng(seed)
+    taken = set((edges[0] * n_cells + edges[1]).tolist()) | set((edges[1] * n_cells + edges[0]).tolist())
+    out: list[int] = []
+    while len(out) < size:
+        i, j = rng.integers(0, n_cells, 2)
+        key = min(i, j) * n_cells + max(i, j)
+        if i != j and key not in taken:
+            taken.add(key)
+            out.append(key)
+    keys = np.asarray(out, dtype=np.int64)
+    return np.stack([keys // n_cells, keys % n_cells])
+
+
+def deconvolution_metrics(
+    dataset: SpatialDataset, cells_out: AnnData, truth: np.ndarray, *, truth_kind: str = "expected"
+) -> dict[str, float]:
+    """Per-cell RNA accuracy and calibration against a truth, with both baselines.
+
+    Evaluated over the cells inside a spot (where the baselines are defined).
+    ``truth_kind="expected"``: the truth is per-cell expected expression and the interval is
+    that of ``expected_rna``; ``"counts"``: the truth is per-cell counts and the interval is
+    that of the spot-consistent counts.
+    """
+    inside = dataset.cell_spot >= 0
+    truth = np.asarray(truth, dtype=np.float64)[inside]
+    predicted = np.asarray(cells_out.layers["expected_rna_mean"])[inside]
+    kind = "expected_rna" if truth_kind == "expected" else "counts"
+    lower = np.asarray(cells_out.layers[f"{kind}_q05"])[inside]
+    upper = np.asarray(cells_out.layers[f"{kind}_q95"])[inside]
+    args = (dataset.spot_counts, dataset.cell_spot)
+    return {
+        "imputation_pearson_gene_mean": gene_mean_pearson(predicted, truth),
+        "baseline_spot_broadcast_pearson": gene_mean_pearson(spot_broadcast(*args)[inside], truth),
+        "baseline_type_split_pearson": gene_mean_pearson(
+            type_split(*args, dataset.cell_type, dataset.n_types)[inside], truth
+        ),
+        "interval_coverage_90": interval_coverage(lower, upper, truth),
+        "spot_sum_max_abs_error": float(cells_out.uns["pyrospatial"]["spot_sum_max_abs_error"]),
+    }
+
+
+def _device_name(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def run_demo(out: str | Path, *, quick: bool = False, device: str = "auto", seed: int = 0,
+             config: DemoConfig | None = None, progress: bool = True) -> dict[str, Any]:
+    """Simulate, fit CORAL, export, score and report into ``out``; returns the metrics."""
+    out = Path(out)
+    (out / "figures").mkdir(parents=True, exist_ok=True)
+    config = config or (DemoConfig.quick() if quick else DemoConfig())
+    torch.manual_seed(seed)
+
+    # 1. a tissue with known truth
+    tissue = simulate_tissue(
+        n_cells=config.n_cells, n_types=config.n_types, n_proteins=config.n_proteins,
+        n_genes=config.n_genes, spot_diameter=config.spot_diameter, seed=seed,
+        n_layers=config.n_layers, edge_z_scale=config.edge_z_scale,
+    )
+    truth = tissue.truth
+    full = SpatialDataset.from_anndata(
+        tissue.cells, tissue.spots, cell_type_key="cell_type", spot_diameter=config.spot_diameter
+    ).with_edges(truth["edge_index"])
+    train_edges, held_edges = split_edges(full.edges, config.holdout_edge_fraction, seed)
+    dataset = full.with_edges(train_edges)
+
+    # 2. fit
+    coral = CORAL(tissue.cells, tissue.spots, dataset=dataset)
+    started = time.perf_counter()
+    result = coral.train(max_epochs=config.max_epochs, batch_size=config.batch_size, lr=config.lr,
+                         device=device, seed=seed, progress=progress)
+    fit_seconds = time.perf_counter() - started
+
+    # 3. posterior, export
+    coral.sample(config.num_samples, seed=seed)
+    cells_out, spots_out = coral.export(n_domains=config.n_layers, seed=seed)
+    cells_out.write_h5ad(out / "cells.h5ad")
+    spots_out.write_h5ad(out / "spots.h5ad")
+
+    # 4. metrics against the truth
+    metrics = deconvolution_metrics(dataset, cells_out, truth["expected_rna"])
+    held_prob = coral.edge_probabilities(held_edges).mean(0)
+    negatives = random_nonedges(dataset.n_cells, full.edges, held_edges.shape[1], seed)
+    neg_prob = coral.edge_probabilities(negatives).mean(0)
+    v_mean = cells_out.obsm["v_mean"]
+    cells_in_spots = dataset.cell_spot >= 0
+    metrics.update(
+        domain_ari=domain_ari(cells_out.obs["domain"].to_numpy(), truth["layer"]),
+        edge_auc=edge_auc(held_prob, neg_prob),
+        v_spearman_abs=within_type_abs_spearman(v_mean, truth["v"], dataset.cell_type),
+        elbo_final=float(np.mean(result.elbo_history[-10:])),
+        fit_seconds=float(fit_seconds),
+        n_cells=int(dataset.n_cells),
+        n_spots=int(dataset.n_spots),
+        cells_per_spot=float(cells_in_spots.sum() / max(dataset.n_spots, 1)),
+        device=_device_name(device),
+        seed=int(seed),
+        version=pyrospatial.__version__,
+    )
+    metrics = {key: metrics[key] for key in METRIC_KEYS}
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+
+    # 5. figures
+    figures = _figures(out / "figures", coral, cells_out, dataset, truth, result.elbo_history)
+    _report(out / "report.md", metrics, config, figures)
+    return metrics
+
+
+def _figures(folder: Path, coral: CORAL, cells_out: AnnData, dataset: SpatialDataset,
+             truth: dict, history: np.ndarray) -> dict[str, str]:
+    xy = dataset.cell_coords
+    figures = {"elbo": plot_elbo(history, folder / "elbo.png").name}
+    expected = truth["expected_rna"]
+    # the three genes with the largest spread of truth across cells
+    genes = np.argsort(-np.std(np.log1p(expected), axis=0))[:3]
+    for g in genes:
+        name = str(dataset.gene_names[g])
+        figures[f"gene_{name}"] = plot_spatial_panels(
+            xy,
+            [(f"{name}: truth E[x]", expected[:, g]),
+             ("posterior mean", cells_out.layers["expected_rna_mean"][:, g]),
+             ("posterior sd", cells_out.layers["expected_rna_sd"][:, g])],
+            folder / f"gene_{name}.png", shared_scale=(0, 1),
+        ).name
+    figures["interactions"] = plot_interactions(cells_out.uns["pyrospatial"]["interactions"], folder / "interactions.png").name
+    figures["domains"] = plot_domains(xy, cells_out.obs["domain"].to_numpy(), cells_out.obs["domain_confidence"].to_numpy(),
+                                      folder / "domains.png").name
+    levels = np.linspace(0.1, 0.9, 9)
+    inside = dataset.cell_spot >= 0
+    draws = coral.posterior.samples["expected_rna"][:, inside]
+    coverage = {
+        "per-cell expected RNA (cells in spots)": central_interval_coverage(draws, expected[inside], levels),
+    }
+    outside = ~inside
+    if outside.any():
+        coverage["per-cell expected RNA (cells outside spots)"] = central_interval_coverage(
+            coral.posterior.samples["expected_rna"][:, outside], expected[outside], levels)
+    figures["calibration"] = plot_calibration(levels, coverage, folder / "calibration.png").name
+    return figures
+
+
+def _report(path: Path, metrics: dict, config: DemoConfig, figures: dict[str, str]) -> None:
+    m = metrics
+    lines = [
+        "# pyrospatial demo: CORAL on a simulated tissue",
+        "",
+        f"A tissue of {m['n_cells']} cells ({config.n_types} cell types in {config.n_layers} layers) was simulated",
+        f"with a panel of {config.n_proteins} proteins per cell and {config.n_genes} genes measured only in",
+        f"{m['n_spots']} Visium-like spots ({config.spot_diameter:g} µm, {m['cells_per_spot']:.1f} cells per spot on average;",
+        "cells between spots have proteins but no RNA). CORAL was fitted by stochastic variational inference",
+        f"({config.max_epochs} epochs, {m['fit_seconds']:.0f} s on {m['device']}), and {config.num_samples} posterior draws",
+        "give every number below its uncertainty. The simulator's truth is known, so we can check the answers.",
+        "",
+        "## How well are single-cell RNA profiles recovered?",
+        "",
+        "Pearson correlation across cells, averaged over genes, between the estimate and the true",
+        "expected expression of each cell (cells inside spots):",
+        "",
+        "| method | Pearson |",
+        "|---|---|",
+        f"| CORAL (posterior mean) | {m['imputation_pearson_gene_mean']:.3f} |",
+        f"| type split (per-type NNLS signatures, spot counts split by type) | {m['baseline_type_split_pearson']:.3f} |",
+        f"| spot broadcast (each cell gets its spot's mean) | {m['baseline_spot_broadcast_pearson']:.3f} |",
+        "",
+        "## Can the intervals be trusted?",
+        "",
+        f"The 90% posterior intervals contain the true value for {100 * m['interval_coverage_90']:.1f}% of",
+        "(cell, gene) pairs; a calibrated model gives about 90%. The calibration plot shows the same for",
+        "every interval level: points under the diagonal mean over-confidence, above it under-confidence.",
+        "",
+        f"![calibration](figures/{figures['calibration']})",
+        "",
+        "Per-cell counts are also split from each spot's observed counts under every posterior draw;",
+        f"they add up to the spot exactly (largest discrepancy: {m['spot_sum_max_abs_error']:g}).",
+        "",
+        "## Genes in space: truth, posterior mean and posterior sd",
+        "",
+    ]
+    lines += [f"![{k}](figures/{v})" for k, v in figures.items() if k.startswith("gene_")]
+    lines += [
+        "",
+        "## Domains, latent state and interactions",
+        "",
+        f"- Spatial domains from posterior z agree with the true layers with ARI {m['domain_ari']:.2f};",
+        "  each cell's confidence is the fraction of posterior draws that put it in the same domain.",
+        f"- The within-type continuous state v correlates with the truth at |Spearman| {m['v_spearman_abs']:.2f}",
+        "  (its sign is not identifiable).",
+        f"- Held-out graph edges are told apart from random non-adjacent pairs with AUC {m['edge_auc']:.2f}.",
+        "",
+        f"![domains](figures/{figures['domains']})",
+        "",
+        f"![interactions](figures/{figures['interactions']})",
+        "",
+        f"![elbo](figures/{figures['elbo']})",
+        "",
+        "## Files",
+        "",
+        "- `cells.h5ad`: cells x genes; `X` and `layers['expected_rna_*']` (mean, sd, q05, q50, q95),",
+        "  `layers['counts_*']` (spot-consistent counts), `obsm['z_*']`, `obsm['v_*']`, `obs['domain']`,",
+        "  `obs['domain_confidence']`, `obsp['edge_prob_mean'|'edge_prob_sd'|'attention']`,",
+        "  `uns['pyrospatial']['interactions']`.",
+        "- `spots.h5ad`: the spots with `layers['expected_counts_*']`.",
+        "- `metrics.json`: the numbers above.",
+        "",
+        f"Settings: {json.dumps(asdict(config))}",
+        "",
+    ]
+    path.write_text("\n".join(lines))
