@@ -43,7 +43,7 @@ from anndata import AnnData
 
 from pyrospatial.analysis import CountSplit, deconvolve_counts, interaction_matrix, spatial_domains, summarise_draws
 from pyrospatial.data import SpatialDataset
-from pyrospatial.infer import FitResult, fit
+from pyrospatial.infer import FitResult, SVIModule, fit, load_checkpoint
 from pyrospatial.posterior import export as export_summaries
 from pyrospatial.posterior import sample_posterior, summarise
 
@@ -144,6 +144,17 @@ class CORAL:
         )
         self.posterior = None
         return self.fit_result
+
+    def save(self, path: str) -> None:
+        """Save model and guide parameters (tensors only; load with :meth:`load`)."""
+        torch.save({"state_dict": SVIModule(self.model, self.guide).state_dict()}, path)
+
+    def load(self, path: str) -> "CORAL":
+        """Load parameters saved by :meth:`save` or a :func:`~pyrospatial.fit` checkpoint
+        (read with ``weights_only=True``)."""
+        load_checkpoint(self.model, self.guide, self.dataset, path)
+        self.posterior = None
+        return self
 
     # ------------------------------------------------------------------------------------
     def sample(self, num_samples: int = 100, *, seed: int = 0, chunk_size: int | None = None) -> CoralPosterior:

@@ -1,0 +1,122 @@
+"""CORAL end to end through the user API, the demo and the command line."""
+
+from __future__ import annotations
+
+import json
+
+import anndata as ad
+import numpy as np
+import pytest
+import torch
+
+from pyrospatial.cli import main
+from pyrospatial.coral import CORAL
+from pyrospatial.demo import METRIC_KEYS, DemoConfig, run_demo
+from pyrospatial.infer import _accelerator
+from pyrospatial.sim import simulate_tissue
+
+
+@pytest.fixture(scope="module")
+def tissue():
+    return simulate_tissue(n_cells=500, n_types=3, n_proteins=10, n_genes=25, seed=3, cells_per_spot=8.0)
+
+
+@pytest.fixture(scope="module")
+def trained(tissue):
+    coral = CORAL(tissue.cells, tissue.spots, cell_type_key="cell_type", spot_diameter=55.0)
+    coral.train(max_epochs=60, batch_size=None, progress=False, seed=1)
+    coral.sample(30, seed=2)
+    return coral
+
+
+def test_export_keys_shapes_and_h5ad_round_trip(trained, tmp_path):
+    cells, spots = trained.export(n_domains=3)
+    ds = trained.dataset
+    assert cells.shape == (ds.n_cells, ds.n_genes)
+    for stat in ("mean", "sd", "q05", "q50", "q95"):
+        assert cells.layers[f"expected_rna_{stat}"].shape == cells.shape
+        assert cells.layers[f"counts_{stat}"].shape == cells.shape
+        assert cells.obsm[f"z_{stat}"].shape[0] == ds.n_cells
+        assert spots.layers[f"expected_counts_{stat}"].shape == spots.shape
+    lo, mid, hi = (cells.layers[f"expected_rna_{q}"] for q in ("q05", "q50", "q95"))
+    assert (lo <= mid + 1e-6).all() and (mid <= hi + 1e-6).all()
+    inter = cells.uns["pyrospatial"]["interactions"]
+    assert inter["mean"].shape == (ds.n_types, ds.n_types)
+    assert cells.obsp["edge_prob_mean"].nnz == 2 * ds.n_edges
+    assert set(cells.obs["domain"].cat.categories) <= {"0", "1", "2"}
+    assert ((cells.obs["domain_confidence"] >= 0) & (cells.obs["domain_confidence"] <= 1)).all()
+    cells.write_h5ad(tmp_path / "cells.h5ad")
+    spots.write_h5ad(tmp_path / "spots.h5ad")
+    back = ad.read_h5ad(tmp_path / "cells.h5ad")
+    np.testing.assert_allclose(back.layers["counts_mean"], cells.layers["counts_mean"])
+
+
+def test_deconvolved_counts_add_up_exactly_to_every_spot(trained):
+    split = trained.deconvolve_counts(keep_draws=True, seed=5)
+    ds = trained.dataset
+    counts = ds.spot_counts.toarray()
+    inside = ds.cell_spot >= 0
+    for draw in split.draws:
+        summed = np.zeros_like(counts)
+        np.add.at(summed, ds.cell_spot[inside], draw[inside])
+        np.testing.assert_array_equal(summed, counts)
+    assert split.max_abs_spot_error == 0.0
+
+
+def test_save_load_gives_identical_posterior_summaries(trained, tissue, tmp_path):
+    path = tmp_path / "coral.pt"
+    trained.save(path)
+    again = CORAL(tissue.cells, tissue.spots, cell_type_key="cell_type", spot_diameter=55.0)
+    again.load(path)
+    a = trained.sample(10, seed=7).samples
+    b = again.sample(10, seed=7).samples
+    for site in ("z", "v", "expected_rna"):
+        np.testing.assert_allclose(a[site], b[site], rtol=1e-5, atol=1e-6)
+    trained.sample(30, seed=2)  # restore the fixture's draws for other tests
+
+
+def test_demo_writes_results_with_the_documented_metrics(tmp_path):
+    config = DemoConfig(n_cells=400, n_types=3, n_proteins=8, n_genes=20, n_layers=3, max_epochs=40,
+                        batch_size=None, num_samples=20)
+    metrics = run_demo(tmp_path, config=config, seed=0, progress=False)
+    assert list(json.loads((tmp_path / "metrics.json").read_text())) == list(METRIC_KEYS)
+    for name in ("cells.h5ad", "spots.h5ad", "report.md", "figures/elbo.png", "figures/calibration.png",
+                 "figures/domains.png", "figures/interactions.png"):
+        assert (tmp_path / name).is_file(), name
+    assert len(list((tmp_path / "figures").glob("gene_*.png"))) == 3
+    assert metrics["spot_sum_max_abs_error"] == 0.0
+    assert metrics["n_cells"] == 400 and metrics["device"] == "cpu"
+    assert "Pearson" in (tmp_path / "report.md").read_text()
+
+
+def test_cli_fit_on_h5ad_files_and_clear_error_on_bad_input(tissue, tmp_path, capsys):
+    tissue.cells.write_h5ad(tmp_path / "cells.h5ad")
+    tissue.spots.write_h5ad(tmp_path / "spots.h5ad")
+    code = main(["fit", "--cells", str(tmp_path / "cells.h5ad"), "--spots", str(tmp_path / "spots.h5ad"),
+                 "--cell-type-key", "cell_type", "--spot-diameter", "55", "--epochs", "3", "--num-samples", "5",
+                 "--n-domains", "2", "--no-progress", "--out", str(tmp_path / "out")])
+    assert code == 0
+    assert (tmp_path / "out" / "cells.h5ad").is_file() and (tmp_path / "out" / "figures" / "domains.png").is_file()
+    code = main(["fit", "--cells", str(tmp_path / "cells.h5ad"), "--spots", str(tmp_path / "spots.h5ad"),
+                 "--cell-type-key", "celltype", "--spot-diameter", "55", "--out", str(tmp_path / "bad")])
+    assert code == 2
+    assert "obs['celltype'] is missing" in capsys.readouterr().err
+
+
+def test_auto_device_selects_cpu_without_a_gpu_and_refuses_missing_cuda():
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present; the CUDA path is covered by test_cuda_path_selected_when_available")
+    assert _accelerator("auto") == "cpu"
+    from pyrospatial.errors import InputError
+
+    with pytest.raises(InputError, match="cuda"):
+        _accelerator("cuda")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine (CPU-only torch or no GPU)")
+def test_cuda_path_selected_when_available(tissue):
+    assert _accelerator("auto") == "gpu"
+    coral = CORAL(tissue.cells, tissue.spots, cell_type_key="cell_type", spot_diameter=55.0)
+    result = coral.train(max_epochs=2, device="cuda", progress=False)
+    assert result.settings["device"].startswith("cuda")
+    assert next(coral.model.parameters()).is_cuda
