@@ -20,4 +20,6 @@ def test_tutorial_runs_in_quick_mode(script, tmp_path):
                    cwd=tmp_path, timeout=600)
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["quick"] is True
+    failed = [claim for claim, holds in summary["checks"].items() if not holds]
+    assert not failed, f"claims of {script.name} that do not hold: {failed}"
     assert list(tmp_path.glob("*.png")), "the tutorial wrote no figure"

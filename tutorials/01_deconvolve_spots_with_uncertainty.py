@@ -147,6 +147,12 @@ summary = {
     "coverage_90_in_spots": float(coverage["cells in spots"][-1]),
     "coverage_90_between_spots": float(coverage["cells between spots"][-1]),
     "spot_sum_max_abs_error": split.max_abs_spot_error,
+    # the claims this tutorial makes, checked by tests/test_tutorials.py
+    "checks": {
+        "counts_add_up_to_spots": split.max_abs_spot_error == 0,
+        "coral_beats_type_split": pearson_coral > pearson_baseline,
+        "between_spot_intervals_wider": bool(np.median(relative_width[~inside]) > np.median(relative_width[inside])),
+    },
 }
 (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
 print(json.dumps(summary, indent=2))
