@@ -84,6 +84,10 @@ class CORAL:
         again), e.g. with held-out edges.
     model_kwargs, guide_kwargs
         Passed to :meth:`CoralModel.from_dataset` / :meth:`CoralGuide.from_dataset`.
+    model_cls, guide_cls
+        A custom variant (e.g. a subclass of :class:`~pyrospatial.models.CoralModel` that
+        swaps one block); it must keep the sites ``z``, ``v``, ``cell_size``,
+        ``expected_rna`` and the ``edge_decoder`` attribute.
 
     Examples
     --------
@@ -106,9 +110,14 @@ class CORAL:
         dataset: SpatialDataset | None = None,
         model_kwargs: dict[str, Any] | None = None,
         guide_kwargs: dict[str, Any] | None = None,
+        model_cls: type | None = None,
+        guide_cls: type | None = None,
     ) -> None:
         from pyrospatial.guides import CoralGuide
         from pyrospatial.models import CoralModel
+
+        model_cls = model_cls or CoralModel
+        guide_cls = guide_cls or CoralGuide
 
         self.cells, self.spots = cells, spots
         self.dataset = dataset or SpatialDataset.from_anndata(
@@ -119,8 +128,8 @@ class CORAL:
         self.guide_kwargs = dict(guide_kwargs or {})
         if self.model_kwargs.get("capture_sd") is not None:
             self.guide_kwargs.setdefault("capture", True)
-        self.model = CoralModel.from_dataset(self.dataset, **self.model_kwargs)
-        self.guide = CoralGuide.from_dataset(self.dataset, **self.guide_kwargs)
+        self.model = model_cls.from_dataset(self.dataset, **self.model_kwargs)
+        self.guide = guide_cls.from_dataset(self.dataset, **self.guide_kwargs)
         self.fit_result: FitResult | None = None
         self.posterior: CoralPosterior | None = None
 
