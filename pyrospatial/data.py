@@ -366,6 +366,7 @@ class SpatialDataset:
             (np.ones(n, np.float32), (self.cell_home, np.arange(n))), shape=(self.n_units, n)
         )
         self._adjacency = _symmetric_adjacency(self.edges, n)
+        self._static_cache: tuple[bytes, dict] | None = None
 
     def with_edges(self, edges: np.ndarray) -> "SpatialDataset":
         """A copy that shares every array but uses ``edges`` (2, E) as the cell graph, e.g. a
@@ -379,6 +380,7 @@ class SpatialDataset:
         new = copy.copy(self)
         new.edges = _unique_pairs(edges[0].astype(np.int64), edges[1].astype(np.int64), self.n_cells)
         new._adjacency = _symmetric_adjacency(new.edges, self.n_cells)
+        new._static_cache = None
         new.settings = {**self.settings, "graph": "precomputed"}
         return new
 
@@ -651,6 +653,35 @@ class SpatialDataset:
         when the batch has a non-adjacent pair), uniformly among its non-adjacent pairs.
         """
         units = np.sort(np.asarray(spec.units, dtype=np.int64))
+        static = self._static_batch_part(units)
+        n, sub, n_within_edges = static["n"], static["sub"], static["n_within_edges"]
+        n_pairs = n * (n - 1) // 2 - n_within_edges
+        rng = np.random.default_rng(spec.seed)
+        n_nonedges = min(n_pairs, max(1, int(round(nonedge_ratio * n_within_edges)))) if n_pairs > 0 else 0
+        nonedges = _sample_nonedges(rng, n, static["edge_keys"], n_nonedges)
+        nonedge_scale = (
+            spec.n_batches * spec.nonedge_factor * n_pairs / n_nonedges if n_nonedges > 0 else 0.0
+        )
+        return Batch(
+            **static["tensors"],
+            nonedge_index=torch.from_numpy(nonedges),
+            n_types=self.n_types,
+            n_cells_total=self.n_cells,
+            n_spots_total=self.n_spots,
+            n_edges_total=self.n_edges,
+            n_batches=spec.n_batches,
+            cell_scale=float(spec.n_batches),
+            spot_scale=float(spec.n_batches),
+            edge_scale=float(spec.edge_scale),
+            nonedge_scale=float(nonedge_scale),
+        )
+
+    def _static_batch_part(self, units: np.ndarray) -> dict:
+        """Everything of a batch except its sampled non-edges; the last one is cached, so a
+        full-batch fit (one batch per epoch) builds it once."""
+        key = units.tobytes()
+        if self._static_cache is not None and self._static_cache[0] == key:
+            return self._static_cache[1]
         cells = np.sort(self._unit_cells[units].indices.astype(np.int64))
         n = cells.size
         # spots of the batch and the local membership (cells of those spots are all in `cells`)
@@ -668,39 +699,28 @@ class SpatialDataset:
         ).coalesce()
         # graph among the batch's cells
         sub = self._adjacency[cells][:, cells].tocoo()
-        edge_index = np.stack([sub.row, sub.col]).astype(np.int64)
-        n_within_edges = int(sub.nnz // 2)
-        n_pairs = n * (n - 1) // 2 - n_within_edges
-        rng = np.random.default_rng(spec.seed)
-        n_nonedges = min(n_pairs, max(1, int(round(nonedge_ratio * n_within_edges)))) if n_pairs > 0 else 0
-        nonedges = _sample_nonedges(rng, n, sub, n_nonedges)
-        nonedge_scale = (
-            spec.n_batches * spec.nonedge_factor * n_pairs / n_nonedges if n_nonedges > 0 else 0.0
-        )
         counts = self.spot_counts[spots].toarray() if self.n_spots > 0 else np.zeros((0, 0), np.float32)
-        return Batch(
-            cell_index=torch.from_numpy(cells),
-            cell_type=torch.from_numpy(self.cell_type[cells]),
-            cell_features=torch.from_numpy(self.cell_features[cells]),
-            cell_library=torch.from_numpy(self.cell_library[cells]),
-            cell_coords=torch.from_numpy(self.cell_coords[cells]),
-            cell_spot=torch.from_numpy(local_spot),
-            spot_index=torch.from_numpy(spots),
-            spot_counts=torch.from_numpy(counts.astype(np.float32)),
-            spot_library=torch.from_numpy(self.spot_library[spots]),
-            membership=membership,
-            edge_index=torch.from_numpy(edge_index),
-            nonedge_index=torch.from_numpy(nonedges),
-            n_types=self.n_types,
-            n_cells_total=self.n_cells,
-            n_spots_total=self.n_spots,
-            n_edges_total=self.n_edges,
-            n_batches=spec.n_batches,
-            cell_scale=float(spec.n_batches),
-            spot_scale=float(spec.n_batches),
-            edge_scale=float(spec.edge_scale),
-            nonedge_scale=float(nonedge_scale),
-        )
+        static = {
+            "n": n,
+            "sub": sub,
+            "n_within_edges": int(sub.nnz // 2),
+            "edge_keys": np.unique(sub.row.astype(np.int64) * n + sub.col),  # sorted, for non-edge sampling
+            "tensors": dict(
+                cell_index=torch.from_numpy(cells),
+                cell_type=torch.from_numpy(self.cell_type[cells]),
+                cell_features=torch.from_numpy(self.cell_features[cells]),
+                cell_library=torch.from_numpy(self.cell_library[cells]),
+                cell_coords=torch.from_numpy(self.cell_coords[cells]),
+                cell_spot=torch.from_numpy(local_spot),
+                spot_index=torch.from_numpy(spots),
+                spot_counts=torch.from_numpy(counts.astype(np.float32)),
+                spot_library=torch.from_numpy(self.spot_library[spots]),
+                membership=membership,
+                edge_index=torch.from_numpy(np.stack([sub.row, sub.col]).astype(np.int64)),
+            ),
+        }
+        self._static_cache = (key, static)
+        return static
 
     def sampler(self, batch_size: int, *, seed: int = 0, shuffle: bool = True) -> SpotBatchSampler:
         """The epoch partition sampler (see :class:`SpotBatchSampler`)."""
@@ -767,11 +787,11 @@ def _symmetric_adjacency(edges: np.ndarray, n: int) -> sp.csr_matrix:
     return (upper + upper.T).tocsr()
 
 
-def _sample_nonedges(rng: np.random.Generator, n: int, adjacency: sp.coo_matrix, size: int) -> np.ndarray:
-    """``size`` distinct uniformly random pairs (i < j) of the ``n`` cells that are not edges."""
+def _sample_nonedges(rng: np.random.Generator, n: int, edge_keys: np.ndarray, size: int) -> np.ndarray:
+    """``size`` distinct uniformly random pairs (i < j) of the ``n`` cells that are not edges
+    (``edge_keys``: sorted ``i * n + j`` of both directions of every edge)."""
     if size <= 0:
         return np.zeros((2, 0), dtype=np.int64)
-    edge_keys = np.unique(adjacency.row.astype(np.int64) * n + adjacency.col)
     chosen = np.zeros(0, dtype=np.int64)
     while chosen.size < size:
         draw = 2 * (size - chosen.size) + 16
@@ -779,7 +799,12 @@ def _sample_nonedges(rng: np.random.Generator, n: int, adjacency: sp.coo_matrix,
         j = rng.integers(0, n, draw)
         lo, hi = np.minimum(i, j), np.maximum(i, j)
         key = lo * n + hi
-        key = key[(lo != hi) & ~np.isin(key, edge_keys)]
+        if edge_keys.size:
+            at = np.minimum(np.searchsorted(edge_keys, key), edge_keys.size - 1)
+            is_edge = edge_keys[at] == key
+        else:
+            is_edge = np.zeros(key.size, dtype=bool)
+        key = key[(lo != hi) & ~is_edge]
         chosen = np.unique(np.concatenate([chosen, key]))
         if chosen.size > size:
             chosen = rng.permutation(chosen)[:size]

@@ -101,6 +101,14 @@ def _step_seed(seed: int, step: int, rank: int = 0) -> int:
     return int((int(state[0]) << 31) ^ int(state[1])) & (2**63 - 1)
 
 
+def _reseed(seed: int) -> None:
+    """Seed torch's CPU generator (and CUDA's when initialised) cheaply: ``torch.manual_seed``
+    also seeds CUDA lazily, which captures a stack trace on every call."""
+    torch.default_generator.manual_seed(seed)
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.manual_seed_all(seed)
+
+
 def _module_device(*modules: Any) -> torch.device:
     for m in modules:
         if isinstance(m, torch.nn.Module):
@@ -287,13 +295,15 @@ class SVIModule(L.LightningModule):
     def _rank(self) -> int:
         return int(self.global_rank) if self._trainer is not None else 0
 
-    def step_seed(self, step: int | None = None) -> int:
-        """The torch seed used before training step ``step`` (default: the current one)."""
-        return _step_seed(self.seed, self.global_step if step is None else step, self._rank())
+    def step_seed(self, step: int | None = None, batch_idx: int = 0) -> int:
+        """The torch seed used before training step ``step`` (default: the current one) on
+        the epoch's batch ``batch_idx`` (distinct micro-batches under gradient accumulation)."""
+        step = self.global_step if step is None else step
+        return _step_seed(self.seed, step * 1_000_003 + batch_idx, self._rank())
 
     # -- Lightning hooks -----------------------------------------------------------------
     def on_train_batch_start(self, batch, batch_idx: int) -> None:  # noqa: D102
-        torch.manual_seed(self.step_seed())
+        _reseed(self.step_seed(batch_idx=batch_idx))
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:  # noqa: D102
         step = self.global_step
@@ -652,7 +662,7 @@ def fit(
         "device": str(trainer.strategy.root_device),
         "accelerator": str(accelerator),
         "gradient_clip_val": float(gradient_clip_val or 0.0),
-        "stopped_early": bool(trainer.should_stop and trainer.current_epoch < (max_epochs or 0)),
+        "stopped_early": any(isinstance(cb, EarlyStopping) and cb.stopped_epoch > 0 for cb in trainer.callbacks),
         "resumed_from": str(ckpt_path) if ckpt_path is not None else "",
         "versions": versions(),
     }
