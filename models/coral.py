@@ -270,11 +270,10 @@ class CoralModel(PyroModule):
         with cell_plate(batch):
             v = pyro.sample("v", dist.Normal(lib_y.new_zeros(n, self.v_dim), 1.0).to_event(1))
             z = pyro.sample("z", self.prior.distribution(v, batch.cell_type))
-            mean_y = lib_y.unsqueeze(-1) * F.softmax(self.protein_decoder(z), dim=-1)
             pyro.sample(
                 "proteins",
-                gamma_likelihood(mean_y, self.protein_concentration),
-                obs=batch.cell_features if observe else None,
+                self.feature_likelihood(z, batch),
+                obs=self.observed_features(batch) if observe else None,
             )
             size_loc = self.size_intercept + self.size_slope * torch.log(lib_y / lbar)
             s = pyro.sample("cell_size", dist.LogNormal(size_loc, self.size_scale))
@@ -309,6 +308,17 @@ class CoralModel(PyroModule):
                 "contrastive", z, batch.cell_type, pairs, self.contrastive_weight,
                 self.contrastive_margin, pair_weights=weights,
             )
+
+    # -- the single-cell feature block (override in a variant, e.g. models/coral_variants.py) --
+    def feature_likelihood(self, z: torch.Tensor, batch: Batch) -> dist.Distribution:
+        """``p(y_i | z_i)``: Gamma with mean ``l^y_i softmax(h_y(z_i))`` and concentration ``k_p``
+        (event dim 1 over features)."""
+        mean_y = batch.cell_library.unsqueeze(-1) * F.softmax(self.protein_decoder(z), dim=-1)
+        return gamma_likelihood(mean_y, self.protein_concentration)
+
+    def observed_features(self, batch: Batch) -> torch.Tensor:
+        """The observations of the ``"proteins"`` site (raw intensities by default)."""
+        return batch.cell_features
 
     @staticmethod
     def _contrastive_pairs(
