@@ -333,7 +333,7 @@ class SpatialDataset:
     ) -> None:
         n = cell_features.shape[0]
         self.cell_features = cell_features.astype(np.float32)
-        self.cell_library = self.cell_features.sum(1)
+        self.cell_library = _floored_library(self.cell_features)
         self.cell_type = cell_type.astype(np.int64)
         self.cell_types = list(cell_types)
         self.cell_coords = cell_coords.astype(np.float32)
@@ -779,6 +779,23 @@ def _validated_counts(matrix, field: str) -> sp.csr_matrix:
         )
     csr.data = np.round(data)
     return csr.astype(np.float32)
+
+
+def _floored_library(features: np.ndarray) -> np.ndarray:
+    """``l^y_i = sum_p y_ip``, floored at 1e-3 x the median positive library so that a cell
+    whose panel is all zero (possible for count panels) has a small positive library instead
+    of 0 (which would make normalised inputs and ``log l^y_i`` undefined)."""
+    library = features.sum(1).astype(np.float32)
+    positive = library[library > 0]
+    floor = np.float32(1e-3 * np.median(positive)) if positive.size else np.float32(1e-3)
+    n_zero = int((library <= 0).sum())
+    if n_zero:
+        warnings.warn(
+            f"{n_zero} cell(s) have an all-zero feature panel; their library l^y is set to {floor:.3g} "
+            "(1e-3 x the median) so that they can still be modelled.",
+            stacklevel=3,
+        )
+    return np.maximum(library, floor)
 
 
 def _symmetric_adjacency(edges: np.ndarray, n: int) -> sp.csr_matrix:

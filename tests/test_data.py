@@ -231,6 +231,10 @@ def test_library_sizes():
     cells, spots = make_inputs()
     ds = build(cells, spots)
     np.testing.assert_allclose(ds.cell_library, cells.X.sum(1), rtol=1e-6)
+    cells.X[4] = 0.0  # an all-zero panel (count panels) gets a small positive library
+    with pytest.warns(UserWarning, match="1 cell"):
+        ds = build(cells, spots)
+    assert 0 < ds.cell_library[4] < 0.01 * np.median(ds.cell_library)
     np.testing.assert_allclose(ds.spot_library, spots.X.sum(1), rtol=1e-6)
 
 
