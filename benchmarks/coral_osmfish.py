@@ -134,8 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     cells_all = load_osmfish(data)
     sizes, splits = ([100.0], [0]) if args.quick else ([100.0, 50.0], [0, 1, 2])
     settings = {
-        "quick": args.quick, "epochs": 40 if args.quick else 400, "num_samples": 30 if args.quick else 100,
-        "batch_size": None, "spot_sizes_um": sizes, "split_seeds": splits, "grid": "square",
+        "quick": args.quick, "epochs": 40 if args.quick else 150, "num_samples": 30 if args.quick else 100,
+        "batch_size": None if args.quick else 64, "spot_sizes_um": sizes, "split_seeds": splits, "grid": "square",
         "panel_fraction": 0.5, "torch_threads": torch.get_num_threads(), "platform": platform.platform(),
         "python": sys.version.split()[0], "versions": pyrospatial.infer.versions(),
     }
