@@ -86,6 +86,7 @@ def versions() -> dict[str, str]:
         ("torch", "torch"),
         ("pyro", "pyro-ppl"),
         ("lightning", "lightning"),
+        ("anndata", "anndata"),
         ("numpy", "numpy"),
     ]:
         try:

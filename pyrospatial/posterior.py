@@ -512,20 +512,9 @@ def summarise_posterior(
 # export into AnnData
 # ------------------------------------------------------------------------------------------
 def _versions() -> dict[str, str]:
-    out = {}
-    for name, dist in [
-        ("pyrospatial", "pyrospatial"),
-        ("torch", "torch"),
-        ("pyro", "pyro-ppl"),
-        ("lightning", "lightning"),
-        ("anndata", "anndata"),
-        ("numpy", "numpy"),
-    ]:
-        try:
-            out[name] = metadata.version(dist)
-        except metadata.PackageNotFoundError:  # pragma: no cover
-            out[name] = "unknown"
-    return out
+    from pyrospatial.infer import versions  # one list of the libraries that shape results
+
+    return versions()
 
 
 def _h5ad_safe(value: Any) -> Any:
