@@ -114,7 +114,7 @@ class CoralModel(PyroModule):
             z_i ~ Normal(mu_{c_i}(v_i), sigma_{c_i}(v_i))                      "z"
             y_i ~ Gamma(mean = l^y_i h_y(z_i), concentration k_p)             "proteins"
             log s_i ~ Normal(a + b log(l^y_i / lbar), sigma_s)                 "cell_size"
-            rho_i = s_i softmax(h_x(z_i))                                      "expected_rna"
+            rho_i = s_i softmax(h_x(z_i) + beta_{c_i})                         "expected_rna"
         for each spot j (plate "spots", scaled by batch.spot_scale):
             [log l_j ~ Normal(0, capture_sd)    only with capture_sd; else l_j = 1]  "spot_capture"
             X_j ~ NB(mean = l_j sum_{i in U(j)} rho_i, inverse dispersion theta_g)  "spot_counts"
@@ -132,6 +132,11 @@ class CoralModel(PyroModule):
       decoder explains composition, the observed library explains total intensity. The Gamma
       is in mean/concentration form (``rate = k_p / mean``, ``Var = mean^2 / k_p``); features
       must be strictly positive.
+    * ``beta_c`` (genes) is a per-type offset of the RNA logits: the observed type carries
+      each type's mean profile directly and ``z_i`` the within-type deviation (with 31 types
+      and a small panel, an 8-D ``z`` alone could not hold the type signatures that the
+      type-split baseline reads off the spots; on osmFISH 100 µm this raised the imputation
+      Pearson from 0.505 to 0.629, one split).
     * ``s_i`` is the cell's expected total RNA (a per-cell size factor in count units). Its
       prior links it to the protein total (cell size drives both): ``a`` starts at
       ``log(median spot library / median cells per spot)``, ``b`` at 0. ``lbar`` is the data
@@ -233,6 +238,7 @@ class CoralModel(PyroModule):
         )
         # RNA: decoder h_x, size prior (a, b, sigma_s), inverse dispersions theta_g
         self.rna_decoder = _decoder(self.z_dim, self.hidden, self.n_genes, gene_logits_init)
+        self.rna_type_offset = nn.Parameter(torch.zeros(self.n_types, self.n_genes))  # beta_c
         self.size_intercept = nn.Parameter(torch.tensor(float(size_loc_init)))
         self.size_slope = nn.Parameter(torch.tensor(0.0))
         self.size_scale = PyroParam(torch.tensor(float(size_scale_init)), constraint=constraints.interval(0.01, 3.0))
@@ -277,9 +283,8 @@ class CoralModel(PyroModule):
             )
             size_loc = self.size_intercept + self.size_slope * torch.log(lib_y / lbar)
             s = pyro.sample("cell_size", dist.LogNormal(size_loc, self.size_scale))
-            rho = pyro.deterministic(
-                "expected_rna", s.unsqueeze(-1) * F.softmax(self.rna_decoder(z), dim=-1), event_dim=1
-            )
+            rna_logits = self.rna_decoder(z) + self.rna_type_offset[batch.cell_type]  # h_x(z_i) + beta_{c_i}
+            rho = pyro.deterministic("expected_rna", s.unsqueeze(-1) * F.softmax(rna_logits, dim=-1), event_dim=1)
 
         if batch.n_spots > 0:
             with spot_plate(batch):
