@@ -11,7 +11,8 @@ from typing import Any
 import pyro
 import pyro.distributions as dist
 import torch
-from pyro.nn import PyroModule
+from pyro.distributions import constraints
+from pyro.nn import PyroModule, PyroParam
 from torch import nn
 from torch.nn import functional as F
 from torch_geometric.nn import GATConv
@@ -59,6 +60,7 @@ class CoralGuide(PyroModule):
                                                1{spot}, u_i - a0]))             "cell_size"
         [q(l_j)       = LogNormal(MLP_l([std(log1p(X_j / l_j * 1e4)), log(l_j / n_j) - a0]))
                                                                           "spot_capture"]
+        [q(omega_g)   = Normal(m_g, diag(s_g^2))   per gene, plate "genes"   "rna_weight"]
 
     ``A`` is ``batch.edge_index`` with self loops added by GATConv. Both GATConv layers have
     a residual (linear skip) connection, so a cell's own input is not averaged away by its
@@ -68,7 +70,12 @@ class CoralGuide(PyroModule):
     n_{j(i)})`` (the spot's library split evenly over its ``n_j`` cells) and ``o_i = u_i`` for
     cells in a spot, ``o_i = a0`` (``size_loc_init``) otherwise, so ``q(s_i)`` starts at a
     spot-consistent scale. ``z`` is sampled first; ``v`` and ``s`` are conditioned on it.
-    All networks are amortisation parameters (point estimates).
+    All networks are amortisation parameters (point estimates). With ``bayesian_decoder``
+    (the model's RNA read-out ``W = omega * d`` is a latent) the guide holds a mean-field
+    Normal ``q(omega)``, free parameters ``m_g, s_g`` (``m`` starts small and random, ``s`` at
+    ``weight_init_scale``): the one global latent. Mean-field ``q`` is over-confident where latents are coupled (the cells
+    of one spot share its counts): :func:`pyrospatial.refine.refine_posterior` corrects the
+    posterior by MCMC started from this guide.
 
     ``forward(batch, predictive=False)``: the flag is accepted (so one argument list serves
     model and guide under ``Predictive``) and ignored. :meth:`attention` returns GATConv's
@@ -84,6 +91,12 @@ class CoralGuide(PyroModule):
         Attention heads of both GATConv layers.
     capture
         True when the model has a per-spot capture latent (``capture_sd`` set).
+    bayesian_decoder, decoder_hidden
+        Whether the model's RNA read-out is a latent, and its width ``K`` (the model's
+        ``rna_width``; None: ``z_dim + n_types``, the model's default). Both must match the
+        model: build the guide with ``from_dataset(dataset, model=model)``.
+    weight_init_scale
+        Initial standard deviation of ``q(omega)``.
     cell_library_mean
         ``lbar`` (mean protein library of the data set); None uses the batch mean.
     size_loc_init
@@ -107,6 +120,9 @@ class CoralGuide(PyroModule):
         hidden: int = 64,
         heads: int = 4,
         capture: bool = False,
+        bayesian_decoder: bool = True,
+        decoder_hidden: int | None = None,
+        weight_init_scale: float = 0.1,
         cell_library_mean: float | None = None,
         size_loc_init: float = 0.0,
         init_scale: float = 0.1,
@@ -134,16 +150,31 @@ class CoralGuide(PyroModule):
         self.size_net = _mlp(self.z_dim + self.n_types + 3, self.hidden, 2, raw)
         if self.capture:
             self.capture_net = _mlp(self.n_genes + 1, self.hidden, 2, raw)
+        self.bayesian_decoder = bool(bayesian_decoder)
+        # the model's read-out width: by default z_dim + n_types (linear read-out + type offsets)
+        self.decoder_hidden = self.z_dim + self.n_types if decoder_hidden is None else int(decoder_hidden)
+        if self.bayesian_decoder:  # q(omega): small random loc (breaks the symmetry of hidden units)
+            self.rna_weight_loc = nn.Parameter(0.1 * torch.randn(self.n_genes, self.decoder_hidden))
+            self.rna_weight_scale = PyroParam(
+                torch.full((self.n_genes, self.decoder_hidden), float(weight_init_scale)), constraint=constraints.positive
+            )
 
     # ------------------------------------------------------------------------------------
     @classmethod
-    def from_dataset(cls, dataset: Any, **kwargs: Any) -> "CoralGuide":
+    def from_dataset(cls, dataset: Any, model: Any = None, **kwargs: Any) -> "CoralGuide":
         """A guide sized for ``dataset``, with ``lbar`` and ``a0`` read from the data
-        (:func:`pyrospatial.models.coral.data_scales`); ``kwargs`` override."""
+        (:func:`pyrospatial.models.coral.data_scales`); given the ``model``, its latent
+        structure (``z_dim``, ``v_dim``, ``capture``, ``bayesian_decoder``,
+        ``decoder_hidden``) is matched; ``kwargs`` override."""
         from pyrospatial.models.coral import data_scales
 
         scales = data_scales(dataset)
         init = {k: scales[k] for k in ("cell_library_mean", "size_loc_init")}
+        if model is not None:
+            init.update(
+                z_dim=model.z_dim, v_dim=model.v_dim, capture=model.capture_sd is not None,
+                bayesian_decoder=model.bayesian_decoder, decoder_hidden=model.rna_width,
+            )
         init.update(kwargs)
         return cls(int(dataset.n_types), int(dataset.n_features), int(dataset.n_genes), **init)
 
@@ -189,7 +220,11 @@ class CoralGuide(PyroModule):
 
     # ------------------------------------------------------------------------------------
     def forward(self, batch: Batch, predictive: bool = False) -> None:
-        """Sample the local latents ``z``, ``v``, ``cell_size`` (and ``spot_capture``)."""
+        """Sample ``rna_weight`` (with ``bayesian_decoder``) and the local latents ``z``,
+        ``v``, ``cell_size`` (and ``spot_capture``)."""
+        if self.bayesian_decoder:
+            with pyro.plate("genes", self.n_genes, dim=-1):
+                pyro.sample("rna_weight", dist.Normal(self.rna_weight_loc, self.rna_weight_scale).to_event(1))
         e, onehot, has_spot, u = self.cell_inputs(batch)
         z_loc, z_scale = self._encode(e, batch.edge_index)
         lib_y = batch.cell_library

@@ -19,6 +19,8 @@ Blocks
     ``x ~ NB(mean, inverse dispersion theta)`` (mean / inverse-dispersion form).
 :func:`spot_sum`
     ``sum_{i in U(j)} rho_i`` as one sparse matmul.
+:func:`spot_sum_negative_binomial`
+    A spot's counts as a sum of per-cell NB counts (moment-matched NB).
 :class:`EdgeDecoder`, :func:`bernoulli_edges`
     ``A_ii' ~ Bernoulli(logits = f(z_i, z_i'))`` over observed edges / sampled non-edges.
 :func:`laplacian_factor`, :func:`contrastive_factor`
@@ -43,6 +45,7 @@ __all__ = [
     "gamma_likelihood",
     "negative_binomial",
     "spot_sum",
+    "spot_sum_negative_binomial",
     "EdgeDecoder",
     "bernoulli_edges",
     "laplacian_factor",
@@ -111,10 +114,9 @@ class HierarchicalPrior(PyroModule):
         cell_type
             ``(n,)`` long codes in ``[0, n_types)``.
         """
-        h = torch.einsum("...nv,cvh->...nch", v, self.w1) + self.b1  # (..., n, C, H)
-        out = torch.einsum("...nch,chk->...nck", F.elu(h), self.w2) + self.b2  # (..., n, C, 2z)
-        idx = cell_type.reshape(cell_type.shape + (1, 1)).expand(out.shape[:-2] + (1, out.shape[-1]))
-        out = out.gather(-2, idx).squeeze(-2)  # (..., n, 2z): each cell's own head
+        # each cell's own head: gather its type's weights, then a per-cell two-layer network
+        h = torch.einsum("...nv,nvh->...nh", v, self.w1[cell_type]) + self.b1[cell_type]  # (..., n, H)
+        out = torch.einsum("...nh,nhk->...nk", F.elu(h), self.w2[cell_type]) + self.b2[cell_type]  # (..., n, 2z)
         mu, raw = out[..., : self.z_dim], out[..., self.z_dim :]
         return mu, F.softplus(raw) + MIN_SCALE
 
@@ -203,6 +205,42 @@ def spot_sum(membership: torch.Tensor, rho: torch.Tensor) -> torch.Tensor:
     flat = rho.movedim(-2, 0).reshape(n, -1)
     out = torch.sparse.mm(membership, flat) if membership.is_sparse else membership @ flat
     return out.reshape((membership.shape[0],) + lead + (G,)).movedim(0, -2)
+
+
+def spot_sum_negative_binomial(
+    membership: torch.Tensor,
+    rho: torch.Tensor,
+    inverse_dispersion: torch.Tensor,
+    capture: torch.Tensor | None = None,
+    event_dims: int = 1,
+) -> dist.Distribution:
+    """NB for spot counts that are sums of per-cell NB counts, matching mean and variance.
+
+    If cell ``i`` of spot ``j`` has counts ``x_ig ~ NB(l_j rho_ig, theta_g)`` independently,
+    ``X_jg = sum_i x_ig`` has mean ``mu_jg = l_j sum_i rho_ig`` and variance
+    ``mu_jg + l_j^2 sum_i rho_ig^2 / theta_g``. This returns the NB with that mean and
+    variance: inverse dispersion ``theta_g (sum_i rho_ig)^2 / sum_i rho_ig^2`` (between
+    ``theta_g`` for one dominant cell and ``n_j theta_g`` for ``n_j`` equal cells), so
+    ``theta_g`` keeps its per-cell meaning. Both sums are sparse matmuls (:func:`spot_sum`).
+
+    Parameters
+    ----------
+    membership
+        ``(m, n)`` spot membership ``U``.
+    rho
+        ``(..., n, G)`` per-cell expected counts.
+    inverse_dispersion
+        ``(G,)`` per-cell ``theta_g``.
+    capture
+        Optional ``(..., m)`` per-spot multiplier ``l_j`` (1 when None).
+    event_dims
+        As in :func:`negative_binomial`.
+    """
+    total = spot_sum(membership, rho)
+    squares = spot_sum(membership, rho * rho)
+    ratio = (total * total / squares.clamp(min=MIN_MEAN**2)).clamp(min=1.0)  # in [1, n_j]
+    mean = total if capture is None else capture.unsqueeze(-1) * total
+    return negative_binomial(mean, inverse_dispersion * ratio, event_dims=event_dims)
 
 
 # ----------------------------------------------------------------------------- edges

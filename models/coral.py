@@ -29,6 +29,7 @@ from .blocks import (
     laplacian_factor,
     negative_binomial,
     spot_sum,
+    spot_sum_negative_binomial,
 )
 
 __all__ = ["CoralModel", "data_scales"]
@@ -109,15 +110,19 @@ class CoralModel(PyroModule):
 
     Generative story (one line per line of :meth:`forward`)::
 
+        for each gene g (plate "genes"; with bayesian_decoder, the default):
+            omega_g ~ Normal(0, I_K);  w_g = d * omega_g                       "rna_weight"
         for each cell i (plate "cells", scaled by batch.cell_scale):
             v_i ~ Normal(0, I_{v_dim})                                         "v"
             z_i ~ Normal(mu_{c_i}(v_i), sigma_{c_i}(v_i))                      "z"
             y_i ~ Gamma(mean = l^y_i h_y(z_i), concentration k_p)             "proteins"
             log s_i ~ Normal(a + b log(l^y_i / lbar), sigma_s)                 "cell_size"
-            rho_i = s_i softmax(h_x(z_i) + beta_{c_i})                         "expected_rna"
+            rho_i = s_i softmax(beta + W e(z_i, c_i))                          "expected_rna"
         for each spot j (plate "spots", scaled by batch.spot_scale):
             [log l_j ~ Normal(0, capture_sd)    only with capture_sd; else l_j = 1]  "spot_capture"
-            X_j ~ NB(mean = l_j sum_{i in U(j)} rho_i, inverse dispersion theta_g)  "spot_counts"
+            mu_j = l_j sum_{i in U(j)} rho_i
+            X_jg ~ NB(mean mu_jg, inverse dispersion                           "spot_counts"
+                      theta_g (sum_i rho_ig)^2 / sum_i rho_ig^2)
         for each observed edge (i, i'), i < i' (scaled by batch.edge_scale):
             A_ii' = 1 ~ Bernoulli(sigmoid(f(z_i, z_i')))                       "edges"
         for each sampled non-edge (scaled by batch.nonedge_scale):
@@ -132,11 +137,25 @@ class CoralModel(PyroModule):
       decoder explains composition, the observed library explains total intensity. The Gamma
       is in mean/concentration form (``rate = k_p / mean``, ``Var = mean^2 / k_p``); features
       must be strictly positive.
-    * ``beta_c`` (genes) is a per-type offset of the RNA logits: the observed type carries
-      each type's mean profile directly and ``z_i`` the within-type deviation (with 31 types
-      and a small panel, an 8-D ``z`` alone could not hold the type signatures that the
-      type-split baseline reads off the spots; on osmFISH 100 µm this raised the imputation
-      Pearson from 0.505 to 0.629, one split).
+    * RNA read-out ``h_x(z, c) = softmax(beta + W e(z, c))``: the features ``e(z, c)`` are the
+      cell state ``z`` (``rna_readout="linear"``, default; or standardised hidden features
+      ``LayerNorm(ELU(A z + a)) / sqrt(H)`` with ``"mlp"``) followed by ``onehot(c)``
+      (``rna_type_effects``, default), so ``W`` (genes x K) holds per gene a linear read-out
+      of the state and one offset per cell type; ``beta`` (genes) is the baseline, initialised
+      at the spots' log gene proportions. With ``bayesian_decoder`` (default) ``W`` is a
+      latent, non-centred: ``w_gk = d_k omega_gk``, ``omega_gk ~ Normal(0, 1)``, with prior
+      scales ``d_k = tau`` for the state features and ``tau_c`` for the type offsets (point
+      estimates, i.e. empirical Bayes; ``tau_s`` for optional per-type slopes). Why: a few hundred spot sums leave each gene's
+      read-out uncertain; a point estimate of ``W`` over-fits with training and makes the
+      per-cell RNA intervals far too narrow. With ``bayesian_decoder=False`` ``W`` is a point
+      estimate. The linear read-out is the default because the spots cannot identify a
+      non-linear read-out per gene (``z`` itself is a non-linear function of the proteins).
+    * Spot counts: if each member cell's counts were ``NB(l_j rho_ig, theta_g)``, the spot's
+      sum has mean ``mu_jg`` and variance ``mu_jg + l_j^2 sum_i rho_ig^2 / theta_g``; the NB
+      above matches both (:func:`~pyrospatial.models.blocks.spot_sum_negative_binomial`), so
+      ``theta_g`` is a per-cell inverse dispersion, as used to split spot counts among cells
+      (Dirichlet-multinomial). ``spot_dispersion="spot"`` uses ``theta_g`` for the spot NB
+      directly (the earlier form).
     * ``s_i`` is the cell's expected total RNA (a per-cell size factor in count units). Its
       prior links it to the protein total (cell size drives both): ``a`` starts at
       ``log(median spot library / median cells per spot)``, ``b`` at 0. ``lbar`` is the data
@@ -147,15 +166,23 @@ class CoralModel(PyroModule):
       sum of its cells' counts, as in a simulation or pseudo-spots). On real data pass
       ``capture_sd`` (e.g. 0.2) to make ``log l_j`` a local latent; the guide must then be
       built with ``capture=True``.
-    * ``f(z, z') = z^T W z' + b`` with symmetric ``W`` (:class:`~pyrospatial.models.blocks.EdgeDecoder`).
+    * ``f(z, z') = z^T W_e z' + b_e`` with symmetric ``W_e`` (:class:`~pyrospatial.models.blocks.EdgeDecoder`).
       ``pyro.deterministic("edge_prob")`` holds ``sigmoid(f)`` for the batch's observed edges.
 
     Latent vs point estimate: ``v``, ``z``, ``cell_size`` (and ``spot_capture``) are local
-    latents with a posterior (fitted by the guide). Everything else -- the prior networks
-    ``mu_c, sigma_c``, decoders ``h_y, h_x``, the edge decoder ``W, b``, concentrations
-    ``k_p``, inverse dispersions ``theta_g``, the size-prior ``a, b, sigma_s`` -- is a
-    global point estimate (``nn.Parameter`` / ``PyroParam``, positive ones constrained
-    positive) learned by maximising the ELBO.
+    latents, and ``rna_weight`` (``omega``, with ``bayesian_decoder``) a global latent, each
+    with a posterior (fitted by the guide; :func:`pyrospatial.refine.refine_posterior`
+    refines it by MCMC). Everything else -- the prior networks ``mu_c, sigma_c``, the
+    decoder ``h_y``, the baseline ``beta`` (and hidden layer ``A, a``) of ``h_x``, the prior
+    scales ``tau, tau_c``, the edge decoder ``W_e, b_e``, concentrations ``k_p``, inverse
+    dispersions ``theta_g``, the size prior ``a, b, sigma_s`` -- is a global point estimate
+    (``nn.Parameter`` / ``PyroParam``, positive ones constrained positive) learned by
+    maximising the ELBO (and, for the variance-type ones, re-estimated by Monte Carlo EM in
+    :func:`~pyrospatial.refine.refine_posterior`).
+
+    Vectorised evaluation: every site broadcasts over leading batch dimensions, so the model
+    can be run under an outer ``pyro.plate`` at ``dim=-2`` (e.g. one entry per MCMC chain;
+    ``rna_weight`` then has shape ``(chains, G, K)``).
 
     Posterior predictive checks: ``model(batch, predictive=True)`` drops every ``obs`` so
     ``"proteins"``, ``"spot_counts"``, ``"edges"``, ``"nonedges"`` are *drawn*; e.g.
@@ -172,6 +199,23 @@ class CoralModel(PyroModule):
         Cell types ``C``, per-cell features ``P`` (proteins), spot genes ``G``.
     z_dim, v_dim, hidden
         Latent sizes and the width of the decoder / prior networks.
+    bayesian_decoder
+        True (default): the RNA read-out ``W`` is a latent (site ``"rna_weight"``, plate
+        ``"genes"``, non-centred); False: a point estimate.
+    rna_weight_scale_init
+        Initial ``tau`` and ``tau_c``.
+    rna_readout
+        ``"linear"`` (default): state features ``e = z``; ``"mlp"``: standardised hidden
+        features of width ``hidden``.
+    rna_type_effects
+        Append ``onehot(c)`` to the read-out features (a per-type offset per gene).
+    rna_type_slopes
+        Also append ``onehot(c) (x) e``: a per-type read-out of the state, partially pooled
+        towards the shared one (prior scale ``tau_s``, site scale ``rna_slope_scale``). Off by
+        default.
+    spot_dispersion
+        ``"sum"`` (default): moment-matched NB of a sum of per-cell NB counts; ``"spot"``:
+        ``theta_g`` is the spot-level inverse dispersion.
     laplacian_weight
         Weight of the graph-Laplacian factor, per observed edge (0: off).
     contrastive_weight, contrastive_margin
@@ -187,8 +231,8 @@ class CoralModel(PyroModule):
     protein_concentration_init, rna_inverse_dispersion_init
         Initial ``k_p`` and ``theta_g``.
     gene_logits_init, protein_logits_init
-        Optional ``(G,)`` / ``(P,)`` initial output biases of ``h_x`` / ``h_y`` (log
-        proportions); :meth:`from_dataset` fills them from the data.
+        Optional ``(G,)`` / ``(P,)`` initial baselines ``beta`` of ``h_x`` / output biases of
+        ``h_y`` (log proportions); :meth:`from_dataset` fills them from the data.
     edge_bias_init
         Initial ``b`` of the edge decoder (e.g. the logit of the graph's edge density).
     capture_sd
@@ -206,6 +250,12 @@ class CoralModel(PyroModule):
         z_dim: int = 8,
         v_dim: int = 1,
         hidden: int = 64,
+        bayesian_decoder: bool = True,
+        rna_weight_scale_init: float = 1.0,
+        rna_readout: str = "linear",
+        rna_type_effects: bool = True,
+        rna_type_slopes: bool = False,
+        spot_dispersion: str = "sum",
         laplacian_weight: float = 0.0,
         contrastive_weight: float = 0.0,
         contrastive_margin: float = 1.0,
@@ -227,6 +277,9 @@ class CoralModel(PyroModule):
         self.contrastive_weight = float(contrastive_weight)
         self.contrastive_margin = float(contrastive_margin)
         self.capture_sd = None if capture_sd is None else float(capture_sd)
+        if spot_dispersion not in ("sum", "spot"):
+            raise ValueError(f"spot_dispersion must be 'sum' or 'spot', got {spot_dispersion!r}")
+        self.spot_dispersion = str(spot_dispersion)
         self.cell_library_mean = None if cell_library_mean is None else float(cell_library_mean)
 
         # z | v, c : one head per cell type
@@ -236,9 +289,32 @@ class CoralModel(PyroModule):
         self.protein_concentration = PyroParam(
             torch.full((self.n_features,), float(protein_concentration_init)), constraint=constraints.positive
         )
-        # RNA: decoder h_x, size prior (a, b, sigma_s), inverse dispersions theta_g
-        self.rna_decoder = _decoder(self.z_dim, self.hidden, self.n_genes, gene_logits_init)
-        self.rna_type_offset = nn.Parameter(torch.zeros(self.n_types, self.n_genes))  # beta_c
+        # RNA: h_x(z, c) = softmax(beta + W e(z, c)); W latent (scales tau, tau_c) or a point
+        # estimate; size prior (a, b, sigma_s); per-cell inverse dispersions theta_g
+        if rna_readout not in ("linear", "mlp"):
+            raise ValueError(f"rna_readout must be 'linear' or 'mlp', got {rna_readout!r}")
+        self.bayesian_decoder = bool(bayesian_decoder)
+        self.rna_readout = str(rna_readout)
+        self.rna_type_effects = bool(rna_type_effects)
+        self.rna_state_width = self.hidden if self.rna_readout == "mlp" else self.z_dim
+        self.rna_type_slopes = bool(rna_type_slopes)
+        self.rna_width = (
+            self.rna_state_width
+            + (self.n_types * self.rna_state_width if self.rna_type_slopes else 0)
+            + (self.n_types if self.rna_type_effects else 0)
+        )
+        if self.rna_readout == "mlp":
+            self.rna_hidden = nn.Sequential(nn.Linear(self.z_dim, self.hidden), nn.ELU())
+        bias = torch.zeros(self.n_genes) if gene_logits_init is None else torch.as_tensor(gene_logits_init, dtype=torch.float32)
+        self.rna_bias = nn.Parameter(bias.clone().reshape(self.n_genes))
+        if self.bayesian_decoder:
+            self.rna_weight_scale = PyroParam(torch.tensor(float(rna_weight_scale_init)), constraint=constraints.positive)
+            if self.rna_type_slopes:
+                self.rna_slope_scale = PyroParam(torch.tensor(0.5 * float(rna_weight_scale_init)), constraint=constraints.positive)
+            if self.rna_type_effects:
+                self.rna_type_scale = PyroParam(torch.tensor(float(rna_weight_scale_init)), constraint=constraints.positive)
+        else:
+            self.rna_weight = nn.Parameter(0.1 * torch.randn(self.n_genes, self.rna_width))
         self.size_intercept = nn.Parameter(torch.tensor(float(size_loc_init)))
         self.size_slope = nn.Parameter(torch.tensor(0.0))
         self.size_scale = PyroParam(torch.tensor(float(size_scale_init)), constraint=constraints.interval(0.01, 3.0))
@@ -273,6 +349,7 @@ class CoralModel(PyroModule):
         lib_y = batch.cell_library
         lbar = self.cell_library_mean if self.cell_library_mean is not None else lib_y.mean().detach()
 
+        W = self.rna_read_out()  # (G, K), or (..., G, K) under outer plates
         with cell_plate(batch):
             v = pyro.sample("v", dist.Normal(lib_y.new_zeros(n, self.v_dim), 1.0).to_event(1))
             z = pyro.sample("z", self.prior.distribution(v, batch.cell_type))
@@ -283,21 +360,21 @@ class CoralModel(PyroModule):
             )
             size_loc = self.size_intercept + self.size_slope * torch.log(lib_y / lbar)
             s = pyro.sample("cell_size", dist.LogNormal(size_loc, self.size_scale))
-            rna_logits = self.rna_decoder(z) + self.rna_type_offset[batch.cell_type]  # h_x(z_i) + beta_{c_i}
-            rho = pyro.deterministic("expected_rna", s.unsqueeze(-1) * F.softmax(rna_logits, dim=-1), event_dim=1)
+            rho = pyro.deterministic("expected_rna", s.unsqueeze(-1) * self.rna_rates(z, batch.cell_type, W), event_dim=1)
 
         if batch.n_spots > 0:
             with spot_plate(batch):
-                mean_x = spot_sum(batch.membership, rho)
+                capture = None
                 if self.capture_sd is not None:
                     zeros = batch.spot_library.new_zeros(batch.n_spots)
                     capture = pyro.sample("spot_capture", dist.LogNormal(zeros, self.capture_sd))
-                    mean_x = capture.unsqueeze(-1) * mean_x
-                pyro.sample(
-                    "spot_counts",
-                    negative_binomial(mean_x, self.rna_inverse_dispersion),
-                    obs=batch.spot_counts if observe else None,
-                )
+                if self.spot_dispersion == "sum":
+                    counts_dist = spot_sum_negative_binomial(batch.membership, rho, self.rna_inverse_dispersion, capture)
+                else:
+                    mean_x = spot_sum(batch.membership, rho)
+                    mean_x = mean_x if capture is None else capture.unsqueeze(-1) * mean_x
+                    counts_dist = negative_binomial(mean_x, self.rna_inverse_dispersion)
+                pyro.sample("spot_counts", counts_dist, obs=batch.spot_counts if observe else None)
 
         edge_pairs, nonedge_pairs = batch.edge_pairs, batch.nonedge_index
         edge_logits = self.edge_decoder(z, edge_pairs)
@@ -324,6 +401,45 @@ class CoralModel(PyroModule):
     def observed_features(self, batch: Batch) -> torch.Tensor:
         """The observations of the ``"proteins"`` site (raw intensities by default)."""
         return batch.cell_features
+
+    def rna_read_out(self) -> torch.Tensor:
+        """``W`` (genes x ``rna_width``). With ``bayesian_decoder``: ``W = omega * d``,
+        ``omega_g ~ Normal(0, I)`` drawn at the site ``"rna_weight"`` (plate ``"genes"``),
+        ``d = (tau, ..., tau, tau_c, ..., tau_c)``; else the point estimate."""
+        if not self.bayesian_decoder:
+            return self.rna_weight
+        zeros = self.rna_bias.new_zeros(self.n_genes, self.rna_width)
+        with pyro.plate("genes", self.n_genes, dim=-1):
+            omega = pyro.sample("rna_weight", dist.Normal(zeros, 1.0).to_event(1))
+        scale = self.rna_weight_scale.expand(self.rna_state_width)
+        if self.rna_type_slopes:
+            scale = torch.cat([scale, self.rna_slope_scale.expand(self.n_types * self.rna_state_width)])
+        if self.rna_type_effects:
+            scale = torch.cat([scale, self.rna_type_scale.expand(self.n_types)])
+        return scale * omega
+
+    def rna_features(self, z: torch.Tensor, cell_type: torch.Tensor) -> torch.Tensor:
+        """``e(z, c)``: the state features (``z`` itself, or ``standardise(ELU(A z + a)) /
+        sqrt(H)`` with ``rna_readout="mlp"``), then ``onehot(c)`` with ``rna_type_effects``;
+        ``(..., n, rna_width)``."""
+        if self.rna_readout == "linear":
+            e = z
+        else:
+            h = self.rna_hidden(z)
+            e = F.layer_norm(h, h.shape[-1:]) / math.sqrt(self.hidden)
+        onehot = F.one_hot(cell_type, self.n_types).to(e.dtype).expand(e.shape[:-1] + (self.n_types,))
+        parts = [e]
+        if self.rna_type_slopes:  # the state features again, in the block of the cell's own type
+            parts.append((onehot.unsqueeze(-1) * e.unsqueeze(-2)).flatten(-2))
+        if self.rna_type_effects:
+            parts.append(onehot)
+        return torch.cat(parts, dim=-1) if len(parts) > 1 else e
+
+    def rna_rates(self, z: torch.Tensor, cell_type: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+        """``h_x(z, c) = softmax(beta + W e(z, c))``: ``z (..., n, z_dim)``, ``W (..., G, K)``
+        -> ``(..., n, G)``. A ``W`` with leading dims (one per chain/particle) applies batch-wise."""
+        logits = torch.matmul(self.rna_features(z, cell_type), W.transpose(-1, -2)) + self.rna_bias
+        return F.softmax(logits, dim=-1)
 
     @staticmethod
     def _contrastive_pairs(

@@ -31,7 +31,7 @@ and ``obs["n_cells"]``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import anndata as ad
@@ -64,6 +64,8 @@ class CoralPosterior:
     samples: dict[str, np.ndarray]
     edge_prob: np.ndarray
     plates: dict[str, str]
+    method: str = "guide"
+    diagnostics: dict[str, Any] = field(default_factory=dict)
 
     @property
     def num_samples(self) -> int:
@@ -129,9 +131,11 @@ class CORAL:
         if self.model_kwargs.get("capture_sd") is not None:
             self.guide_kwargs.setdefault("capture", True)
         self.model = model_cls.from_dataset(self.dataset, **self.model_kwargs)
-        self.guide = guide_cls.from_dataset(self.dataset, **self.guide_kwargs)
+        self.guide = guide_cls.from_dataset(self.dataset, model=self.model, **self.guide_kwargs)
         self.fit_result: FitResult | None = None
         self.posterior: CoralPosterior | None = None
+        #: True once :meth:`sample` has re-estimated the variance-type globals by Monte Carlo EM
+        self.refined = False
 
     # ------------------------------------------------------------------------------------
     def train(
@@ -152,28 +156,64 @@ class CORAL:
             batch_size=batch_size, lr=lr, device=device, seed=seed, progress=progress, **fit_kwargs,
         )
         self.posterior = None
+        self.refined = False
         return self.fit_result
 
     def save(self, path: str) -> None:
         """Save model and guide parameters (tensors only; load with :meth:`load`)."""
-        torch.save({"state_dict": SVIModule(self.model, self.guide).state_dict()}, path)
+        state = {"state_dict": SVIModule(self.model, self.guide).state_dict(), "refined": bool(self.refined)}
+        torch.save(state, path)
 
     def load(self, path: str) -> "CORAL":
         """Load parameters saved by :meth:`save` or a :func:`~pyrospatial.fit` checkpoint
         (read with ``weights_only=True``)."""
         load_checkpoint(self.model, self.guide, self.dataset, path)
+        self.refined = bool(torch.load(path, map_location="cpu", weights_only=True).get("refined", False))
         self.posterior = None
         return self
 
     # ------------------------------------------------------------------------------------
-    def sample(self, num_samples: int = 100, *, seed: int = 0, chunk_size: int | None = None) -> CoralPosterior:
-        """Coherent joint posterior draws of z, v, s and rho, and per-edge probabilities."""
-        draws = sample_posterior(
-            self.model, self.guide, self.dataset, num_samples, sites=list(LOCAL_SITES),
-            chunk_size=chunk_size, seed=seed,
-        )
+    def sample(
+        self,
+        num_samples: int = 100,
+        *,
+        seed: int = 0,
+        method: Literal["refine", "guide"] = "refine",
+        chunk_size: int | None = None,
+        progress: bool = False,
+        **refine_kwargs: Any,
+    ) -> CoralPosterior:
+        """Coherent joint posterior draws of z, v, s and rho, and per-edge probabilities.
+
+        ``method="refine"`` (default, the calibrated one): HMC on the model's joint density
+        started from the trained guide, with Monte Carlo EM of the variance-type global
+        parameters (:func:`pyrospatial.refine.refine_posterior`; ``refine_kwargs`` pass
+        through, e.g. ``num_chains``, ``num_warmup``). ``"guide"``: draws of the amortised
+        mean-field guide (fast; its per-cell RNA intervals are too narrow, see the module
+        docstring of :mod:`pyrospatial.refine`).
+        """
+        if method == "refine":
+            from pyrospatial.refine import refine_posterior
+
+            if self.refined:  # Monte Carlo EM ran once after training: later draws keep its estimates
+                refine_kwargs.setdefault("em_params", ())
+            draws = refine_posterior(
+                self.model, self.guide, self.dataset, num_samples, sites=list(LOCAL_SITES),
+                seed=seed, progress=progress, **refine_kwargs,
+            )
+            self.refined = self.refined or refine_kwargs.get("em_params", None) != ()
+        elif method == "guide":
+            draws = sample_posterior(
+                self.model, self.guide, self.dataset, num_samples, sites=list(LOCAL_SITES),
+                chunk_size=chunk_size, seed=seed,
+            )
+        else:
+            raise ValueError(f"method must be 'refine' or 'guide', got {method!r}")
         edge_prob = self._edge_probabilities(draws["z"], self.dataset.edges)
-        self.posterior = CoralPosterior(samples=dict(draws), edge_prob=edge_prob, plates=dict(draws.plates))
+        self.posterior = CoralPosterior(
+            samples=dict(draws), edge_prob=edge_prob, plates=dict(draws.plates), method=method,
+            diagnostics=dict(getattr(draws, "diagnostics", {}) or {}),
+        )
         return self.posterior
 
     @torch.no_grad()
@@ -302,5 +342,6 @@ class CORAL:
             settings.update({f"fit_{k}": v for k, v in self.fit_result.settings.items() if np.isscalar(v)})
         if self.posterior is not None:
             settings["num_samples"] = self.posterior.num_samples
+            settings["posterior_method"] = self.posterior.method
         return settings
 

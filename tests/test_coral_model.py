@@ -27,6 +27,7 @@ from pyrospatial.models.blocks import (
     gamma_likelihood,
     negative_binomial,
     spot_sum,
+    spot_sum_negative_binomial,
 )
 
 torch.set_num_threads(1)
@@ -151,7 +152,9 @@ def test_trace_sites_shapes_and_scales(capture):
     mtr = poutine.trace(poutine.replay(model, trace=gtr)).get_trace(b)
 
     # name: (batch_shape, event_shape, scale)
+    width = 4 + b.n_types  # linear read-out of z (z_dim=4) + one offset per type
     expected = {
+        "rna_weight": ((G,), (width,), 1.0),
         "v": ((n,), (1,), b.cell_scale),
         "z": ((n,), (4,), b.cell_scale),
         "proteins": ((n,), (P,), b.cell_scale),
@@ -178,7 +181,7 @@ def test_trace_sites_shapes_and_scales(capture):
     assert bool((mtr.nodes["edges"]["value"] == 1).all()) and bool((mtr.nodes["nonedges"]["value"] == 0).all())
 
     # the guide: exactly the latent sites, same shapes and scales
-    latent = {"z", "v", "cell_size"} | ({"spot_capture"} if capture else set())
+    latent = {"rna_weight", "z", "v", "cell_size"} | ({"spot_capture"} if capture else set())
     gsamples = {k for k, s in gtr.nodes.items() if is_sample(s)}
     assert gsamples == latent
     for name in latent:
@@ -200,6 +203,74 @@ def test_expected_rna_in_count_units_and_spot_mean_is_the_sum():
     mean = mtr.nodes["spot_counts"]["fn"].base_dist.mean
     U = b.membership.to_dense()
     torch.testing.assert_close(mean, U @ rho, rtol=1e-5, atol=1e-5)
+
+
+def test_read_out_options_and_vectorised_chains():
+    b = random_batch()
+    n, G, C = b.n_cells, 12, 3
+    # mlp read-out without type offsets: W is (G, hidden); point-estimate read-out: no site
+    model = CoralModel(3, 5, G, z_dim=4, hidden=16, rna_readout="mlp", rna_type_effects=False)
+    guide = CoralGuide(3, 5, G, z_dim=4, hidden=16, heads=2, decoder_hidden=model.rna_width)
+    tr = poutine.trace(poutine.replay(model, trace=poutine.trace(guide).get_trace(b))).get_trace(b)
+    assert tr.nodes["rna_weight"]["value"].shape == (G, 16)
+    # per-type slopes (partial pooling): features [z, onehot(c) (x) z, onehot(c)]
+    slopes = CoralModel(3, 5, G, z_dim=4, hidden=16, rna_type_slopes=True)
+    assert slopes.rna_width == 4 + 3 * 4 + 3
+    z = torch.randn(n, 4)
+    e = slopes.rna_features(z, b.cell_type)
+    for i in range(3):
+        c = int(b.cell_type[i])
+        torch.testing.assert_close(e[i, 4 + 4 * c : 8 + 4 * c], z[i])
+        assert float(e[i, 4:16].abs().sum() - z[i].abs().sum()) == pytest.approx(0.0, abs=1e-5)
+    point = CoralModel(3, 5, G, z_dim=4, hidden=16, bayesian_decoder=False)
+    assert "rna_weight" not in poutine.trace(point).get_trace(b).nodes
+    with pytest.raises(ValueError):
+        CoralModel(3, 5, G, rna_readout="deep")
+    # the model runs vectorised under an outer plate at dim=-2 (one W per chain)
+    model, guide = model_guide(b)
+    with poutine.trace() as tracer, pyro.plate("chains", C, dim=-2):
+        model(b)
+    nodes = tracer.trace.nodes
+    assert nodes["rna_weight"]["value"].shape == (C, G, 7)
+    assert nodes["z"]["value"].shape == (C, n, 4)
+    assert nodes["expected_rna"]["value"].shape == (C, n, G)
+    assert nodes["spot_counts"]["fn"].batch_shape == (C, b.n_spots)
+    # each chain's expected RNA is that chain's own read-out
+    one = poutine.trace(poutine.condition(model, data={k: nodes[k]["value"][1] for k in ("rna_weight", "v", "z", "cell_size")})).get_trace(b)
+    torch.testing.assert_close(one.nodes["expected_rna"]["value"], nodes["expected_rna"]["value"][1])
+
+
+def test_spot_sum_negative_binomial_matches_a_sum_of_cell_counts():
+    rng = np.random.default_rng(3)
+    n, m, G = 9, 3, 4
+    cell_spot = np.array([0, 0, 0, 1, 1, 2, 2, 2, 2])
+    U = torch.sparse_coo_tensor(
+        torch.as_tensor(np.stack([cell_spot, np.arange(n)])), torch.ones(n), (m, n), check_invariants=False
+    )
+    rho = torch.tensor(rng.gamma(2.0, 3.0, size=(n, G)), dtype=torch.float32)
+    theta = torch.tensor([0.5, 2.0, 10.0, 100.0])
+    capture = torch.tensor([1.0, 0.5, 2.0])
+    d = spot_sum_negative_binomial(U, rho, theta, capture)
+    Ud = U.to_dense()
+    mu = capture[:, None] * (Ud @ rho)
+    var = mu + capture[:, None] ** 2 * (Ud @ rho**2) / theta  # sum of independent NB(l rho, theta)
+    torch.testing.assert_close(d.mean, mu, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(d.variance, var, rtol=1e-4, atol=1e-3)
+    # a spot of n equal cells behaves like one NB with theta * n; one cell: theta itself
+    equal = spot_sum_negative_binomial(U, torch.ones(n, G), theta)
+    torch.testing.assert_close(equal.base_dist.total_count[2], theta * 4)
+    # the model uses it by default, the per-spot dispersion on request
+    b = random_batch()
+    model, guide = model_guide(b)
+    tr = poutine.trace(poutine.replay(model, trace=poutine.trace(guide).get_trace(b))).get_trace(b)
+    rho_b = tr.nodes["expected_rna"]["value"]
+    expected = spot_sum_negative_binomial(b.membership, rho_b, model.rna_inverse_dispersion)
+    torch.testing.assert_close(tr.nodes["spot_counts"]["fn"].base_dist.total_count, expected.base_dist.total_count)
+    spot = CoralModel(3, 5, 12, z_dim=4, hidden=16, spot_dispersion="spot")
+    tr = poutine.trace(poutine.replay(spot, trace=poutine.trace(guide).get_trace(b))).get_trace(b)
+    torch.testing.assert_close(
+        tr.nodes["spot_counts"]["fn"].base_dist.total_count, spot.rna_inverse_dispersion.expand(b.n_spots, 12)
+    )
 
 
 def test_regulariser_sites_off_by_default_and_equal_hand_computation():
