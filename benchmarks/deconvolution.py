@@ -1,0 +1,341 @@
+"""Cell-type deconvolution of osmFISH pseudo-spots: pyrospatial against peers and baselines.
+
+Construction: the valid cells of ../shared/data/osmfish_sscortex (4839 cells, 33 genes, 31
+types) are split at random (seed 0) into a labelled reference half and a spatial half; the
+spatial half is aggregated into square pseudo-spots of 100 µm and 50 µm
+(:func:`pyrospatial.sim.pseudo_spots`). The truth is each spot's cell-type counts (31 types,
+and 7 major classes).
+
+Methods, each in its own process (its peak resident memory is its own):
+
+- ``prior_mean``: every spot gets the reference's global type frequencies (the floor);
+- ``nnls``: non-negative least squares of the spot counts on the reference's mean type
+  signatures (:func:`pyrospatial.deconvolution.nnls_abundance`);
+- ``pyrospatial``: :func:`pyrospatial.deconvolve` with its defaults;
+- ``cell2location``, ``stereoscope``, ``destvi`` (scvi-tools), ``tangram`` (cluster mode):
+  run with the Python of ``--peer-python`` (default ``.bench-venv/bin/python``, made by
+  ``make bench-env``), never in pyrospatial's environment.
+
+Metrics (per dataset and method): ``rmse`` and ``pearson`` of per-spot proportions over all
+spot x type entries, ``jsd`` the mean per-spot Jensen-Shannon divergence (base 2),
+``coverage_90`` the fraction of true integer counts inside the method's 90% interval (null
+when the method gives none), ``seconds`` (wall time of fit + prediction, no data loading),
+``cpu_seconds`` (the process's CPU time over the same span: comparable when the machine is
+shared), ``peak_mem_mb``
+(the process's maximum resident set size); ``rmse_major``/``pearson_major`` on the 7 classes.
+
+    python benchmarks/deconvolution.py [--quick] [--methods nnls prior_mean pyrospatial ...] --out DIR
+
+writes ``DIR/deconvolution.json`` and ``DIR/deconvolution.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+ALL_METHODS = ["prior_mean", "nnls", "pyrospatial", "tangram", "stereoscope", "destvi", "cell2location"]
+PEERS = {"tangram", "stereoscope", "destvi", "cell2location"}
+MAJOR = {
+    "Astrocyte": "Astrocyte", "Oligodendrocyte": "Oligodendrocyte", "Inhibitory": "Inhibitory",
+    "Pyramidal": "Excitatory", "pyramidal": "Excitatory", "Hippocampus": "Excitatory",
+    "Endothelial": "Vascular", "Pericytes": "Vascular", "Vascular": "Vascular",
+    "Microglia": "Immune", "Perivascular": "Immune", "C.": "Ventricle", "Ependymal": "Ventricle",
+}
+
+
+def major_class(name: str) -> str:
+    return MAJOR.get(name.split()[0], "Other")
+
+
+def _peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+# ------------------------------------------------------------------------------------------
+# one method in one process: reads DIR/{reference,spots}.h5ad, writes DIR/<method>.npz
+# ------------------------------------------------------------------------------------------
+def run_method(method: str, data_dir: Path, epochs: dict, out_path: Path) -> None:
+    import anndata as ad
+    import torch
+
+    torch.set_num_threads(1)
+    ref = ad.read_h5ad(data_dir / "reference.h5ad")
+    spots = ad.read_h5ad(data_dir / "spots.h5ad")
+    types = sorted(ref.obs["cell_type"].astype(str).unique())
+    ref.obs["cell_type"] = ref.obs["cell_type"].astype(str).astype("category")
+    hint = float(spots.uns["bench_cells_per_spot"])
+    lo = hi = None
+    start, cpu_start = time.perf_counter(), time.process_time()
+    if method == "prior_mean":
+        freq = ref.obs["cell_type"].value_counts(normalize=True).reindex(types).to_numpy()
+        prop = np.broadcast_to(freq, (spots.n_obs, len(types))).copy()
+    elif method == "nnls":
+        from pyrospatial.deconvolution import nnls_abundance
+
+        X = np.asarray(ref.X)
+        S = np.stack([X[(ref.obs["cell_type"] == t).to_numpy()].mean(0) for t in types])
+        w = nnls_abundance(np.asarray(spots[:, ref.var_names].X), S)
+        prop = w / np.maximum(w.sum(1, keepdims=True), 1e-12)
+    elif method == "pyrospatial":
+        import pyrospatial as ps
+
+        out = ps.deconvolve(spots, ref, "cell_type", max_steps=epochs["pyrospatial"], progress=False, seed=0)
+        prop = out.obsm["proportion_mean"][types].to_numpy()
+        lo = out.obsm["cell_count_q05"][types].to_numpy()
+        hi = out.obsm["cell_count_q95"][types].to_numpy()
+    elif method == "cell2location":
+        from cell2location.models import Cell2location, RegressionModel
+
+        RegressionModel.setup_anndata(adata=ref, labels_key="cell_type")
+        reg = RegressionModel(ref)
+        reg.train(max_epochs=epochs["cell2location_reference"], accelerator="cpu")
+        ref = reg.export_posterior(ref, sample_kwargs={"num_samples": 1000, "batch_size": 2500})
+        names = list(ref.uns["mod"]["factor_names"])
+        signatures = ref.varm["means_per_cluster_mu_fg"][[f"means_per_cluster_mu_fg_{n}" for n in names]].copy()
+        signatures.columns = names
+        Cell2location.setup_anndata(adata=spots)
+        model = Cell2location(spots, cell_state_df=signatures, N_cells_per_location=hint, detection_alpha=20)
+        model.train(max_epochs=epochs["cell2location"], batch_size=None, train_size=1, accelerator="cpu")
+        spots = model.export_posterior(spots, sample_kwargs={"num_samples": 1000, "batch_size": model.adata.n_obs})
+        order = [names.index(t) for t in types]
+        mean = np.asarray(spots.obsm["means_cell_abundance_w_sf"])[:, order]
+        prop = mean / mean.sum(1, keepdims=True)
+        lo = np.asarray(spots.obsm["q05_cell_abundance_w_sf"])[:, order]
+        hi = np.asarray(spots.obsm["q95_cell_abundance_w_sf"])[:, order]
+    elif method in ("stereoscope", "destvi"):
+        import scvi
+
+        scvi.settings.seed = 0
+        if method == "stereoscope":
+            from scvi.external import RNAStereoscope, SpatialStereoscope
+
+            RNAStereoscope.setup_anndata(ref, labels_key="cell_type")
+            sc_model = RNAStereoscope(ref)
+            sc_model.train(max_epochs=epochs["stereoscope_reference"], accelerator="cpu")
+            SpatialStereoscope.setup_anndata(spots)
+            st = SpatialStereoscope.from_rna_model(spots, sc_model)
+        else:
+            from scvi.model import CondSCVI, DestVI
+
+            CondSCVI.setup_anndata(ref, labels_key="cell_type")
+            # the documented from_rna_model path fails in scvi-tools 1.4.2 unless prior="mog"
+            sc_model = CondSCVI(ref, weight_obs=False, prior="mog")
+            sc_model.train(max_epochs=epochs["destvi_reference"], accelerator="cpu")
+            DestVI.setup_anndata(spots)
+            st = DestVI.from_rna_model(spots, sc_model)
+        st.train(max_epochs=epochs[method], accelerator="cpu")
+        frame = st.get_proportions()
+        prop = frame[types].to_numpy()
+        prop = prop / prop.sum(1, keepdims=True)
+    elif method == "tangram":
+        import tangram as tg
+
+        tg.pp_adatas(ref, spots, genes=None)
+        mapping = tg.map_cells_to_space(ref, spots, mode="clusters", cluster_label="cell_type", device="cpu",
+                                        num_epochs=epochs["tangram"], verbose=False)
+        tg.project_cell_annotations(mapping, spots, annotation="cell_type")
+        pred = spots.obsm["tangram_ct_pred"][types].to_numpy()
+        prop = pred / np.maximum(pred.sum(1, keepdims=True), 1e-12)
+    else:
+        raise SystemExit(f"unknown method {method!r}")
+    seconds = time.perf_counter() - start
+    cpu_seconds = time.process_time() - cpu_start
+    extra = {} if lo is None else {"lo": np.asarray(lo, float), "hi": np.asarray(hi, float)}
+    np.savez(out_path, prop=np.asarray(prop, float), seconds=seconds, cpu_seconds=cpu_seconds, peak_mem_mb=_peak_mb(),
+             **extra)
+
+
+# ------------------------------------------------------------------------------------------
+# metrics and the driver
+# ------------------------------------------------------------------------------------------
+def jsd(p: np.ndarray, q: np.ndarray) -> float:
+    p = p / p.sum(1, keepdims=True)
+    q = q / np.maximum(q.sum(1, keepdims=True), 1e-12)
+    m = 0.5 * (p + q)
+
+    def kl(a, b):
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.where(a > 0, a * np.log2(a / np.maximum(b, 1e-300)), 0.0).sum(1)
+    return float(np.mean(0.5 * kl(p, m) + 0.5 * kl(q, m)))
+
+
+def metrics(prop: np.ndarray, truth: np.ndarray, types: list[str], lo=None, hi=None) -> dict:
+    tp = truth / truth.sum(1, keepdims=True)
+    classes = sorted({major_class(t) for t in types})
+    agg = np.stack([[major_class(t) == c for t in types] for c in classes], 1).astype(float)  # T x C
+    pm, tm = prop @ agg, tp @ agg
+    return {
+        "rmse": float(np.sqrt(np.mean((prop - tp) ** 2))),
+        "pearson": float(np.corrcoef(prop.ravel(), tp.ravel())[0, 1]),
+        "jsd": jsd(tp, prop),
+        "coverage_90": None if lo is None else float(np.mean((truth >= lo) & (truth <= hi))),
+        "coverage_90_nonzero": None if lo is None else float(np.mean(((truth >= lo) & (truth <= hi))[truth > 0])),
+        "rmse_major": float(np.sqrt(np.mean((pm - tm) ** 2))),
+        "pearson_major": float(np.corrcoef(pm.ravel(), tm.ravel())[0, 1]),
+    }
+
+
+def make_datasets(quick: bool, seed: int = 0, only: list[str] | None = None) -> dict:
+    from pyrospatial.datasets import load_osmfish
+    from pyrospatial.sim import pseudo_spots
+
+    cells = load_osmfish()
+    perm = np.random.default_rng(seed).permutation(cells.n_obs)
+    half = cells.n_obs // 2
+    reference = cells[np.sort(perm[:half])].copy()
+    spatial = cells[np.sort(perm[half:])].copy()
+    sizes = [100.0] if quick else [100.0, 50.0]
+    out = {}
+    for size in sizes:
+        if only and f"osmfish_{int(size)}um" not in only:
+            continue
+        _, spots = pseudo_spots(spatial, size, grid="square", cell_type_key="cell_type")
+        out[f"osmfish_{int(size)}um"] = (reference, spots)
+    return out
+
+
+def markdown(payload: dict) -> str:
+    rows = payload["results"]
+    lines = ["# Cell-type deconvolution on osmFISH pseudo-spots", "",
+             f"Command: `{payload['settings']['command']}`", "",
+             "Proportion RMSE / Pearson / JSD over 31 types; `coverage_90`: true integer counts inside the 90% "
+             "interval; ratios are to pyrospatial on the same dataset (rmse ratio > 1: worse than pyrospatial; "
+             "seconds ratio: times pyrospatial's time).", ""]
+    for dataset in dict.fromkeys(r["dataset"] for r in rows):
+        ref = next((r for r in rows if r["dataset"] == dataset and r["method"] == "pyrospatial" and r.get("finished")), None)
+        lines += [f"## {dataset}", "",
+                  "| method | rmse | pearson | jsd | coverage_90 | rmse (7 classes) | seconds | peak MB | rmse / pyrospatial | seconds / pyrospatial |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in rows:
+            if r["dataset"] != dataset:
+                continue
+            if not r.get("finished"):
+                lines.append(f"| {r['method']} | not run: {r.get('reason', '')} | | | | | | | | |")
+                continue
+            cov = "—" if r["coverage_90"] is None else f"{r['coverage_90']:.3f}"
+            ratio = f"{r['rmse'] / ref['rmse']:.2f}" if ref else "—"
+            sratio = f"{r['seconds'] / ref['seconds']:.2f}" if ref else "—"
+            lines.append(f"| {r['method']} | {r['rmse']:.4f} | {r['pearson']:.3f} | {r['jsd']:.3f} | {cov} | "
+                         f"{r['rmse_major']:.4f} | {r['seconds']:.1f} | {r['peak_mem_mb']:.0f} | {ratio} | {sratio} |")
+        lines.append("")
+    lines += ["Settings: `" + json.dumps({k: v for k, v in payload["settings"].items() if k != "command"}) + "`", ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="100 µm only, short training (development)")
+    parser.add_argument("--methods", nargs="+", default=ALL_METHODS, choices=ALL_METHODS)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--datasets", nargs="+", default=None, choices=["osmfish_100um", "osmfish_50um"],
+                        help="run only these (default: both; --quick: 100 µm)")
+    parser.add_argument("--merge", nargs="+", default=None,
+                        help="instead of running: merge the deconvolution.json of these folders into --out")
+    parser.add_argument("--peer-python", default=str(ROOT / ".bench-venv" / "bin" / "python"))
+    parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per method and dataset")
+    parser.add_argument("--run-one", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--data", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--result", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--epochs", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.run_one:
+        run_method(args.run_one, Path(args.data), json.loads(args.epochs), Path(args.result))
+        return 0
+    if args.merge:
+        parts = [json.loads((Path(d) / "deconvolution.json").read_text()) for d in args.merge]
+        settings = dict(parts[0]["settings"])
+        settings["command"] = " ; ".join(p["settings"]["command"] for p in parts)
+        settings["spot_sizes_um"] = sorted({s for p in parts for s in p["settings"]["spot_sizes_um"]}, reverse=True)
+        settings["note"] = ("the datasets ran as concurrent processes (one per core); methods within a dataset ran "
+                            "one after another in the same process, so time ratios within a dataset compare like with like")
+        payload = {"settings": settings, "results": [r for p in parts for r in p["results"]]}
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "deconvolution.json").write_text(json.dumps(payload, indent=2))
+        (out / "deconvolution.md").write_text(markdown(payload))
+        print(markdown(payload))
+        return 0
+
+    epochs = ({"pyrospatial": 300, "cell2location_reference": 20, "cell2location": 200, "stereoscope_reference": 10,
+               "stereoscope": 50, "destvi_reference": 10, "destvi": 50, "tangram": 50} if args.quick else
+              {"pyrospatial": 1000, "cell2location_reference": 250, "cell2location": 6000,
+               "stereoscope_reference": 100, "stereoscope": 2000, "destvi_reference": 300, "destvi": 2000,
+               "tangram": 1000})
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", MPLBACKEND="Agg")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH", "")]))
+    peer_ok = Path(args.peer_python).exists()
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, (reference, spots) in make_datasets(args.quick, only=args.datasets).items():
+            data = Path(tmp) / name
+            data.mkdir()
+            truth_frame = spots.obsm["cell_type_counts"]
+            types = sorted(reference.obs["cell_type"].astype(str).unique())
+            truth = truth_frame.reindex(columns=types, fill_value=0).to_numpy(float)
+            spots.uns["bench_cells_per_spot"] = float(truth.sum(1).mean())
+            del spots.obsm["cell_type_counts"]
+            spots.write_h5ad(data / "spots.h5ad")
+            reference.write_h5ad(data / "reference.h5ad")
+            print(f"{name}: {spots.n_obs} spots, {truth.sum(1).mean():.1f} cells/spot", flush=True)
+            for method in args.methods:
+                record = {"dataset": name, "method": method, "n_spots": int(spots.n_obs)}
+                python = args.peer_python if method in PEERS else sys.executable
+                if method in PEERS and not peer_ok:
+                    record.update(finished=False, reason=f"peer environment {args.peer_python} missing: run make bench-env")
+                    results.append(record)
+                    continue
+                result = data / f"{method}.npz"
+                cmd = [python, str(Path(__file__).resolve()), "--run-one", method, "--data", str(data), "--out", tmp,
+                       "--result", str(result), "--epochs", json.dumps(epochs)]
+                started = time.perf_counter()
+                try:
+                    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
+                    failed = proc.returncode != 0
+                    reason = (proc.stderr or proc.stdout)[-600:] if failed else ""
+                except subprocess.TimeoutExpired:
+                    failed, reason = True, f"timed out after {args.timeout:.0f} s"
+                wall = time.perf_counter() - started
+                if failed or not result.exists():
+                    record.update(finished=False, reason=reason.strip().replace("\n", " ")[-400:], wall_seconds=wall)
+                else:
+                    got = np.load(result)
+                    lo = got["lo"] if "lo" in got else None
+                    hi = got["hi"] if "hi" in got else None
+                    record.update(metrics(got["prop"], truth, types, lo, hi), seconds=float(got["seconds"]),
+                                  cpu_seconds=float(got["cpu_seconds"]) if "cpu_seconds" in got else None,
+                                  peak_mem_mb=float(got["peak_mem_mb"]), wall_seconds=wall, finished=True)
+                print(json.dumps(record), flush=True)
+                results.append(record)
+    settings = {
+        "command": "python benchmarks/deconvolution.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "quick": bool(args.quick), "split_seed": 0, "grid": "square", "spot_sizes_um": [int(n.split("_")[1][:-2]) for n in (args.datasets or (["osmfish_100um"] if args.quick else ["osmfish_100um", "osmfish_50um"]))],
+        "epochs": epochs, "threads_per_process": 1, "machine": platform.platform(), "processor": platform.processor(),
+        "cpu_count": os.cpu_count(),
+        "cells_per_spot_hint": "cell2location gets N_cells_per_location = the true mean cells per spot; "
+                               "pyrospatial estimates it from library sizes (its default)",
+        "peer_python": os.path.relpath(args.peer_python, ROOT) if peer_ok else "missing",
+    }
+    payload = {"settings": settings, "results": results}
+    (out / "deconvolution.json").write_text(json.dumps(payload, indent=2))
+    (out / "deconvolution.md").write_text(markdown(payload))
+    print(markdown(payload))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
