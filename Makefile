@@ -30,3 +30,48 @@ bench-throughput: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info
+
+# --- deconvolution benchmark (issue 5): peers live in their own venv ---------------------
+BENCH_VENV ?= .bench-venv
+BENCH_STAMP := $(BENCH_VENV)/.installed-deconvolution
+
+.PHONY: bench-env bench-deconvolution
+
+bench-env: $(BENCH_STAMP)
+
+$(BENCH_STAMP): benchmarks/requirements-peers-deconvolution.txt constraints-cpu.txt
+	test -x $(BENCH_VENV)/bin/python || $(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(BENCH_VENV)/bin/python -m pip install --quiet -c constraints-cpu.txt torch
+	$(BENCH_VENV)/bin/python -m pip install --quiet -c constraints-cpu.txt -r benchmarks/requirements-peers-deconvolution.txt
+	touch $(BENCH_STAMP)
+
+bench-deconvolution: $(STAMP) $(BENCH_STAMP)
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN)/python benchmarks/deconvolution.py --peer-python $(BENCH_VENV)/bin/python --out benchmarks/results
+
+# --- alignment benchmark (issue 7): PASTE, moscot, POT in their own venv ------------------
+# CPU torch first (never a CUDA build), then the peers, then pyrospatial itself (editable):
+# the benchmark runs every method, pyrospatial included, with this venv's python.
+BENCH_ALIGN_VENV ?= .bench-venv-align
+BENCH_ALIGN_STAMP := $(BENCH_ALIGN_VENV)/.installed-alignment
+
+.PHONY: bench-env-align bench-alignment
+
+bench-env-align: $(BENCH_ALIGN_STAMP)
+
+$(BENCH_ALIGN_STAMP): benchmarks/requirements-peers-alignment.txt constraints-cpu.txt pyproject.toml
+	test -x $(BENCH_ALIGN_VENV)/bin/python || $(PYTHON) -m venv $(BENCH_ALIGN_VENV)
+	$(BENCH_ALIGN_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(BENCH_ALIGN_VENV)/bin/python -m pip install --quiet torch==2.13.0
+	$(BENCH_ALIGN_VENV)/bin/python -m pip install --quiet -c constraints-cpu.txt -r benchmarks/requirements-peers-alignment.txt
+	$(BENCH_ALIGN_VENV)/bin/python -m pip install --quiet -c constraints-cpu.txt -e .
+	touch $(BENCH_ALIGN_STAMP)
+
+bench-alignment: $(BENCH_ALIGN_STAMP)
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BENCH_ALIGN_VENV)/bin/python benchmarks/alignment.py --out benchmarks/results
+
+# --- calibration study (issue 6): coverage, SBC, SVI vs NUTS; ~25 min on one CPU thread ------
+.PHONY: bench-calibration
+
+bench-calibration: $(STAMP)
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN)/python benchmarks/calibration.py --out benchmarks/results

@@ -1,7 +1,10 @@
 """pyrospatial: probabilistic programming on Pyro for spatial multi-omics.
 
 Data (:class:`SpatialDataset`), one SVI engine for any model/guide pair (:func:`fit`),
-coherent posterior draws with summaries and AnnData export, simulators with ground truth.
+coherent posterior draws (:func:`sample_posterior`, :func:`refine_posterior`) with summaries
+and AnnData export, simulators with ground truth; methods: CORAL (:mod:`pyrospatial.coral`),
+reference-based deconvolution (:func:`deconvolve`), alignment (:func:`align`), model
+criticism (:mod:`pyrospatial.diagnostics`).
 Models live in :mod:`pyrospatial.models`, guides in :mod:`pyrospatial.guides`.
 """
 
@@ -14,11 +17,14 @@ import pyro
 # this when a PyroModule is built, so it is set before any model can be created.
 pyro.settings.set(module_local_params=True)
 
-from pyrospatial import analysis, baselines, datasets, metrics, sim
+from pyrospatial import analysis, baselines, datasets, diagnostics, metrics, sim
+from pyrospatial.alignment import align, align_slices
 from pyrospatial.batch import Batch, batch_plates, cell_plate, spot_plate
 from pyrospatial.data import SpatialDataset
+from pyrospatial.deconvolution import deconvolve
 from pyrospatial.infer import FitResult, fit, load_checkpoint
 from pyrospatial.posterior import export, sample_posterior, summarise, summarise_posterior
+from pyrospatial.refine import refine_posterior
 
 try:
     __version__ = version("pyrospatial")
@@ -29,15 +35,20 @@ __all__ = [
     "Batch",
     "FitResult",
     "SpatialDataset",
+    "align",
+    "align_slices",
     "analysis",
     "baselines",
     "batch_plates",
     "cell_plate",
     "datasets",
+    "deconvolve",
+    "diagnostics",
     "export",
     "fit",
     "load_checkpoint",
     "metrics",
+    "refine_posterior",
     "sample_posterior",
     "sim",
     "spot_plate",
