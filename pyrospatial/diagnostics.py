@@ -68,6 +68,7 @@ __all__ = [
     "expected_calibration_error",
     "reliability_curve",
     "interval_coverage_by_level",
+    "pit_coverage_by_level",
     "align_sign",
     "sbc_ranks",
     "sbc_ks_pvalue",
@@ -601,6 +602,49 @@ def interval_coverage_by_level(draws: np.ndarray, truth: np.ndarray, levels: Ite
     for level in levels:
         lo, hi = np.quantile(draws, [(1 - level) / 2, (1 + level) / 2], axis=0)
         out.append(float(np.mean(((truth >= lo) & (truth <= hi))[ok])))
+    return np.asarray(out)
+
+
+def pit_coverage_by_level(draws: np.ndarray, truth: np.ndarray, levels: Iterable[float]) -> np.ndarray:
+    """Coverage at each level measured by the randomised probability integral transform.
+
+    :func:`interval_coverage_by_level` scores the interval a user reads off ``S`` draws, and
+    that interval is biased in two ways that have nothing to do with the posterior itself:
+    with few draws the empirical 5% / 95% quantiles sit inside the true ones (with 40 exact
+    draws of a continuous posterior the "90%" interval covers about 0.86, with 200 about
+    0.89), and for integer quantities the closed interval ``[q05, q95]`` holds its endpoints'
+    whole probability mass, so it over-covers (at a spot with 5 cells, most per-cell counts
+    are 0 or 1). This score has neither bias: the rank of the truth among the draws,
+    ``r = #(draws < truth) + U{0..#(draws == truth)}``, is uniform on ``{0, ..., S}`` when the
+    truth behaves like one more posterior draw, so the randomised PIT
+    ``u = (r + V) / (S + 1)``, ``V ~ U(0, 1)``, is uniform on ``(0, 1)`` (Czado, Gneiting &
+    Held 2009, for count data). The value returned per level is the expected fraction of
+    entries with ``u`` inside ``[(1 - level) / 2, (1 + level) / 2]``, computed exactly (no
+    random numbers): a calibrated posterior scores ``level`` for any ``S`` and for counts.
+
+    Parameters
+    ----------
+    draws
+        ``(S, ...)`` posterior draws.
+    truth
+        The true values, shape ``draws.shape[1:]``; NaN entries are ignored.
+    levels
+        Central levels, e.g. ``(0.5, 0.9)``.
+    """
+    draws = np.asarray(draws, dtype=np.float64)
+    truth = np.asarray(truth, dtype=np.float64)
+    if draws.shape[1:] != truth.shape:
+        raise InputError(f"draws {draws.shape} must be (S, *truth.shape) with truth {truth.shape}.")
+    ok = np.isfinite(truth)
+    n_draws = draws.shape[0]
+    below = (draws < truth).sum(axis=0)[ok].astype(np.float64)
+    ties = (draws == truth).sum(axis=0)[ok].astype(np.float64)
+    start, stop = below / (n_draws + 1), (below + ties + 1) / (n_draws + 1)  # u ~ U(start, stop)
+    out = []
+    for level in levels:
+        lo, hi = (1 - level) / 2, (1 + level) / 2
+        overlap = np.clip(np.minimum(stop, hi) - np.maximum(start, lo), 0.0, None)
+        out.append(float(np.mean(overlap / (stop - start))))
     return np.asarray(out)
 
 

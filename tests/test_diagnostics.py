@@ -116,6 +116,24 @@ def test_expected_calibration_error_is_zero_when_calibrated_and_large_when_not()
     assert dg.expected_calibration_error(np.clip(p + 0.3, 0, 1), y) > 0.2
 
 
+def test_pit_coverage_is_nominal_for_exact_draws_where_read_off_intervals_are_not():
+    """Exact posterior draws: the PIT score is the nominal level for few draws and for counts,
+    while the interval read off the draws under-covers with 20 continuous draws (expected
+    17/21 ~ 0.81) and over-covers for Poisson counts (the closed integer interval). 20000
+    entries: Monte Carlo sd of a coverage ~ 0.002, so the +-0.015 bands are > 5 sd."""
+    rng = np.random.default_rng(0)
+    n = 20000
+    draws, truth = rng.standard_normal((20, n)), rng.standard_normal(n)
+    np.testing.assert_allclose(dg.pit_coverage_by_level(draws, truth, [0.5, 0.9]), [0.5, 0.9], atol=0.015)
+    assert dg.interval_coverage_by_level(draws, truth, [0.9])[0] < 0.84
+    rate = rng.gamma(2.0, 0.5, size=n)  # mostly 0-2 counts: ties dominate
+    counts, true_counts = rng.poisson(rate, (40, n)), rng.poisson(rate)
+    np.testing.assert_allclose(dg.pit_coverage_by_level(counts, true_counts, [0.5, 0.9]), [0.5, 0.9], atol=0.015)
+    assert dg.interval_coverage_by_level(counts, true_counts, [0.9])[0] > 0.94
+    # an over-confident posterior (truth 1.5x wider than the draws) is caught either way
+    assert dg.pit_coverage_by_level(draws, 1.5 * truth, [0.9])[0] < 0.78
+
+
 def test_sbc_passes_for_the_conjugate_model_and_fails_for_a_broken_guide():
     """Same check, two guides: the learned Normal guide contains the exact posterior (KS p large);
     a scale fixed at 0.01 (the true posterior sd is ~0.3) puts nearly every rank at 0 or L."""
