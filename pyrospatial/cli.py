@@ -204,7 +204,8 @@ def _write_inference_data(coral, out: Path, seed: int) -> None:
 
     post = coral.posterior
     to_inference_data(coral, coral.dataset, post.num_samples, samples=PosteriorSamples(post.samples, plates=post.plates),
-                      method=post.method, seed=seed, prior_sites=("rna_weight",), path=out / "inference_data.nc")
+                      method=post.method, seed=seed, prior_sites=("rna_weight",), mixed_sites=("z",),
+                      path=out / "inference_data.nc")
 
 
 def _check(args: argparse.Namespace) -> int:

@@ -221,7 +221,7 @@ def _model_check(out: Path, coral: CORAL, dataset: SpatialDataset, seed: int) ->
     posterior = coral.posterior
     samples = PosteriorSamples(posterior.samples, plates=posterior.plates)
     to_inference_data(coral, dataset, posterior.num_samples, samples=samples, method=posterior.method, seed=seed,
-                      prior_sites=("rna_weight",), path=out / "inference_data.nc")
+                      prior_sites=("rna_weight",), mixed_sites=("z",), path=out / "inference_data.nc")
     return check_results(out)
 
 

@@ -86,6 +86,25 @@ def test_ppc_summary_table_and_extreme_fraction(idata, fitted):
     np.testing.assert_allclose(prot["p_zero_frac"], 0.5)
 
 
+def test_mixed_replication_redraws_z_for_proteins_and_keeps_spots(idata, fitted):
+    """mixed_sites=("z",): proteins and edges are replicated under a z redrawn from its prior
+    (so replicates scatter further from the observed proteins than under the cell's own
+    posterior z), spot counts keep posterior replication (same seed: identical draws), and the
+    dispersion check, undefined for mixed replicates, is NaN for the proteins only."""
+    _, coral = fitted
+    mixed = dg.to_inference_data(coral, coral.dataset, 12, method="guide", seed=0, mixed_sites=("z",))
+    assert set(mixed.posterior_predictive.attrs["mixed_replicates"].split(",")) == {"proteins", "edges", "nonedges"}
+    np.testing.assert_array_equal(mixed.posterior_predictive["spot_counts"].values,
+                                  idata.posterior_predictive["spot_counts"].values)
+    obs = np.log(idata.observed_data["proteins"].values)
+    def distance(data):
+        return float(np.mean((np.log(data.posterior_predictive["proteins"].values) - obs) ** 2))
+    assert distance(mixed) > 1.2 * distance(idata)
+    table = dg.ppc_summary(mixed).table
+    assert table.loc[table.group == "proteins", "p_dispersion"].isna().all()
+    assert table.loc[table.group == "spot_counts", "p_dispersion"].notna().all()
+
+
 def test_ppc_summary_flags_underdispersed_replicates():
     """Replicates with a tenth of the observed spread put p(var) at 0 for every feature."""
     import arviz as az
