@@ -1,0 +1,98 @@
+"""Does the Monte Carlo EM of the HMC refinement settle? Traces of the re-estimated globals.
+
+    python benchmarks/refine_em_trace.py [--warmup 400] [--out benchmarks/results]
+
+On simulated tissues (:func:`pyrospatial.sim.simulate_tissue`, 30 genes, 10 proteins, 3 types,
+the calibration benchmark's settings) CORAL is trained by SVI, then refined with a long
+warm-up during which Monte Carlo EM re-estimates the default variance-type globals plus the
+protein concentration. Each global's value is recorded every 25 warm-up steps next to the
+simulator's truth where one exists (``size_scale`` vs ``size_factor_sd``,
+``rna_inverse_dispersion`` and ``protein_concentration`` vs the median of the per-gene /
+per-protein truths). The default refinement warms up for 100 steps.
+
+Writes ``OUT/refine_em_trace.json`` and ``OUT/refine_em_trace.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import pyrospatial
+from pyrospatial.coral import CORAL
+from pyrospatial.refine import DEFAULT_EM_PARAMS
+
+EM_PARAMS = tuple(DEFAULT_EM_PARAMS) + ("protein_concentration",)
+CASES = ((600, 0), (300, 1))
+
+
+def trace_case(n_cells: int, seed: int, warmup: int, every: int) -> dict:
+    tissue = pyrospatial.sim.simulate_tissue(n_cells=n_cells, n_types=3, n_proteins=10, n_genes=30, seed=seed,
+                                             edge_z_scale=1.0)
+    coral = CORAL(tissue.cells, tissue.spots, cell_type_key="cell_type", spot_diameter=55.0)
+    coral.train(max_epochs=150, batch_size=None, seed=seed, progress=False)
+    t0 = time.perf_counter()
+    present = {name.removesuffix("_unconstrained") for name, _ in coral.model.named_parameters()}
+    post = coral.sample(100, method="refine", seed=seed, num_warmup=warmup,
+                        em_params=[name for name in EM_PARAMS if name in present])
+    em = post.diagnostics["em"]
+    steps = list(range(0, len(next(iter(em.values()))), every))
+    truth = {
+        "size_scale": float(tissue.settings.get("size_factor_sd", np.nan)),
+        "rna_inverse_dispersion": float(np.median(tissue.params["rna_inverse_dispersion"])),
+        "protein_concentration": float(np.median(tissue.params["protein_concentration"])),
+    }
+    return {
+        "n_cells": n_cells, "seed": seed, "warmup": warmup,
+        "trace_steps": steps,
+        "trace": {name: [float(values[i]) for i in steps] + [float(values[-1])] for name, values in em.items()},
+        "truth": truth, "seconds": time.perf_counter() - t0,
+    }
+
+
+def markdown(result: dict) -> str:
+    lines = ["# Monte Carlo EM traces of the HMC refinement", "",
+             f"Command: `{result['command']}`", "",
+             "Value of each re-estimated global every 25 EM steps (last column: end of warm-up); `truth`: the",
+             "simulator's value (median over genes / proteins). SVI's estimate is the first column. The default",
+             "refinement warms up for 100 steps (about 90 EM steps).", ""]
+    for case in result["cases"]:
+        steps = case["trace_steps"]
+        lines += [f"## {case['n_cells']} cells, seed {case['seed']} ({case['warmup']} warm-up steps)", "",
+                  "| parameter | truth | " + " | ".join(f"step {s}" for s in steps) + " | end |",
+                  "|---|---:|" + "---:|" * (len(steps) + 1)]
+        for name, values in case["trace"].items():
+            t = case["truth"].get(name)
+            t = "–" if t is None or not np.isfinite(t) else f"{t:.3g}"
+            lines.append(f"| {name} | {t} | " + " | ".join(f"{v:.3g}" for v in values) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--warmup", type=int, default=400)
+    parser.add_argument("--every", type=int, default=25)
+    parser.add_argument("--out", default="benchmarks/results")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    cases = [trace_case(n, s, args.warmup, args.every) for n, s in CASES]
+    command = f"OMP_NUM_THREADS=1 python benchmarks/refine_em_trace.py --warmup {args.warmup} --out {args.out}"
+    result = {"command": command, "em_params": list(EM_PARAMS), "cases": cases,
+              "versions": pyrospatial.infer.versions()}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "refine_em_trace.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / "refine_em_trace.md").write_text(markdown(result))
+    print(markdown(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
