@@ -213,7 +213,7 @@ def run_pyrospatial(a, b, *, quick: bool = False, **_):
     from pyrospatial.alignment import align
 
     res = align(a, b, features="shared" if len(set(a.var_names) & set(b.var_names)) >= 2 else "separate",
-                steps=150, num_samples=20 if quick else 30, progress=False, seed=0)
+                num_samples=20 if quick else 30, progress=False, seed=0)
     extras = {"angle_q05": res.transform["angle"]["q05"], "angle_q95": res.transform["angle"]["q95"],
               "angle_mean": res.transform["angle"]["mean"], "best": np.asarray(res.match_prob.argmax(1)).ravel(),
               "best_p": np.asarray(res.match_prob.max(1).todense()).ravel(), "p_unmatched": res.p_unmatched}
@@ -460,8 +460,9 @@ def main(argv=None) -> int:
         "moscot": "AlignmentProblem defaults (joint_attr=X_pca of log1p-normalised counts, 30 PCs)",
         "pot_fgw": "ot.gromov.fused_gromov_wasserstein(alpha=0.5, square loss), M = distances of 30 joint PCs, "
                    "C = spatial distances, each / max",
-        "pyrospatial": "align(features='shared', steps=150, num_samples=30) (API defaults otherwise)" if not args.quick
-        else "align(features='shared', steps=150, num_samples=20)",
+        "pyrospatial": "align(features='shared', num_samples=30) (API defaults otherwise: steps=60, k=12, radius=3, "
+                       "rho=0.1, lam=10, n_components=20, spatial_weight=embedding_weight=1)" if not args.quick
+        else "align(features='shared', num_samples=20) (API defaults otherwise)",
         "timing": "seconds = wall time of the call; cpu_seconds = CPU time of the worker process over the call "
                   "(all its threads); the machine (2 cores) was shared with other jobs, so cpu_seconds is the "
                   "fairer comparison; the scaling limit is on wall time",

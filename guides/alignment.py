@@ -101,11 +101,13 @@ def coupling_scores(model: AlignmentModel, batch: AlignmentBatch, moved: torch.T
     """``S_ic`` = log prior + log-likelihood of a's cell ``i`` under candidate ``c`` (or unmatched).
 
     The same terms as the model's "T" prior and "match" factor, with the model's current noise
-    scales (``sigma_xy``, ``tau``), so that the Sinkhorn plan maximises the model's ELBO in T.
+    parameters (``sigma_xy``, ``power``, ``slope``, ``tau``, ``nu``, ``background_scale``), so
+    that the Sinkhorn plan maximises the model's ELBO in T.
     """
     loglik = match_log_likelihood(
         moved, batch.coords_b, u_a, u_b, candidates, valid, model.sigma_xy, model.tau, batch.log_area_b,
-        model.power, spatial_weight=model.spatial_weight, embedding_weight=model.embedding_weight,
+        model.power, model.nu, model.slope, model.background_scale,
+        spatial_weight=model.spatial_weight, embedding_weight=model.embedding_weight,
     )
     prior = torch.full((loglik.shape[1],), math.log((1.0 - model.rho) / batch.n_b), dtype=loglik.dtype,
                        device=loglik.device)
@@ -141,6 +143,9 @@ class AlignmentGuide(PyroModule):
         q(u_i | x^a_i) = Normal(E_a(x^a_i), softplus(S_a(x^a_i)))
         q(T | ...)     = Delta(Sinkhorn plan)                         "T"
 
+    (with the model's ``observed_embedding`` there are no ``u`` sites and no encoders: the
+    embeddings are the features.)
+
     q(T) is not a free parameter: given the drawn transform and embeddings, the candidate
     partners of each moved *a* cell are its ``k`` nearest *b* cells within ``radius``
     (:func:`~pyrospatial.models.alignment.candidate_pairs`) and T is the plan
@@ -150,6 +155,11 @@ class AlignmentGuide(PyroModule):
     gradient through T vanishes (envelope theorem): T is detached, and no gradient flows
     through the Sinkhorn iterations (memory O(n k) per step). The column potentials of the
     last plan warm-start the next one.
+
+    In training mode every call also performs the model's M-step of the match noise
+    (:meth:`~pyrospatial.models.alignment.AlignmentModel.update_noise`) from this draw's plan,
+    so each SVI step is one round of variational EM: the plan (E-step, exact in T), the noise
+    (M-step, closed form), and a gradient step on q(transform) and the encoders/decoders.
 
     The guide reads the model's noise scales and coupling settings; it holds the model by
     reference, not as a submodule (its parameters are the model's, trained once).
@@ -163,7 +173,11 @@ class AlignmentGuide(PyroModule):
     identity_encoders
         Start the encoder means at the identity (shared principal components as inputs).
     transform_scale_init
-        Initial sd of q(transform) per coordinate (a fraction of the prior sd by default).
+        Initial sd of q(transform) per coordinate (1% of the prior sd by default: starting
+        narrow, the first M-steps are not blurred by transform draws far from the mode; SVI
+        widens q where the data allow).
+    update_noise
+        Run the M-step of the match noise at every training call (``False`` freezes it).
     n_iter
         Sinkhorn iterations per step (the first step runs ``5 n_iter``).
     """
@@ -178,17 +192,20 @@ class AlignmentGuide(PyroModule):
         transform_scale_init: torch.Tensor | None = None,
         n_iter: int = 20,
         embedding_scale_init: float = 0.1,
+        update_noise: bool = True,
     ) -> None:
         super().__init__()
         self.__dict__["_model"] = model  # a reference, not a submodule
         d = model.embedding_dim
-        self.encoder_a = _Encoder(n_features_a, d, identity_encoders, embedding_scale_init)
-        self.encoder_b = _Encoder(n_features_b, d, identity_encoders, embedding_scale_init)
+        if not model.observed_embedding:
+            self.encoder_a = _Encoder(n_features_a, d, identity_encoders, embedding_scale_init)
+            self.encoder_b = _Encoder(n_features_b, d, identity_encoders, embedding_scale_init)
         loc = model.prior_loc.clone()
-        scale = model.prior_scale * 0.05 if transform_scale_init is None else torch.as_tensor(transform_scale_init)
+        scale = model.prior_scale * 0.01 if transform_scale_init is None else torch.as_tensor(transform_scale_init)
         self.transform_loc = PyroParam(loc)
         self.transform_scale_tril = PyroParam(torch.diag(scale.to(loc.dtype)), constraint=constraints.lower_cholesky)
         self.n_iter = int(n_iter)
+        self.update_noise = bool(update_noise)
         self.register_buffer("g_potential", torch.zeros(0), persistent=False)
 
     @property
@@ -198,12 +215,15 @@ class AlignmentGuide(PyroModule):
     def forward(self, batch: AlignmentBatch) -> dict[str, Any]:  # noqa: D102
         model = self.model
         transform = pyro.sample("transform", dist.MultivariateNormal(self.transform_loc, scale_tril=self.transform_scale_tril))
-        with pyro.plate("b_cells", batch.n_b):
-            loc_b, scale_b = self.encoder_b(batch.features_b)
-            u_b = pyro.sample("u_b", dist.Normal(loc_b, scale_b).to_event(1))
-        with pyro.plate("a_cells", batch.n_a):
-            loc_a, scale_a = self.encoder_a(batch.features_a)
-            u_a = pyro.sample("u_a", dist.Normal(loc_a, scale_a).to_event(1))
+        if model.observed_embedding:
+            u_a, u_b = batch.features_a, batch.features_b
+        else:
+            with pyro.plate("b_cells", batch.n_b):
+                loc_b, scale_b = self.encoder_b(batch.features_b)
+                u_b = pyro.sample("u_b", dist.Normal(loc_b, scale_b).to_event(1))
+            with pyro.plate("a_cells", batch.n_a):
+                loc_a, scale_a = self.encoder_a(batch.features_a)
+                u_a = pyro.sample("u_a", dist.Normal(loc_a, scale_a).to_event(1))
         with torch.no_grad():
             moved = rigid_transform(batch.coords_a, transform, batch.centre_a)
             candidates, valid = candidate_pairs(moved, batch, model.k, model.radius)
@@ -215,6 +235,9 @@ class AlignmentGuide(PyroModule):
                                               g_init=warm)
             self.g_potential = g.detach()
             T = T.detach()
+            if self.training and self.update_noise:
+                # M-step of the match noise given this draw's q (see AlignmentModel.update_noise)
+                model.update_noise(T, moved, batch.coords_b, u_a.detach(), u_b.detach(), candidates, valid)
         pyro.sample("T", dist.Delta(T, log_density=torch.xlogy(T, T).sum(), event_dim=2))
         return {"transform": transform, "T": T, "candidates": candidates, "valid": valid, "moved": moved,
                 "u_a": u_a, "u_b": u_b}

@@ -153,7 +153,8 @@ def prepare_features(a: ad.AnnData, b: ad.AnnData, *, features: str = "auto", n_
     ``features="shared"``: genes/features present in both (``var_names``), log1p-normalised,
     the ``n_top`` with the highest mean kept, each slice centred on its own mean (a shift
     between slices is not a difference between cells), one PCA of both slices together (a
-    common space, identity encoders to start); genes are not standardised, so that abundant,
+    common space, used directly as the model's embedding: ``observed_embedding``); genes are
+    not standardised, so that abundant,
     well-measured genes dominate over noisy rare ones. ``"separate"``: one PCA per side
     (features standardised; may differ completely; encoders learned). ``"auto"``: shared
     when at least 2 features are shared, else separate. Returns ``(x_a, x_b, mode,
@@ -161,7 +162,8 @@ def prepare_features(a: ad.AnnData, b: ad.AnnData, *, features: str = "auto", n_
     """
     if features not in _FEATURE_MODES:
         raise InputError(f"features must be one of {_FEATURE_MODES}, got {features!r}.")
-    shared = [g for g in a.var_names if g in set(b.var_names)]
+    in_b = set(b.var_names)
+    shared = [g for g in a.var_names if g in in_b]
     if features == "shared" and len(shared) == 0:
         raise InputError("features='shared' was asked but a and b share no feature (var_names): use "
                          "features='separate' (modalities with different panels) or rename the features.")
@@ -370,8 +372,8 @@ def align(
     rho: float = 0.1,
     lam: float = 10.0,
     spatial_weight: float = 1.0,
-    embedding_weight: float = 0.3,
-    steps: int = 150,
+    embedding_weight: float = 1.0,
+    steps: int = 60,
     lr: float = 0.02,
     num_samples: int = 50,
     sinkhorn_iter: int = 20,
@@ -387,8 +389,9 @@ def align(
         AnnData with features in ``X`` (or ``layer_a``/``layer_b``) and ``obsm[spatial_key]``
         (n, 2). a's cells are matched to b's and moved into b's frame.
     features
-        ``"shared"`` (genes in both, one joint PCA), ``"separate"`` (different panels; one PCA
-        per side, learned encoders), ``"auto"`` (shared when >= 2 features are shared).
+        ``"shared"`` (genes in both, one joint PCA, which is the embedding itself), ``"separate"``
+        (different panels; one PCA per side, learned encoders/decoders into a latent embedding),
+        ``"auto"`` (shared when >= 2 features are shared).
     n_components
         Principal components per modality (the embedding dimension).
     label_keys
@@ -408,12 +411,16 @@ def align(
     rho, lam
         Prior probability of no partner; strength of the soft one-to-one constraint.
     spatial_weight, embedding_weight
-        Weights of the coordinate and embedding terms of the match log-likelihood (1 = the
-        plain likelihood). The embedding term is tempered to 0.3 by default: it treats the
-        ``d`` components as independent evidence, which over-counts it (0.3 was chosen on one
-        simulated Ståhl pair, slice 2, and then used everywhere).
+        Weights of the coordinate and embedding terms of the match log-likelihood (1, the
+        plain likelihood, by default; nothing is hand-tempered). The evidence of each embedding
+        dimension is set by the model's fitted per-dimension slope, scale and Student-t degrees
+        of freedom (see :class:`~pyrospatial.models.alignment.AlignmentModel`), so components
+        that carry only noise do not over-count.
     steps, lr
         SVI steps (``fit``'s ``max_steps``) and Adam's learning rate (decayed 10x over the run).
+        Only q(transform) (and, for ``features="separate"``, the encoders/decoders) is learned
+        by gradient steps; the match noise is set by closed-form M-steps at every step, so 60
+        steps suffice from the pre-registration.
     num_samples
         Posterior draws for the summaries (each draw: transform, embeddings, Sinkhorn plan).
     sinkhorn_iter
@@ -476,6 +483,7 @@ def align(
     model = AlignmentModel(x_a.shape[1], x_b.shape[1], d, torch.tensor(loc), torch.tensor(sd),
                            sigma_xy_init=0.5, rho=rho, lam=lam, beta=beta, spatial_weight=spatial_weight,
                            embedding_weight=embedding_weight, identity_decoders=(mode == "shared"), k=k,
+                           observed_embedding=(mode == "shared"),
                            radius=radius)
     guide = AlignmentGuide(model, x_a.shape[1], x_b.shape[1], identity_encoders=(mode == "shared"),
                            n_iter=sinkhorn_iter)
@@ -588,7 +596,8 @@ def align(
         "unit": unit, "rho": rho, "lam": lam, "beta": beta, "spatial_weight": spatial_weight,
         "embedding_weight": embedding_weight, "steps": int(steps), "lr": lr, "num_samples": int(num_samples),
         "sinkhorn_iter": int(sinkhorn_iter), "seed": int(seed), "centre_a": pre["centre_a"],
-        "sigma_xy": float(model.sigma_xy.detach()) * unit, "tau": float(model.tau.detach()),
+        "sigma_xy": float(model.sigma_xy) * unit, "power": float(model.power), "tau": model.tau.tolist(),
+        "nu": float(model.nu), "slope": model.slope.tolist(),
         "seconds": time.perf_counter() - start, "label_keys": label_keys, "feature_keys": feature_keys,
     }
     pre_out = {"angle": pre["angle"], "translation": np.asarray(pre["translation"], float),

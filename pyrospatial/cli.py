@@ -185,7 +185,7 @@ def _add_align_parser(sub) -> None:
     p.add_argument("--radius", type=float, default=3.0, help="candidate radius in units of B's cell spacing")
     p.add_argument("--rho", type=float, default=0.1, help="prior probability of no partner")
     p.add_argument("--lam", type=float, default=10.0, help="strength of the soft one-to-one constraint")
-    p.add_argument("--steps", type=int, default=150)
+    p.add_argument("--steps", type=int, default=60, help="SVI steps for q(transform) (the noise parameters have closed-form updates)")
     p.add_argument("--lr", type=float, default=0.02)
     p.add_argument("--num-samples", type=int, default=50)
     p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])

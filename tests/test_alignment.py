@@ -146,6 +146,60 @@ def test_strong_column_constraint_balances_columns():
     np.testing.assert_allclose(T0.numpy(), torch.softmax(scores, 1).numpy(), atol=1e-12)
 
 
+def _exact_plan(n: int, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Candidates 0..k-1 per row with all mass on candidate 0 (the true partner)."""
+    T = torch.zeros(n, k + 1, dtype=torch.float64)
+    T[:, 0] = 1.0
+    cand = torch.arange(k).repeat(n, 1) + torch.arange(n).unsqueeze(1) * k
+    return T, cand, torch.ones(n, k, dtype=torch.bool)
+
+
+@pytest.mark.parametrize("kind", ["grid", "gaussian"])
+def test_noise_update_recovers_the_spatial_error_shape(kind):
+    from pyrospatial.models.alignment import best_power, noise_update
+
+    rng = np.random.default_rng(2)
+    n, k, d = 2000, 3, 2
+    T, cand, valid = _exact_plan(n, k)
+    coords_b = torch.tensor(rng.uniform(0, 50, size=(n * k, 2)))
+    if kind == "grid":  # positions snapped to a unit grid: error uniform on [-0.5, 0.5]^2
+        err = rng.uniform(-0.5, 0.5, size=(n, 2))
+    else:  # Gaussian jitter, sd 0.3 per axis
+        err = rng.normal(0.0, 0.3, size=(n, 2))
+    moved = coords_b[cand[:, 0]] + torch.tensor(err)
+    u = torch.tensor(rng.normal(size=(n * k, d)))
+    out = noise_update(T, moved, coords_b, u[cand[:, 0]], u, cand, valid, torch.ones(d), 8.0)
+    power, sigma = best_power(out["power_stats"], out["mass"])
+    if kind == "grid":
+        # the uniform square is the limit p -> inf with sigma = 0.5: the grid's sharp end wins
+        assert power >= 8, power
+        assert abs(float(sigma) - 0.5) < 0.05, float(sigma)
+    else:
+        # a Normal is p = 2 with sigma = sqrt(2) sd; 2000 cells pin p to the grid's 2 (1.5-3 allowed)
+        assert 1.5 <= power <= 3, power
+        assert abs(float(sigma) - math.sqrt(2) * 0.3) < 0.08, float(sigma)
+
+
+def test_noise_update_gives_noise_dimensions_no_weight():
+    from pyrospatial.models.alignment import noise_update
+
+    rng = np.random.default_rng(3)
+    n, k = 3000, 2
+    T, cand, valid = _exact_plan(n, k)
+    z = rng.normal(size=(n * k, 2))
+    u_b = torch.tensor(z + rng.normal(0.0, 0.1, size=z.shape))
+    # dimension 0: a's embedding is its partner's signal plus small noise; dimension 1: unrelated noise
+    partner = z[cand[:, 0].numpy()]
+    u_a = torch.tensor(np.c_[partner[:, 0] + rng.normal(0, 0.1, n), rng.normal(size=n)])
+    coords = torch.zeros(n * k, 2, dtype=torch.float64)
+    out = noise_update(T, coords[cand[:, 0]], coords, u_a, u_b, cand, valid, torch.ones(2, dtype=torch.float64), 1e3)
+    slope, tau = out["slope"].numpy(), out["tau"].numpy()
+    # signal / total variance: ~1 / (1 + 0.01) for the shared dimension, ~0 (+- 3/sqrt(n)) for noise
+    assert abs(slope[0] - 1.0) < 0.05 and abs(slope[1]) < 0.06, slope
+    # the matched residual sd: ~sqrt(0.1^2 + 0.1^2) for the shared dimension, ~1 for the noise one
+    assert abs(tau[0] - math.sqrt(0.02)) < 0.03 and abs(tau[1] - 1.0) < 0.06, tau
+
+
 def _peak_rss_mb() -> float | None:
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
@@ -189,9 +243,10 @@ def test_sparse_path_never_builds_a_dense_matrix():
 # ------------------------------------------------------------------------------------------
 # gradients
 # ------------------------------------------------------------------------------------------
-def test_every_parameter_gets_a_gradient_after_one_step():
+@pytest.mark.parametrize("features", ["shared", "separate"])
+def test_every_parameter_gets_a_gradient_after_one_step(features):
     a, b, _ = simulate_pair(120, seed=3)
-    res = align(a, b, steps=1, num_samples=2, progress=False)
+    res = align(a, b, features=features, steps=1, num_samples=2, progress=False)
     model, guide = res.model, res.guide
     model.train(), guide.train()
     params = dict(model.named_parameters()) | {f"guide.{k}": v for k, v in guide.named_parameters()}
@@ -201,6 +256,12 @@ def test_every_parameter_gets_a_gradient_after_one_step():
     loss.backward()
     missing = [k for k, p in params.items() if p.grad is None or not torch.isfinite(p.grad).all() or p.grad.abs().sum() == 0]
     assert not missing, missing
+    # shared features are the embedding itself (no encoders); separate panels learn encoders/decoders
+    names = set(params)
+    assert any(k.startswith("guide.transform_loc") for k in names)
+    assert any(k.startswith("guide.transform_scale_tril") for k in names)
+    assert any(k.startswith("guide.encoder_a") for k in names) == (features == "separate")
+    assert any(k.startswith("decoder_b") for k in names) == (features == "separate")
 
 
 # ------------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ parser.add_argument("--out", default=str(Path(__file__).parent / "output" / "04_
 args, _ = parser.parse_known_args()
 out = Path(args.out)
 out.mkdir(parents=True, exist_ok=True)
-n_cells, steps, draws = (400, 120, 20) if args.quick else (3000, 200, 50)
+n_cells, draws = (400, 20) if args.quick else (3000, 50)
 
 # %% [markdown]
 # ## 1. Two sections
@@ -56,9 +56,13 @@ print(a, b, sep="\n")
 # One call: a pre-registration (angle grid + ICP on positions and shared features) centres the
 # prior of the transform; SVI then fits the model of `pyrospatial.models.AlignmentModel`, whose
 # coupling is an entropic unbalanced Sinkhorn plan over the 12 nearest candidates of every cell.
+# Each step is one round of variational EM: the plan given the current noise, the noise (spatial
+# error shape and scale, per-dimension embedding slope/scale, Student-t tails) in closed form
+# given the plan, and a gradient step on the transform's posterior. Nothing is hand-tuned: the
+# sharpness of the match probabilities comes from the fitted noise.
 
 # %%
-res = ps.align(a, b, label_keys=["cell_type"], steps=steps, num_samples=draws, seed=0, progress=False)
+res = ps.align(a, b, label_keys=["cell_type"], num_samples=draws, seed=0, progress=False)
 angle = res.transform["angle"]
 print(f"angle: {angle['mean']:.4f} rad (truth {ANGLE}), 90% interval [{angle['q05']:.4f}, {angle['q95']:.4f}]")
 print("translation:", np.round(res.transform["translation"]["mean"], 2), "truth", SHIFT,
@@ -79,7 +83,17 @@ kept, removed = truth >= 0, truth < 0
 best = np.asarray(res.match_prob.argmax(1)).ravel()
 best_p = res.adata.obs["align_best_match_prob"].to_numpy()
 match_acc = float((best[kept] == truth[kept]).mean())
-print(f"best match correct for {match_acc:.3f} of the kept cells")
+on_truth = float(np.asarray(res.match_prob[np.flatnonzero(kept), truth[kept]]).mean())
+print(f"best match correct for {match_acc:.3f} of the kept cells; "
+      f"mean probability given to the true partner {on_truth:.3f}")
+# calibration of the best match: among cells whose best match has probability p, a fraction ~p
+# should be right (a removed cell's best match is always wrong)
+right = np.where(kept, best == truth, False)
+for lo, hi in ((0.0, 0.5), (0.5, 0.9), (0.9, 1.01)):
+    sel = (best_p >= lo) & (best_p < hi)
+    if sel.any():
+        print(f"P(best match) in [{lo:.1f}, {min(hi, 1):.1f}): {sel.sum():4d} cells, mean P {best_p[sel].mean():.3f}, "
+              f"right {right[sel].mean():.3f}")
 print(f"P(unmatched): removed cells {res.p_unmatched[removed].mean():.3f}, kept cells {res.p_unmatched[kept].mean():.3f}")
 
 # %% [markdown]
@@ -147,8 +161,10 @@ summary = {
     "n_cells_b": int(b.n_obs),
     "angle_true": ANGLE,
     "angle": angle,
+    "true_angle_in_90_interval": bool(angle["q05"] <= ANGLE <= angle["q95"]),
     "translation": res.transform["translation"],
     "best_match_accuracy": match_acc,
+    "mean_prob_on_true_partner": on_truth,
     "p_unmatched_removed": float(res.p_unmatched[removed].mean()),
     "p_unmatched_kept": float(res.p_unmatched[kept].mean()),
     "label_accuracy": label_acc,
@@ -157,7 +173,10 @@ summary = {
     "seconds": res.settings["seconds"],
     # the claims this tutorial makes, checked by tests/test_tutorials.py
     "checks": {
-        "true_angle_in_90_interval": bool(angle["q05"] <= ANGLE <= angle["q95"]),
+        # a 90% interval misses one run in ten by design, so one run cannot check it (the
+        # benchmark reports its coverage over many runs); a miss by more than 3 posterior sd
+        # (0.3% of runs if calibrated) would be a fault
+        "true_angle_within_3_sd": bool(abs(angle["mean"] - ANGLE) <= 3 * angle["sd"]),
         "most_matches_right": match_acc > 0.8,
         "removed_cells_flagged": float(res.p_unmatched[removed].mean()) > 3 * float(res.p_unmatched[kept].mean()),
         "labels_mostly_right": label_acc > 0.8,
