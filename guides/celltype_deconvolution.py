@@ -29,9 +29,10 @@ class CellTypeDeconvolutionGuide(PyroModule):
     blew the spot totals up (measured on osmFISH pseudo-spots: ~230 cells per spot for 8 true);
     a Gamma ``q`` can match the prior's spike at 0. (2) The starting point: the abundances' mean
     from a non-negative least-squares fit of the spots on the reference signatures
-    (``init_abundance``), the signatures from the reference prior, so about a thousand
-    full-batch steps suffice. Local parameters are indexed by ``batch.spot_index``, so
-    minibatches work.
+    (``init_abundance``), the signatures from the reference prior. The fit then moves from
+    that start for a set number of steps (:func:`pyrospatial.deconvolve` documents how its
+    default was chosen: held-out-gene prediction, no ground truth). Local parameters are
+    indexed by ``batch.spot_index``, so minibatches work.
 
     Sites and their families (``q``):
 
@@ -41,7 +42,10 @@ class CellTypeDeconvolutionGuide(PyroModule):
     - ``concentration``, ``platform_effect``, ``background``, ``inv_sqrt_dispersion``:
       ``LogNormal``;
     - per spot ``abundance`` ``(T,)``: ``Gamma(shape, rate)`` (reparameterised), started with
-      shape 2 at the mean ``init_abundance``; ``detection``: ``LogNormal``.
+      shape ``init_shape`` (2) at the mean ``init_abundance``; ``detection``: ``LogNormal``;
+    - with ``split_total`` (the model's ``total_cv`` story): ``total_cells``: ``LogNormal``
+      started at the initial spot total, and ``composition`` ``(T,)``: ``Gamma``, started at
+      the initial proportions.
 
     Parameters
     ----------
@@ -52,6 +56,11 @@ class CellTypeDeconvolutionGuide(PyroModule):
         ``0.05`` cells.
     detection
         Whether the model has the ``detection`` site (``detection_cv > 0``).
+    init_scale, init_shape, init_concentration
+        Starting log-scale widths of the global sites, shape of the abundances' ``q``, and the
+        starting value of the concentration ``a`` (the model's ``a0``).
+    split_total
+        Guide the ``total_cells`` / ``composition`` sites instead of ``abundance``.
     """
 
     def __init__(
@@ -62,6 +71,9 @@ class CellTypeDeconvolutionGuide(PyroModule):
         *,
         detection: bool = True,
         init_scale: float = 0.1,
+        init_shape: float = 2.0,
+        init_concentration: float = 1.0,
+        split_total: bool = False,
     ) -> None:
         super().__init__()
         shape = torch.as_tensor(signature_shape, dtype=torch.float32)
@@ -76,7 +88,7 @@ class CellTypeDeconvolutionGuide(PyroModule):
         self.signature_scale = PyroParam(torch.sqrt(torch.log1p(1.0 / shape)).clamp(1e-3, 1.0), pos)
         freq = init.sum(0) / init.sum().clamp_min(1e-8)
         self.type_frequency_log_conc = PyroParam(torch.log(10.0 * T * freq.clamp_min(0.1 / T)))
-        self.concentration_loc = PyroParam(torch.tensor(0.0))
+        self.concentration_loc = PyroParam(torch.tensor(math.log(init_concentration)))
         self.concentration_scale = PyroParam(torch.tensor(init_scale), pos)
         self.platform_loc = PyroParam(torch.zeros(G))
         self.platform_scale = PyroParam(torch.full((G,), 0.05), pos)
@@ -86,8 +98,14 @@ class CellTypeDeconvolutionGuide(PyroModule):
         self.dispersion_loc = PyroParam(torch.full((G,), math.log(0.1)))
         self.dispersion_scale = PyroParam(torch.full((G,), init_scale), pos)
         mean = init.clamp_min(0.05)
-        self.abundance_shape = PyroParam(torch.full((n_spots, T), 2.0), pos)
-        self.abundance_rate = PyroParam(2.0 / mean, pos)
+        self.split_total = bool(split_total)
+        if self.split_total:
+            total = init.sum(-1).clamp_min(0.5)
+            self.total_loc = PyroParam(total.log())
+            self.total_scale = PyroParam(torch.full((n_spots,), 0.1), pos)
+            mean = mean / mean.sum(-1, keepdim=True)
+        self.abundance_shape = PyroParam(torch.full((n_spots, T), float(init_shape)), pos)
+        self.abundance_rate = PyroParam(float(init_shape) / mean, pos)
         if self.detection:
             self.detection_loc = PyroParam(torch.zeros(n_spots))
             self.detection_scale = PyroParam(torch.full((n_spots,), 0.05), pos)
@@ -102,6 +120,11 @@ class CellTypeDeconvolutionGuide(PyroModule):
         pyro.sample("inv_sqrt_dispersion", dist.LogNormal(self.dispersion_loc, self.dispersion_scale).to_event(1))
         idx = batch.spot_index
         with spot_plate(batch):
-            pyro.sample("abundance", dist.Gamma(self.abundance_shape[idx], self.abundance_rate[idx]).to_event(1))
+            q = dist.Gamma(self.abundance_shape[idx], self.abundance_rate[idx]).to_event(1)
+            if self.split_total:
+                pyro.sample("total_cells", dist.LogNormal(self.total_loc[idx], self.total_scale[idx]))
+                pyro.sample("composition", q)
+            else:
+                pyro.sample("abundance", q)
             if self.detection:
                 pyro.sample("detection", dist.LogNormal(self.detection_loc[idx], self.detection_scale[idx]))

@@ -121,7 +121,7 @@ def _add_deconvolve_parser(sub) -> None:
     dec.add_argument("--reference-layer", default=None)
     dec.add_argument("--min-cells-per-type", type=int, default=5)
     dec.add_argument("--smoothness", type=float, default=0.0, help="spatial smoothness weight (0: off)")
-    dec.add_argument("--steps", type=int, default=1000)
+    dec.add_argument("--steps", type=int, default=250, help="SVI steps (default chosen by held-out-gene prediction, see deconvolve)")
     dec.add_argument("--lr", type=float, default=0.02)
     dec.add_argument("--batch-size", type=int, default=None, help="spots per minibatch (default: all)")
     dec.add_argument("--num-samples", type=int, default=300)

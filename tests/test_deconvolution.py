@@ -116,7 +116,11 @@ def test_results_under_documented_keys(fitted, tmp_path):
                  "concentration"):
         assert set(rec["globals"][site]) == set(STATS)
     assert rec["globals"]["signature"]["mean"].shape == (N_TYPES, N_GENES)
-    assert len(rec["elbo"]) == rec["settings"]["max_steps"]
+    assert len(rec["elbo"]) == rec["settings"]["steps"] <= rec["settings"]["max_steps"]
+    assert rec["settings"]["stopped_by"] in ("elbo_converged", "max_steps")
+    # integer intervals hold at least 90% of the posterior mass of the count they bound
+    mass = rec["cell_count_interval_mass"]
+    assert 0.9 <= mass["overall"] <= 1.0 and mass["per_type"].shape == (N_TYPES,)
     # the expected expression over types adds up to the model's spot mean minus background
     total = out.obsm["expected_expression_mean"].sum(1)
     assert np.corrcoef(total.ravel(), out.X.ravel())[0, 1] > 0.9
@@ -125,7 +129,7 @@ def test_results_under_documented_keys(fitted, tmp_path):
     np.testing.assert_allclose(np.asarray(back.obsm["proportion_mean"]), out.obsm["proportion_mean"].to_numpy())
 
 
-def _model_guide(reference, spots, smoothness=0.0):
+def _model_guide(reference, spots, smoothness=0.0, total_cv=None):
     from pyrospatial.guides.celltype_deconvolution import CellTypeDeconvolutionGuide
     from pyrospatial.models.celltype_deconvolution import CellTypeDeconvolutionModel
 
@@ -134,16 +138,17 @@ def _model_guide(reference, spots, smoothness=0.0):
     counts = np.asarray(spots.X, float)
     data = SpotCounts(counts, spots.obsm["spatial"], N_TYPES, n_neighbours=4)
     model = CellTypeDeconvolutionModel(torch.as_tensor(shape), torch.as_tensor(rate), torch.as_tensor(excess),
-                                       6.0, smoothness=smoothness)
+                                       6.0, smoothness=smoothness, total_cv=total_cv)
     guide = CellTypeDeconvolutionGuide(torch.as_tensor(shape), torch.as_tensor(rate),
-                                       torch.as_tensor(nnls_abundance(counts, shape / rate)))
+                                       torch.as_tensor(nnls_abundance(counts, shape / rate)),
+                                       split_total=total_cv is not None)
     return model, guide, data
 
 
-@pytest.mark.parametrize("smoothness", [0.0, 1.0])
-def test_every_parameter_gets_a_gradient(simulated, smoothness):
+@pytest.mark.parametrize("smoothness,total_cv", [(0.0, None), (1.0, None), (0.0, 0.3)])
+def test_every_parameter_gets_a_gradient(simulated, smoothness, total_cv):
     reference, spots, _ = simulated
-    model, guide, data = _model_guide(reference, spots, smoothness)
+    model, guide, data = _model_guide(reference, spots, smoothness, total_cv)
     batch = next(iter(data.dataloader(16, seed=0)))  # a minibatch: scaled plates, local indexing
     assert batch.n_spots < data.n_spots and batch.spot_scale > 1
     if smoothness:
@@ -158,6 +163,33 @@ def test_every_parameter_gets_a_gradient(simulated, smoothness):
         assert p.grad is not None, name
         assert torch.isfinite(p.grad).all(), name
         assert p.grad.abs().sum() > 0, name
+
+
+def test_heldout_gene_score_prefers_the_right_reference(simulated):
+    from pyrospatial.deconvolution import heldout_gene_score
+
+    reference, spots, _ = simulated
+    wrong = reference.copy()
+    # labels shuffled across cells: every signature becomes a blend of all types, so the
+    # abundances fitted on some genes no longer predict the others
+    wrong.obs["cell_type"] = np.random.default_rng(1).permutation(wrong.obs["cell_type"].astype(str).to_numpy())
+    kw = dict(cells_per_spot=6.0, max_steps=30, num_samples=20, n_folds=2)
+    right_score = heldout_gene_score(spots, reference, "cell_type", **kw)
+    wrong_score = heldout_gene_score(spots, wrong, "cell_type", **kw)
+    assert np.isfinite(right_score["deviance"]) and len(right_score["per_fold"]) == 2
+    assert right_score["deviance"] < wrong_score["deviance"]
+
+
+def test_elbo_convergence_rule():
+    from pyrospatial.deconvolution import elbo_converged
+
+    rng = np.random.default_rng(0)
+    noise = rng.normal(0.0, 1.0, 400)
+    falling = 1000.0 - 2.0 * np.arange(400) + noise  # still improving by far more than the noise
+    flat = np.r_[1000.0 - 2.0 * np.arange(200), np.full(200, 600.0)] + noise
+    assert not elbo_converged(falling, 100)
+    assert elbo_converged(flat, 100)
+    assert not elbo_converged(flat[:150], 100)  # too short to judge
 
 
 def test_chunks_partition_the_spots(simulated):
