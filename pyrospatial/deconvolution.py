@@ -468,6 +468,7 @@ def deconvolve(
     batch_size: int | None = None,
     num_samples: int = 300,
     return_expression: bool = False,
+    keep_draws: bool = False,
     seed: int = 0,
     device: str = "cpu",
     progress: bool = True,
@@ -521,6 +522,10 @@ def deconvolve(
         Joint posterior draws behind every summary.
     return_expression
         Also export per-spot per-type expected expression (spots x types x genes).
+    keep_draws
+        Also keep the integer cell-count draws behind the summaries in
+        ``uns["deconvolution"]["cell_count_draws"]`` (draws x spots x types, int32), e.g. to
+        score calibration with :func:`pyrospatial.diagnostics.pit_coverage_by_level`.
     seed, device, progress
         Seed of the fit and the draws; torch device; progress bar.
 
@@ -687,6 +692,8 @@ def deconvolve(
         "globals": globals_,
         "cell_count_interval_mass": interval_mass,
     }
+    if keep_draws:
+        out.uns["deconvolution"]["cell_count_draws"] = n_draws.astype(np.int32)
     return out
 
 

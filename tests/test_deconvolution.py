@@ -65,7 +65,7 @@ def simulated():
 def fitted(simulated):
     reference, spots, truth = simulated
     out = ps.deconvolve(spots, reference, "cell_type", cells_per_spot=6.0, max_steps=600, num_samples=200,
-                        return_expression=True, progress=False, seed=0)
+                        return_expression=True, keep_draws=True, progress=False, seed=0)
     return out, truth
 
 
@@ -121,6 +121,10 @@ def test_results_under_documented_keys(fitted, tmp_path):
     # integer intervals hold at least 90% of the posterior mass of the count they bound
     mass = rec["cell_count_interval_mass"]
     assert 0.9 <= mass["overall"] <= 1.0 and mass["per_type"].shape == (N_TYPES,)
+    # keep_draws: the integer draws behind the count summaries (their mean is cell_count_mean)
+    draws = rec["cell_count_draws"]
+    assert draws.shape == (200, out.n_obs, N_TYPES) and draws.dtype == np.int32
+    np.testing.assert_allclose(draws.mean(0), out.obsm["cell_count_mean"].to_numpy(), rtol=1e-6)
     # the expected expression over types adds up to the model's spot mean minus background
     total = out.obsm["expected_expression_mean"].sum(1)
     assert np.corrcoef(total.ravel(), out.X.ravel())[0, 1] > 0.9
