@@ -66,6 +66,7 @@ def deconvolve_counts(
     *,
     method: Literal["multinomial", "dirichlet_multinomial"] = "dirichlet_multinomial",
     inverse_dispersion: np.ndarray | None = None,
+    dispersion: Literal["spot", "cell"] = "spot",
     seed: int = 0,
     keep_draws: bool = False,
     draws_per_chunk: int = 16,
@@ -81,6 +82,16 @@ def deconvolve_counts(
       rates ``lambda_ig ~ Gamma(theta_g mu_ig / M_jg, theta_g / M_jg)`` their sum is the spot's
       ``Gamma(theta_g, theta_g / M_jg)`` rate of ``NB(M_jg, theta_g)``, so this is the exact
       conditional of the cells' counts given the spot total.
+
+    ``dispersion`` says which NB ``theta_g`` belongs to:
+
+    - ``"spot"`` (default): the spot's counts are ``NB(M_jg, theta_g)`` (above);
+    - ``"cell"``: ``theta_g`` is each *cell's* inverse dispersion, ``x_ig ~ NB(mu_ig, theta_g)``,
+      and the spot is the moment-matched ``NB(M_jg, theta_g M_jg^2 / sum_i mu_ig^2)`` (CORAL's
+      default ``spot_dispersion="sum"``). The Dirichlet weights are then
+      ``theta_g mu_ig M_jg / sum_i' mu_i'g^2``: they sum to that spot-level inverse dispersion, so
+      the split is the exact conditional of Gamma rates that add up to the model's spot NB, and
+      a cell among ``n`` equal ones keeps its own shape ``theta_g`` (not ``theta_g / n``).
 
     Every draw's cell counts add up exactly to the observed spot counts.
 
@@ -106,6 +117,8 @@ def deconvolve_counts(
         raise InputError("inverse_dispersion (theta_g) is required for method='dirichlet_multinomial'.")
     if method not in ("multinomial", "dirichlet_multinomial"):
         raise InputError(f"method must be 'multinomial' or 'dirichlet_multinomial', got {method!r}.")
+    if dispersion not in ("spot", "cell"):
+        raise InputError(f"dispersion must be 'spot' (theta_g of the spot NB) or 'cell' (theta_g of each cell's NB), got {dispersion!r}.")
     rng = np.random.default_rng(seed)
 
     covered = np.flatnonzero(cell_spot >= 0)
@@ -136,7 +149,11 @@ def deconvolve_counts(
         if method == "dirichlet_multinomial":
             theta = np.asarray(inverse_dispersion, dtype=np.float64)
             theta = theta[lo:hi] if theta.ndim == 2 else np.broadcast_to(theta, (hi - lo, G))
-            alpha = np.maximum(theta[:, None, None, :] * weights, 1e-8)
+            if dispersion == "cell":  # theta M / sum mu^2 = theta / sum w^2: the spot's own theta
+                theta = theta[:, None, None, :] / np.maximum((weights**2).sum(2, keepdims=True), 1e-300)
+            else:
+                theta = theta[:, None, None, :]
+            alpha = np.maximum(theta * weights, 1e-8)
             gam = rng.gamma(alpha) * valid[None, :, :, None]
             weights = gam / np.maximum(gam.sum(2, keepdims=True), 1e-300)
         split = _multinomial_split(totals, weights, rng)  # (s, J, K, G)

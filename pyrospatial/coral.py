@@ -245,12 +245,15 @@ class CORAL:
     ) -> CountSplit:
         """Per-cell counts that split each spot's observed counts among its cells under the
         posterior draws of their expected expression (see
-        :func:`pyrospatial.analysis.deconvolve_counts`); every draw adds up exactly."""
+        :func:`pyrospatial.analysis.deconvolve_counts`); every draw adds up exactly. With the
+        model's default ``spot_dispersion="sum"``, ``theta_g`` is each cell's inverse dispersion
+        (``dispersion="cell"``); with ``"spot"`` it is the spot's."""
         posterior = self._require_posterior()
         theta = self.model.rna_inverse_dispersion.detach().cpu().numpy()
         return deconvolve_counts(
             self.dataset.spot_counts, self.dataset.cell_spot, posterior.samples["expected_rna"],
             method=method, inverse_dispersion=theta, seed=seed, keep_draws=keep_draws,
+            dispersion="cell" if getattr(self.model, "spot_dispersion", "spot") == "sum" else "spot",
         )
 
     def interactions(self) -> dict[str, np.ndarray]:

@@ -73,6 +73,35 @@ def test_dm_split_matches_gamma_poisson_conditional_by_rejection():
     assert dm.var() == pytest.approx(exact.var(), rel=0.12)
 
 
+def test_cell_dispersion_split_matches_per_cell_negative_binomials_by_rejection():
+    """theta_g as each cell's inverse dispersion (CORAL's spot_dispersion="sum"): cells with
+    x_i ~ NB(mu_i, theta), conditioned on their sum. With equal means the rates are Gamma with a
+    common scale, so the conditional is exactly DM(theta, ..., theta); the spot-level split
+    (weights theta mu_i / M, summing to theta instead of n theta) is far too wide there."""
+    rng = np.random.default_rng(5)
+    mu, theta, total = np.array([2.5, 2.5, 2.5, 2.5]), 3.0, 10
+    lam = rng.gamma(theta, mu / theta, size=(400_000, 4))
+    x = rng.poisson(lam)
+    exact = x[x.sum(1) == total, 0]
+    rates = np.tile(mu[None, :, None], (6000, 1, 1))
+    args = (np.array([[total]]), np.zeros(4, dtype=int), rates)
+    cell = deconvolve_counts(*args, inverse_dispersion=np.array([theta]), dispersion="cell",
+                             keep_draws=True, seed=6).draws[:, 0, 0]
+    spot = deconvolve_counts(*args, inverse_dispersion=np.array([theta]), dispersion="spot",
+                             keep_draws=True, seed=6).draws[:, 0, 0]
+    # DM(3,3,3,3), n = 10: Var = 10 (1/4)(3/4)(10 + 12) / 13 = 3.17; the spot form DM(0.75, ...) gives 6.1
+    assert exact.var() == pytest.approx(10 * 3 / 16 * 22 / 13, rel=0.05)
+    assert cell.var() == pytest.approx(exact.var(), rel=0.1)
+    assert spot.var() > 1.5 * exact.var()
+    assert cell.mean() == pytest.approx(2.5, abs=0.1)
+
+
+def test_split_rejects_an_unknown_dispersion():
+    with pytest.raises(ValueError, match="dispersion must be 'spot'"):
+        deconvolve_counts(np.array([[3]]), np.zeros(2, dtype=int), np.ones((2, 2, 1)),
+                          inverse_dispersion=np.array([1.0]), dispersion="cells")
+
+
 def test_interaction_matrix_recovers_type_pair_probabilities():
     rng = np.random.default_rng(0)
     cell_type = rng.integers(0, 3, 300)
