@@ -1,16 +1,16 @@
 """Does the Monte Carlo EM of the HMC refinement settle? Traces of the re-estimated globals.
 
-    python benchmarks/refine_em_trace.py [--warmup 400] [--out benchmarks/results]
+    python benchmarks/refine_em_trace.py [--warmup 400] [--em-params a,b] [--tag NAME] [--out benchmarks/results]
 
 On simulated tissues (:func:`pyrospatial.sim.simulate_tissue`, 30 genes, 10 proteins, 3 types,
 the calibration benchmark's settings) CORAL is trained by SVI, then refined with a long
-warm-up during which Monte Carlo EM re-estimates the default variance-type globals plus the
-protein concentration. Each global's value is recorded every 25 warm-up steps next to the
+warm-up during which Monte Carlo EM re-estimates ``--em-params`` (default: the refinement's
+default, :data:`pyrospatial.refine.DEFAULT_EM_PARAMS`). Each global's value is recorded every 25 warm-up steps next to the
 simulator's truth where one exists (``size_scale`` vs ``size_factor_sd``,
 ``rna_inverse_dispersion`` and ``protein_concentration`` vs the median of the per-gene /
 per-protein truths). The default refinement warms up for 100 steps.
 
-Writes ``OUT/refine_em_trace.json`` and ``OUT/refine_em_trace.md``.
+Writes ``OUT/refine_em_trace{TAG}.json`` and ``OUT/refine_em_trace{TAG}.md``.
 """
 
 from __future__ import annotations
@@ -28,11 +28,10 @@ import pyrospatial
 from pyrospatial.coral import CORAL
 from pyrospatial.refine import DEFAULT_EM_PARAMS
 
-EM_PARAMS = tuple(DEFAULT_EM_PARAMS) + ("protein_concentration",)
 CASES = ((600, 0), (300, 1))
 
 
-def trace_case(n_cells: int, seed: int, warmup: int, every: int) -> dict:
+def trace_case(n_cells: int, seed: int, warmup: int, every: int, em_params: tuple[str, ...]) -> dict:
     tissue = pyrospatial.sim.simulate_tissue(n_cells=n_cells, n_types=3, n_proteins=10, n_genes=30, seed=seed,
                                              edge_z_scale=1.0)
     coral = CORAL(tissue.cells, tissue.spots, cell_type_key="cell_type", spot_diameter=55.0)
@@ -40,7 +39,7 @@ def trace_case(n_cells: int, seed: int, warmup: int, every: int) -> dict:
     t0 = time.perf_counter()
     present = {name.removesuffix("_unconstrained") for name, _ in coral.model.named_parameters()}
     post = coral.sample(100, method="refine", seed=seed, num_warmup=warmup,
-                        em_params=[name for name in EM_PARAMS if name in present])
+                        em_params=[name for name in em_params if name in present])
     em = post.diagnostics["em"]
     steps = list(range(0, len(next(iter(em.values()))), every))
     truth = {
@@ -59,9 +58,14 @@ def trace_case(n_cells: int, seed: int, warmup: int, every: int) -> dict:
 def markdown(result: dict) -> str:
     lines = ["# Monte Carlo EM traces of the HMC refinement", "",
              f"Command: `{result['command']}`", "",
+             f"Re-estimated by EM: {', '.join(result['em_params'])}.", "",
              "Value of each re-estimated global every 25 EM steps (last column: end of warm-up); `truth`: the",
              "simulator's value (median over genes / proteins). SVI's estimate is the first column. The default",
-             "refinement warms up for 100 steps (about 90 EM steps).", ""]
+             "refinement warms up for 100 steps (about 90 EM steps).", "",
+             "How to read it: an estimate that keeps moving after 100 steps has not converged, and the default",
+             "warm-up then acts as early stopping (see the Monte Carlo EM section of `pyrospatial/refine.py`).",
+             "`refine_em_trace_readout_scales.md` holds the earlier default, which also re-estimated the RNA",
+             "read-out's prior scales; they shrank steadily.", ""]
     for case in result["cases"]:
         steps = case["trace_steps"]
         lines += [f"## {case['n_cells']} cells, seed {case['seed']} ({case['warmup']} warm-up steps)", "",
@@ -79,17 +83,22 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--warmup", type=int, default=400)
     parser.add_argument("--every", type=int, default=25)
+    parser.add_argument("--em-params", default=",".join(DEFAULT_EM_PARAMS),
+                        help="comma-separated model parameters re-estimated by EM")
+    parser.add_argument("--tag", default="", help="suffix of the output files' names")
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    cases = [trace_case(n, s, args.warmup, args.every) for n, s in CASES]
-    command = f"OMP_NUM_THREADS=1 python benchmarks/refine_em_trace.py --warmup {args.warmup} --out {args.out}"
-    result = {"command": command, "em_params": list(EM_PARAMS), "cases": cases,
+    em_params = tuple(name for name in args.em_params.split(",") if name)
+    cases = [trace_case(n, s, args.warmup, args.every, em_params) for n, s in CASES]
+    command = (f"OMP_NUM_THREADS=1 python benchmarks/refine_em_trace.py --warmup {args.warmup} "
+               f"--em-params {','.join(em_params)}" + (f" --tag {args.tag}" if args.tag else "") + f" --out {args.out}")
+    result = {"command": command, "em_params": list(em_params), "cases": cases,
               "versions": pyrospatial.infer.versions()}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "refine_em_trace.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / "refine_em_trace.md").write_text(markdown(result))
+    (out / f"refine_em_trace{args.tag}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / f"refine_em_trace{args.tag}.md").write_text(markdown(result))
     print(markdown(result))
     return 0
 
