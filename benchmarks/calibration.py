@@ -19,10 +19,14 @@ What is measured (issue 6):
 3. osmFISH pseudo-spots (real single-cell data binned into 100 µm squares; the truth is each
    cell's held-out counts): coverage of the per-cell counts (``counts_osmfish``). Skipped
    with a note when ``../shared/data/osmfish_sscortex`` is absent or with ``--no-osmfish``.
-4. Simulation-based calibration (:func:`pyrospatial.diagnostics.sbc_toy`) of SVI's global
+4. Reference-based deconvolution (:func:`pyrospatial.deconvolve`, issue 5) on the same
+   osmFISH pseudo-spots as ``benchmarks/deconvolution.py`` (its split, 100 and 50 µm squares;
+   the truth is each spot's cell-type counts): coverage of the per-spot cell-type counts
+   (``cell_type_counts_osmfish_{100,50}um``), also split into truly present and absent types.
+5. Simulation-based calibration (:func:`pyrospatial.diagnostics.sbc_toy`) of SVI's global
    parameter on two one-parameter models (conjugate Normal mean; Poisson log-rate), and the
    same check for a deliberately broken guide with its scale fixed at 0.01 (must fail).
-5. A tiny CORAL problem: NUTS (``pyro.infer.MCMC``) on the model's joint density, with the
+6. A tiny CORAL problem: NUTS (``pyro.infer.MCMC``) on the model's joint density, with the
    point-estimated parameters of the trained SVI fit held fixed, is the reference posterior of
    every latent entry (``z``, ``v``, ``cell_size``, ``rna_weight``); ``sd_ratio_median`` is the
    median over entries of sd(SVI guide) / sd(NUTS), ``mean_abs_diff_median`` the median of
@@ -31,8 +35,7 @@ What is measured (issue 6):
 
 Not measured here: interaction-matrix entries (the simulator's graph is a kNN graph thinned
 by an inner-product rule, whose type-pair means are not the model's all-pairs edge
-probability, so no truth exists for them) and cell-type abundances of the reference-based
-model (issue 5's benchmark).
+probability, so no truth exists for them).
 
 Writes ``OUT/calibration.json`` (keys ``coverage_90``, ``coverage_50``, ``edge_ece``,
 ``sbc_ks_pvalues``, ``svi_vs_nuts``, ``settings``) and ``OUT/calibration.md``.
@@ -168,6 +171,35 @@ def osmfish_record(settings: dict, pool: _Pool) -> dict | None:
     return record
 
 
+def abundance_records(settings: dict, pool: _Pool) -> dict:
+    """Coverage of the reference-based model's per-spot cell-type counts on osmFISH pseudo-spots
+    (the deconvolution benchmark's split and spots; API defaults): pooled as
+    ``cell_type_counts_{dataset}``, with the truly present / absent types apart."""
+    from pyrospatial.datasets import shared_data_dir
+
+    root = shared_data_dir()
+    if root is None or not (Path(root) / "osmfish_sscortex").exists():
+        return {"skipped": "osmFISH data not found under the shared data folder"}
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from deconvolution import make_datasets
+    from deconvolution_pit import abundance_draws
+
+    records = {}
+    for name, (reference, spots) in make_datasets(settings["quick"]).items():
+        draws, truth, seconds = abundance_draws(reference, spots)
+        record: dict = {"all": pool.add(f"cell_type_counts_{name}", draws, truth), "seconds": seconds,
+                        "zero_fraction_of_truth": float(np.mean(truth == 0))}
+        for subset, mask in (("present", truth > 0), ("absent", truth == 0)):
+            masked = np.where(mask, truth, np.nan)
+            record[subset] = {
+                "interval": dict(zip(LEVELS, dg.interval_coverage_by_level(draws, masked, LEVELS).tolist())),
+                "pit": dict(zip(LEVELS, dg.pit_coverage_by_level(draws, masked, LEVELS).tolist())),
+            }
+        print(json.dumps({name: record}, default=float), flush=True)
+        records[name] = record
+    return records
+
+
 def sbc_pvalues(settings: dict) -> dict[str, float]:
     out = {}
     for toy in dg.SBC_TOYS:
@@ -228,6 +260,11 @@ def svi_vs_nuts(settings: dict) -> tuple[dict, dict]:
     for s in ("z", "v", "cell_size"):
         nuts[s] = nuts[s][:, order]
     return _compare(svi, nuts, sites), _compare(refined, nuts, sites)
+
+
+def _level(d: dict, level: float) -> float:
+    """A coverage dict's value at ``level`` (float keys in memory, string keys once read from JSON)."""
+    return d[level] if level in d else d[str(level)]
 
 
 def markdown(result: dict, records: list[dict], command: str) -> str:
@@ -299,7 +336,21 @@ def markdown(result: dict, records: list[dict], command: str) -> str:
     osm = s.get("osmfish")
     if osm:
         lines += ["", f"osmFISH: {json.dumps(osm)}"]
-    lines += ["", f"Settings: {json.dumps({k: v for k, v in s.items() if k not in ('per_simulation', 'osmfish')})}", ""]
+    abundance = s.get("abundance") or {}
+    if abundance and all(isinstance(r, dict) and "all" in r for r in abundance.values()):
+        lines += ["", "Reference-based deconvolution, per-spot cell-type counts on osmFISH (90%: interval / PIT):", "",
+                  "| dataset | all entries | truly present types | absent types | zero fraction of truth |",
+                  "|---|---:|---:|---:|---:|"]
+        for name, r in abundance.items():
+            cells = []
+            for subset in ("all", "present", "absent"):
+                c = r[subset]  # "all": as pooled (levels + "pit"); the others: "interval" and "pit"
+                interval = c if subset == "all" else c["interval"]
+                cells.append(f"{_level(interval, 0.9):.3f} / {_level(c['pit'], 0.9):.3f}")
+            lines.append(f"| {name} | " + " | ".join(cells) + f" | {r['zero_fraction_of_truth']:.3f} |")
+    elif abundance:
+        lines += ["", f"Reference-based deconvolution: {json.dumps(abundance)}"]
+    lines += ["", f"Settings: {json.dumps({k: v for k, v in s.items() if k not in ('per_simulation', 'osmfish', 'abundance')})}", ""]
     return "\n".join(lines)
 
 
@@ -337,8 +388,7 @@ def main(argv: list[str] | None = None) -> int:
         "v_sign_alignment": "per cell type, sign of corr(posterior mean, truth)",
         "svi_vs_nuts_definition": "median over latent entries of sd(SVI)/sd(NUTS) and |mean(SVI)-mean(NUTS)|/sd(NUTS); "
                                   "model parameters fixed at the SVI point estimates",
-        "not_measured": ["interaction-matrix entries (no simulator truth)",
-                         "cell-type abundances of the reference-based model (issue 5 benchmark)"],
+        "not_measured": ["interaction-matrix entries (no simulator truth)"],
         "torch_threads": torch.get_num_threads(), "platform": platform.platform(),
         "python": sys.version.split()[0], "versions": pyrospatial.infer.versions(),
     }
@@ -379,6 +429,11 @@ def main(argv: list[str] | None = None) -> int:
             settings["osmfish"] = osmfish_record(settings, pool)
         except Exception as error:  # recorded, not hidden: the other results stand
             settings["osmfish"] = {"failed": f"{type(error).__name__}: {error}"}
+        write()
+        try:
+            settings["abundance"] = abundance_records(settings, pool)
+        except Exception as error:  # recorded, not hidden: the other results stand
+            settings["abundance"] = {"failed": f"{type(error).__name__}: {error}"}
     result = write()
     records = state["records"]
     command = "OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 python benchmarks/calibration.py" + (" --quick" if q else "") + \

@@ -36,9 +36,13 @@ from pyrospatial import diagnostics as dg  # noqa: E402
 LEVELS = (0.5, 0.9)
 
 
-def score(name: str, reference, spots) -> dict:
+def abundance_draws(reference, spots) -> tuple[np.ndarray, np.ndarray, float]:
+    """pyrospatial's per-spot cell-type count draws ``(S, spots, types)`` (API defaults, seed 0),
+    the true counts ``(spots, types)`` (read, then removed from ``spots`` before the fit) and the
+    seconds the fit took; types in sorted order."""
     types = sorted(reference.obs["cell_type"].astype(str).unique())
     truth = spots.obsm["cell_type_counts"].reindex(columns=types, fill_value=0).to_numpy(float)
+    spots = spots.copy()
     del spots.obsm["cell_type_counts"]
     reference = reference.copy()
     reference.obs["cell_type"] = reference.obs["cell_type"].astype(str).astype("category")
@@ -46,8 +50,13 @@ def score(name: str, reference, spots) -> dict:
     out = ps.deconvolve(spots, reference, "cell_type", progress=False, seed=0, keep_draws=True)
     order = [list(out.uns["deconvolution"]["cell_types"]).index(t) for t in types]
     draws = out.uns["deconvolution"]["cell_count_draws"][:, :, order].astype(np.float64)
+    return draws, truth, time.perf_counter() - t0
+
+
+def score(name: str, reference, spots) -> dict:
+    draws, truth, seconds = abundance_draws(reference, spots)
     record = {"dataset": name, "n_spots": int(spots.n_obs), "n_draws": int(draws.shape[0]),
-              "zero_fraction_of_truth": float(np.mean(truth == 0)), "seconds": time.perf_counter() - t0}
+              "zero_fraction_of_truth": float(np.mean(truth == 0)), "seconds": seconds}
     for subset, mask in (("all", np.ones_like(truth, dtype=bool)), ("present", truth > 0), ("absent", truth == 0)):
         t = np.where(mask, truth, np.nan)
         record[subset] = {
