@@ -42,21 +42,25 @@ untouched).
 
 Caveat on ``theta_g``: EM runs for the warm-up only (default 100 transitions), and ``theta_g``
 has not settled by then. On simulations it passes the simulator's value near step 100 and
-keeps rising with a longer warm-up: 27 and 45 after 400 steps, against 11 and 10. The spot
+keeps rising with a longer warm-up: 29 and 46 after 400 steps, against 11 and 10. The spot
 sums cannot tell per-cell count noise from per-cell variation of the expected expression, so
 its marginal likelihood is flat or rising in ``theta_g``. The default warm-up therefore acts
-as early stopping. Over-long warm-ups cost some coverage: per-cell RNA 0.87 against 0.90, and
-counts 0.89 against 0.93, on 300 cells (``benchmarks/results/refine_em_trace.md``).
+as early stopping. Over-long warm-ups cost coverage on small data: 90% PIT coverage of
+per-cell RNA 0.866 against 0.898, and of counts 0.884 against 0.924, on 300 cells. On 600
+cells the cost is 0.935 against 0.937, and 0.924 against 0.936
+(``benchmarks/results/refine_em_trace.md``).
 
 Not re-estimated by default: the prior scales of the RNA read-out (``rna_weight_scale``,
 ``rna_type_scale``, ``rna_slope_scale``). Their marginal-likelihood estimate shrinks the
-read-out (on 300-600 simulated cells ``tau`` halves and ``tau_c`` falls 2-6 fold within 100
-EM steps and keeps falling) and the per-cell RNA posterior becomes biased towards the gene
-baseline and too narrow: 90% intervals covered 0.68-0.87 of the simulated truth, against
-0.88-0.94 with the ELBO's estimates kept (``benchmarks/results/refine_em_trace.md`` and
-``calibration.md``). A few hundred spot sums identify the read-out's scale poorly, and
-empirical Bayes then under-states the read-out's uncertainty. Pass them in ``em_params`` to
-re-estimate them anyway.
+read-out: on 300-600 simulated cells, ``tau`` halves and ``tau_c`` falls 3-4 fold within 100
+EM steps, and both keep falling (``benchmarks/results/refine_em_trace_readout_scales.md``).
+The per-cell RNA posterior then becomes biased towards the gene baseline and too narrow. With
+that earlier default, 90% intervals covered 0.834 of the simulated truth, pooled, and 0.72-0.87
+per simulation (the calibration benchmark at stop 10, in git history). With the ELBO's
+estimates kept they cover 0.937 pooled, and 0.91-0.96 per simulation
+(``benchmarks/results/calibration.md``). A few hundred spot sums identify the read-out's
+scale poorly, and empirical Bayes then under-states the read-out's uncertainty. Pass the
+scales in ``em_params`` to re-estimate them anyway.
 
 Sampler details
 ---------------
