@@ -203,14 +203,14 @@ def _multinomial_split(totals: np.ndarray, weights: np.ndarray, rng: np.random.G
 # interactions
 # ------------------------------------------------------------------------------------------
 def interaction_matrix(
-    edge_prob_draws: np.ndarray, edges: np.ndarray, cell_type: np.ndarray, n_types: int
+    edge_prob_draws: np.ndarray, edges: np.ndarray, cell_type: np.ndarray, n_types: int, *, keep_draws: bool = False
 ) -> dict[str, np.ndarray]:
     """Cell-type x cell-type interaction scores with posterior intervals.
 
     For draw ``s``, entry ``(a, b)`` is the mean edge probability over the graph's edges that
     join a type-``a`` cell and a type-``b`` cell (symmetric); the result summarises the
     draws: ``mean``, ``sd``, ``q05``, ``q50``, ``q95`` (T, T) and ``n_edges`` (T, T); pairs
-    with no edge are NaN.
+    with no edge are NaN. ``keep_draws``: also ``draws`` (S, T, T), one matrix per draw.
     """
     edge_prob_draws = np.asarray(edge_prob_draws)
     a, b = cell_type[edges[0]], cell_type[edges[1]]
@@ -221,6 +221,8 @@ def interaction_matrix(
     with np.errstate(invalid="ignore", divide="ignore"):
         per_draw = (sums / n_edges).reshape(-1, n_types, n_types)
     out = summarise_draws(per_draw)
+    if keep_draws:
+        out["draws"] = per_draw
     out["n_edges"] = (n_edges / 2).reshape(n_types, n_types) + np.diag(np.diag((n_edges / 2).reshape(n_types, n_types)))
     return out
 

@@ -211,6 +211,7 @@ def simulate_tissue(
     k_neighbors: int = 6,
     edge_z_scale: float = 0.0,
     edge_bias: float = 2.0,
+    edge_candidates: str = "knn",
 ) -> SimulatedTissue:
     """Simulate a layered tissue from the CORAL generative model family, with truth.
 
@@ -247,7 +248,10 @@ def simulate_tissue(
        ``edge_z_scale > 0`` each undirected kNN edge is kept with probability
        ``sigmoid(edge_bias + edge_z_scale * z_i . z_j / z_dim)`` (inner-product decoder),
        so edge presence carries signal about ``z``; with ``0`` (default) all kNN edges are
-       kept.
+       kept. With ``edge_candidates="all"`` every pair of cells is a candidate instead (no
+       kNN): ``A_ij ~ Bernoulli(sigmoid(edge_bias + edge_z_scale * z_i . z_j / z_dim))``, the
+       form of CORAL's own edge likelihood, so the true probability of every observed edge is
+       known (``truth["edge_prob"]``, aligned with ``truth["edge_index"]``).
 
     Note that the spot counts are a sum of per-cell negative binomials: mean
     ``L sum_i rho_ig`` (the spot-sum model's mean with ``l_j = L``) and variance
@@ -289,6 +293,8 @@ def simulate_tissue(
         ``k`` of the kNN cell graph.
     edge_z_scale, edge_bias
         Edge-keeping logits (see step 8).
+    edge_candidates
+        ``"knn"`` (default): the kNN pairs, thinned; ``"all"``: every pair (step 8).
 
     Returns
     -------
@@ -312,6 +318,8 @@ def simulate_tissue(
     """
     if spot_layout not in _SPOT_LAYOUTS:
         raise ValueError(f"spot_layout must be one of {_SPOT_LAYOUTS}, got {spot_layout!r}")
+    if edge_candidates not in ("knn", "all"):
+        raise ValueError(f"edge_candidates must be 'knn' or 'all', got {edge_candidates!r}")
     if n_cells < 2 or n_types < 1 or n_proteins < 1 or n_genes < 1 or v_dim < 1 or z_dim < 1:
         raise ValueError("n_cells >= 2 and n_types, n_proteins, n_genes, v_dim, z_dim >= 1 required")
     if spot_diameter <= 0 or cells_per_spot <= 0:
@@ -333,6 +341,7 @@ def simulate_tissue(
         protein_concentration=protein_concentration, rna_library=rna_library,
         size_factor_sd=size_factor_sd, rna_inverse_dispersion=rna_inverse_dispersion,
         k_neighbors=k_neighbors, edge_z_scale=edge_z_scale, edge_bias=edge_bias,
+        edge_candidates=edge_candidates,
     )
     rng = np.random.default_rng(seed)
     n, T, P, G, d = n_cells, n_types, n_proteins, n_genes, float(spot_diameter)
@@ -426,6 +435,13 @@ def simulate_tissue(
     keep_pair_edge = keep_pair[pair_inv.reshape(-1)]
     edge_index = knn[:, keep_pair_edge]
     knn_edge_prob = p_keep[pair_inv.reshape(-1)]
+    edge_prob = knn_edge_prob[keep_pair_edge]
+    if edge_candidates == "all":                                         # every pair i < j
+        lo, hi = np.triu_indices(n, 1)
+        p_all = _sigmoid(edge_bias + edge_z_scale * np.einsum("ez,ez->e", z[lo], z[hi]) / z_dim)
+        kept = rng.uniform(size=len(lo)) < p_all                         # A_ij ~ Bernoulli
+        edge_index = np.concatenate([np.stack([lo[kept], hi[kept]]), np.stack([hi[kept], lo[kept]])], axis=1)
+        edge_prob = np.concatenate([p_all[kept], p_all[kept]])
 
     # AnnData -------------------------------------------------------------------------
     cell_names = pd.Index([f"cell{i}" for i in range(n)])
@@ -472,6 +488,7 @@ def simulate_tissue(
         "protein_library": l_y,
         "expected_protein": y_mean,
         "edge_index": edge_index,
+        "edge_prob": edge_prob,
         "knn_edge_index": knn,
         "knn_edge_prob": knn_edge_prob,
     }

@@ -115,6 +115,9 @@ def test_interaction_matrix_recovers_type_pair_probabilities():
     np.testing.assert_allclose(result["mean"], result["mean"].T)
     assert (result["q05"] <= result["mean"]).all() and (result["mean"] <= result["q95"]).all()
     assert result["n_edges"].sum() > 0
+    kept = interaction_matrix(draws, edges, cell_type, 3, keep_draws=True)["draws"]
+    assert kept.shape == (50, 3, 3)
+    np.testing.assert_allclose(kept.mean(0), result["mean"])
 
 
 def test_spatial_domains_and_confidence():

@@ -190,9 +190,27 @@ def test_edges(sim: SimulatedTissue) -> None:
     assert s.truth["knn_edge_prob"].shape == (knn.shape[1],)
 
 
+def test_all_pair_edges_follow_their_true_probabilities() -> None:
+    """edge_candidates="all": every pair is a Bernoulli(sigmoid(b + s z.z'/K)) draw; the edges'
+    recorded probabilities are those of the rule, and the graph's size matches their sum over
+    all pairs (a sum of 4950 Bernoullis: sd ~ sqrt(sum p) < 20, so 4 sd is 80 edges)."""
+    s = simulate_tissue(n_cells=100, n_genes=5, n_proteins=3, seed=2, edge_z_scale=2.0, edge_bias=-3.0,
+                        edge_candidates="all")
+    ei, p, z = s.truth["edge_index"], s.truth["edge_prob"], s.truth["z"]
+    assert ei.shape[1] == p.shape[0] and (ei[0] != ei[1]).all()
+    expected = 1.0 / (1.0 + np.exp(-(-3.0 + 2.0 * np.einsum("ez,ez->e", z[ei[0]], z[ei[1]]) / z.shape[1])))
+    np.testing.assert_allclose(p, expected, rtol=1e-10)
+    lo, hi = np.triu_indices(100, 1)
+    p_all = 1.0 / (1.0 + np.exp(-(-3.0 + 2.0 * np.einsum("ez,ez->e", z[lo], z[hi]) / z.shape[1])))
+    assert abs(ei.shape[1] / 2 - p_all.sum()) < 4 * np.sqrt(p_all.sum())
+    assert set(zip(ei[0].tolist(), ei[1].tolist())) == set(zip(ei[1].tolist(), ei[0].tolist()))
+
+
 def test_bad_arguments() -> None:
     with pytest.raises(ValueError, match="spot_layout"):
         simulate_tissue(n_cells=100, spot_layout="triangle")
+    with pytest.raises(ValueError, match="edge_candidates"):
+        simulate_tissue(n_cells=100, edge_candidates="nearest")
     with pytest.raises(ValueError):
         simulate_tissue(n_cells=100, cells_per_spot=0)
 
