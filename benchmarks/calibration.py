@@ -33,9 +33,9 @@ What is measured (issue 6):
    |mean(SVI) - mean(NUTS)| / sd(NUTS). The same numbers for the HMC refinement are in
    ``settings["refine_vs_nuts"]``.
 
-Not measured here: interaction-matrix entries (the simulator's graph is a kNN graph thinned
-by an inner-product rule, whose type-pair means are not the model's all-pairs edge
-probability, so no truth exists for them).
+Measured elsewhere: interaction-matrix entries need simulations whose edges are drawn among
+all pairs by the model's own rule (the default simulator's graph is a thinned kNN graph, with
+no truth for them): ``benchmarks/interaction_calibration.py``.
 
 Writes ``OUT/calibration.json`` (keys ``coverage_90``, ``coverage_50``, ``edge_ece``,
 ``sbc_ks_pvalues``, ``svi_vs_nuts``, ``settings``) and ``OUT/calibration.md``.
@@ -388,7 +388,7 @@ def main(argv: list[str] | None = None) -> int:
         "v_sign_alignment": "per cell type, sign of corr(posterior mean, truth)",
         "svi_vs_nuts_definition": "median over latent entries of sd(SVI)/sd(NUTS) and |mean(SVI)-mean(NUTS)|/sd(NUTS); "
                                   "model parameters fixed at the SVI point estimates",
-        "not_measured": ["interaction-matrix entries (no simulator truth)"],
+        "not_measured": ["interaction-matrix entries: benchmarks/interaction_calibration.py"],
         "torch_threads": torch.get_num_threads(), "platform": platform.platform(),
         "python": sys.version.split()[0], "versions": pyrospatial.infer.versions(),
     }
