@@ -294,7 +294,8 @@ def simulate_tissue(
     edge_z_scale, edge_bias
         Edge-keeping logits (see step 8).
     edge_candidates
-        ``"knn"`` (default): the kNN pairs, thinned; ``"all"``: every pair (step 8).
+        ``"knn"`` (default): the kNN pairs, thinned; ``"all"``: every pair (step 8; memory
+        and time grow as ``n_cells^2``, meant for up to a few thousand cells).
 
     Returns
     -------
