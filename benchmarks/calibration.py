@@ -182,19 +182,14 @@ def abundance_records(settings: dict, pool: _Pool) -> dict:
         return {"skipped": "osmFISH data not found under the shared data folder"}
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from deconvolution import make_datasets
-    from deconvolution_pit import abundance_draws
+    from deconvolution_pit import abundance_draws, subset_coverage
 
     records = {}
     for name, (reference, spots) in make_datasets(settings["quick"]).items():
         draws, truth, seconds = abundance_draws(reference, spots)
         record: dict = {"all": pool.add(f"cell_type_counts_{name}", draws, truth), "seconds": seconds,
                         "zero_fraction_of_truth": float(np.mean(truth == 0))}
-        for subset, mask in (("present", truth > 0), ("absent", truth == 0)):
-            masked = np.where(mask, truth, np.nan)
-            record[subset] = {
-                "interval": dict(zip(LEVELS, dg.interval_coverage_by_level(draws, masked, LEVELS).tolist())),
-                "pit": dict(zip(LEVELS, dg.pit_coverage_by_level(draws, masked, LEVELS).tolist())),
-            }
+        record.update(subset_coverage(draws, truth, ("present", "absent")))
         print(json.dumps({name: record}, default=float), flush=True)
         records[name] = record
     return records

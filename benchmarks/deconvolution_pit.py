@@ -53,16 +53,25 @@ def abundance_draws(reference, spots) -> tuple[np.ndarray, np.ndarray, float]:
     return draws, truth, time.perf_counter() - t0
 
 
+def subset_coverage(draws: np.ndarray, truth: np.ndarray, subsets=("all", "present", "absent")) -> dict:
+    """Interval and PIT coverage at ``LEVELS`` over all entries, the truly present (truth > 0)
+    and the absent ones (truth == 0); level keys are strings, as in the JSON files."""
+    masks = {"all": np.ones_like(truth, dtype=bool), "present": truth > 0, "absent": truth == 0}
+    out = {}
+    for subset in subsets:
+        t = np.where(masks[subset], truth, np.nan)
+        out[subset] = {
+            "interval": dict(zip(map(str, LEVELS), dg.interval_coverage_by_level(draws, t, LEVELS).tolist())),
+            "pit": dict(zip(map(str, LEVELS), dg.pit_coverage_by_level(draws, t, LEVELS).tolist())),
+        }
+    return out
+
+
 def score(name: str, reference, spots) -> dict:
     draws, truth, seconds = abundance_draws(reference, spots)
     record = {"dataset": name, "n_spots": int(spots.n_obs), "n_draws": int(draws.shape[0]),
               "zero_fraction_of_truth": float(np.mean(truth == 0)), "seconds": seconds}
-    for subset, mask in (("all", np.ones_like(truth, dtype=bool)), ("present", truth > 0), ("absent", truth == 0)):
-        t = np.where(mask, truth, np.nan)
-        record[subset] = {
-            "interval": dict(zip(map(str, LEVELS), dg.interval_coverage_by_level(draws, t, LEVELS).tolist())),
-            "pit": dict(zip(map(str, LEVELS), dg.pit_coverage_by_level(draws, t, LEVELS).tolist())),
-        }
+    record.update(subset_coverage(draws, truth))
     print(json.dumps(record), flush=True)
     return record
 
