@@ -262,6 +262,12 @@ class EdgeDecoder(PyroModule):
     def forward(self, z: torch.Tensor, pairs: torch.Tensor) -> torch.Tensor:
         """Logits ``(..., K)`` for the ``(2, K)`` index ``pairs`` into the cells of ``z (..., n, z_dim)``."""
         W = 0.5 * (self.weight + self.weight.T)
+        n = z.shape[-2]
+        if pairs.shape[1] * 8 > n * n:
+            # many pairs (e.g. every non-adjacent pair of a small tissue): one dense product
+            # z W z^T and a scalar gather are ~10x faster than gathering two vectors per pair
+            logits = (z @ W) @ z.transpose(-1, -2)
+            return logits.flatten(-2).index_select(-1, pairs[0] * n + pairs[1]) + self.bias
         zi = z.index_select(-2, pairs[0])
         zj = z.index_select(-2, pairs[1])
         return ((zi @ W) * zj).sum(-1) + self.bias

@@ -446,6 +446,22 @@ def test_likelihood_blocks_moments_and_prior_heads():
     assert EdgeDecoder(3)(torch.randn(4, 3), torch.zeros(2, 0, dtype=torch.long)).shape == (0,)
 
 
+def test_edge_decoder_dense_path_matches_pairwise_formula():
+    """Many pairs take the dense z W z^T path: same logits as f(z_i, z_j) pair by pair, also
+    under a leading chain dimension."""
+    torch.manual_seed(0)
+    decoder = EdgeDecoder(3, bias_init=-1.5)
+    with torch.no_grad():
+        decoder.weight.copy_(torch.randn(3, 3))
+    z = torch.randn(2, 6, 3)  # (chains, cells, z_dim)
+    all_pairs = torch.triu_indices(6, 6, 1)  # 15 pairs > 6 * 6 / 8: dense
+    few_pairs = all_pairs[:, :4]  # 4 pairs: gathered
+    W = 0.5 * (decoder.weight + decoder.weight.T)
+    by_hand = torch.einsum("cpk,kl,cpl->cp", z[:, all_pairs[0]], W, z[:, all_pairs[1]]) + decoder.bias
+    torch.testing.assert_close(decoder(z, all_pairs), by_hand)
+    torch.testing.assert_close(decoder(z, few_pairs), by_hand[:, :4])
+
+
 # ----------------------------------------------------------------------------- predictive
 
 
