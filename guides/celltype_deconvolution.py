@@ -28,8 +28,9 @@ class CellTypeDeconvolutionGuide(PyroModule):
     widens without bound in log space for absent types, and its mean, dominated by the tail,
     blew the spot totals up (measured on osmFISH pseudo-spots: ~230 cells per spot for 8 true);
     a Gamma ``q`` can match the prior's spike at 0. (2) The starting point: the abundances' mean
-    from a non-negative least-squares fit of the spots on the reference signatures
-    (``init_abundance``), the signatures from the reference prior. The fit then moves from
+    ``init_abundance``, which :func:`pyrospatial.deconvolve` sets to a blend of a non-negative
+    least-squares fit of the spots on the reference signatures and the prior mean
+    (:func:`pyrospatial.deconvolution.guide_start`), the signatures from the reference prior. The fit then moves from
     that start for a set number of steps (:func:`pyrospatial.deconvolve` documents how its
     default was chosen: held-out-gene prediction, no ground truth). Local parameters are
     indexed by ``batch.spot_index``, so minibatches work.
@@ -52,7 +53,8 @@ class CellTypeDeconvolutionGuide(PyroModule):
     signature_shape, signature_rate
         The model's signature prior (``(T, G)``).
     init_abundance
-        ``(n_spots, T)`` starting abundances (e.g. non-negative least squares), floored at
+        ``(n_spots, T)`` starting abundances (e.g. non-negative least squares, or its blend with
+        the prior mean), floored at
         ``0.05`` cells.
     detection
         Whether the model has the ``detection`` site (``detection_cv > 0``).

@@ -16,6 +16,7 @@ from pyrospatial.deconvolution import (
     NoSharedGenesError,
     ReferenceTypeError,
     SpotCounts,
+    guide_start,
     nnls_abundance,
     signature_prior,
 )
@@ -201,6 +202,19 @@ def test_chunks_partition_the_spots(simulated):
     data = SpotCounts(np.asarray(spots.X), spots.obsm["spatial"], N_TYPES)
     seen = np.concatenate([b.spot_index.numpy() for b in data.chunks(7)])
     assert sorted(seen) == list(range(spots.n_obs))
+
+
+def test_guide_start_blends_nnls_with_the_prior_mean():
+    nnls = np.array([[4.0, 0.0, 0.0], [0.0, 2.0, 2.0]])
+    freq = np.array([0.5, 0.25, 0.25])
+    hint = np.array([4.0, 8.0])
+    np.testing.assert_allclose(guide_start(nnls, hint, freq, 0.0), nnls)
+    np.testing.assert_allclose(guide_start(nnls, hint, freq, 1.0), hint[:, None] * freq)
+    half = guide_start(nnls, 4.0, freq, 0.5)  # a scalar hint too
+    np.testing.assert_allclose(half, [[3.0, 0.5, 0.5], [1.0, 1.5, 1.5]])
+    assert (guide_start(nnls, hint, freq, 0.75) > 0).all()  # every type starts present
+    with pytest.raises(ps.errors.InputError):
+        guide_start(nnls, hint, freq, 1.5)
 
 
 def test_signature_prior_matches_reference_means(simulated):
