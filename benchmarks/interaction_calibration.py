@@ -13,8 +13,9 @@ edges joining a type-``a`` and a type-``b`` cell, which is exactly what
 
 For each simulation: CORAL is trained on the true graph, then the coverage of the 90% and 50%
 intervals of the T(T+1)/2 distinct entries is scored (interval read off the draws, and the
-randomised PIT), pooled over simulations, for the default posterior (``method="refine"``) and
-the guide's draws. Also the expected calibration error of the per-edge probabilities (edges
+randomised PIT), pooled over simulations, for the default posterior (``method="refine"``), the
+refinement that also conditions on the graph (``graph=True``) and the guide's draws; each starts
+from the same trained model. Also the expected calibration error of the per-edge probabilities (edges
 and weighted non-edges) and the mean absolute error of the entries.
 
 Writes ``OUT/interaction_calibration.json`` and ``OUT/interaction_calibration.md``.
@@ -23,6 +24,7 @@ Writes ``OUT/interaction_calibration.json`` and ``OUT/interaction_calibration.md
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 import time
@@ -38,6 +40,16 @@ from pyrospatial.coral import CORAL
 from pyrospatial.data import SpatialDataset
 
 LEVELS = (0.5, 0.9)
+#: model variants trained per simulation (CORAL model_kwargs)
+MODELS = {"point": {}, "bayes_edge": {"bayesian_edge_decoder": True}}
+#: posteriors compared: the model variant, CORAL.sample's method and its keyword arguments
+METHODS = {
+    "refine": ("point", "refine", {}),
+    "refine_graph": ("point", "refine", {"graph": True}),
+    "guide": ("point", "guide", {}),
+    "bayes_edge_refine": ("bayes_edge", "refine", {}),
+    "bayes_edge_refine_graph": ("bayes_edge", "refine", {"graph": True}),
+}
 
 
 def true_interactions(tissue, edges: np.ndarray, cell_type: np.ndarray, n_types: int) -> np.ndarray:
@@ -49,7 +61,7 @@ def true_interactions(tissue, edges: np.ndarray, cell_type: np.ndarray, n_types:
     return interaction_matrix(prob[None], edges, cell_type, n_types)["mean"]
 
 
-def run_case(n_cells: int, seed: int, settings: dict) -> dict:
+def run_case(n_cells: int, seed: int, settings: dict, methods: list[str]) -> dict:
     t0 = time.perf_counter()
     tissue = pyrospatial.sim.simulate_tissue(
         n_cells=n_cells, n_types=settings["n_types"], n_proteins=settings["n_proteins"], n_genes=settings["n_genes"],
@@ -57,15 +69,23 @@ def run_case(n_cells: int, seed: int, settings: dict) -> dict:
     )
     dataset = SpatialDataset.from_anndata(tissue.cells, tissue.spots, cell_type_key="cell_type",
                                           spot_diameter=55.0).with_edges(tissue.truth["edge_index"])
-    coral = CORAL(tissue.cells, tissue.spots, dataset=dataset)
-    coral.train(max_epochs=settings["epochs"], batch_size=None, seed=seed, progress=False)
     T = dataset.n_types
     truth = true_interactions(tissue, dataset.edges, dataset.cell_type, T)
     upper = np.triu_indices(T)
     record = {"n_cells": n_cells, "seed": seed, "n_edges": int(dataset.n_edges),
               "truth": truth[upper].tolist()}
-    for method in ("refine", "guide"):
-        coral.sample(settings["num_samples"], method=method, seed=seed)
+    fitted = {}
+    for name in dict.fromkeys(METHODS[m][0] for m in methods):
+        coral = CORAL(tissue.cells, tissue.spots, dataset=dataset, model_kwargs=MODELS[name])
+        coral.train(max_epochs=settings["epochs"], batch_size=None, seed=seed, progress=False)
+        fitted[name] = (coral, copy.deepcopy(coral.model.state_dict()))
+    for method in methods:
+        variant, kind, kwargs = METHODS[method]
+        coral, trained = fitted[variant]
+        coral.model.load_state_dict(trained)  # each posterior starts from the trained model (EM is in place)
+        coral.refined = False
+        t_method = time.perf_counter()
+        coral.sample(settings["num_samples"], method=kind, seed=seed, **kwargs)
         draws = interaction_matrix(coral.posterior.edge_prob, dataset.edges, dataset.cell_type, T,
                                    keep_draws=True)["draws"][:, upper[0], upper[1]]
         record[method] = {
@@ -74,6 +94,7 @@ def run_case(n_cells: int, seed: int, settings: dict) -> dict:
             "abs_error_mean": float(np.abs(draws.mean(0) - truth[upper]).mean()),
             "sd_mean": float(draws.std(0).mean()),
             "posterior_mean": draws.mean(0).tolist(),
+            "seconds": time.perf_counter() - t_method,
         }
     record["seconds"] = time.perf_counter() - t0
     print(json.dumps(record), flush=True)
@@ -97,15 +118,21 @@ def markdown(result: dict) -> str:
              "[0.85, 0.95].", "",
              "| posterior | 90% interval | 90% PIT | 50% interval | 50% PIT | mean abs. error | mean posterior sd |",
              "|---|---:|---:|---:|---:|---:|---:|"]
-    for method in ("refine", "guide"):
+    methods = list(result["coverage"])
+    for method in methods:
         c = result["coverage"][method]
         lines.append(f"| {method} | {c['interval']['0.9']:.3f} | {c['pit']['0.9']:.3f} | {c['interval']['0.5']:.3f} | "
                      f"{c['pit']['0.5']:.3f} | {c['abs_error_mean']:.4f} | {c['sd_mean']:.4f} |")
-    lines += ["", "Per simulation (refine, 90% interval / PIT):", "", "| cells | seed | edges | coverage | s |",
-              "|---:|---:|---:|---:|---:|"]
+    lines += ["", "Posteriors: `refine`, CORAL's default (`sample()`); `refine_graph`, `sample(graph=True)`, which "
+              "also conditions on the graph and re-estimates the edge decoder by EM; `guide`, the amortised guide's "
+              "draws; `bayes_edge_*`, the same with `CORAL(..., model_kwargs={\"bayesian_edge_decoder\": True})` "
+              "(the edge decoder a latent: without `graph=True` it keeps the guide's draws, with it HMC samples it "
+              "jointly with the cells).", "",
+              "Per simulation (90% PIT coverage, mean abs. error, seconds of sampling):", "",
+              "| cells | seed | edges | " + " | ".join(methods) + " |", "|---:|---:|---:|" + "---:|" * len(methods)]
     for r in result["records"]:
-        lines.append(f"| {r['n_cells']} | {r['seed']} | {r['n_edges']} | {r['refine']['interval'][1]:.3f} / "
-                     f"{r['refine']['pit'][1]:.3f} | {r['seconds']:.0f} |")
+        cells = " | ".join(f"{r[m]['pit'][1]:.3f}, {r[m]['abs_error_mean']:.4f}, {r[m]['seconds']:.0f}" for m in methods)
+        lines.append(f"| {r['n_cells']} | {r['seed']} | {r['n_edges']} | {cells} |")
     lines += ["", f"Versions: {json.dumps(result['versions'])}", ""]
     return "\n".join(lines)
 
@@ -114,17 +141,24 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="one small simulation, a short fit")
     parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {list(METHODS)}")
+    parser.add_argument("--seeds", default=None, help="comma-separated seeds (default 0-4, --quick: 0)")
     args = parser.parse_args(argv)
+    methods = args.methods.split(",")
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown:
+        parser.error(f"--methods: unknown {unknown}; choose from {list(METHODS)}")
     torch.set_num_threads(1)
     q = args.quick
-    settings = {"sizes": [300] if q else [400], "seeds": [0] if q else [0, 1, 2, 3, 4], "n_types": 3,
+    seeds = [int(x) for x in args.seeds.split(",")] if args.seeds else ([0] if q else [0, 1, 2, 3, 4])
+    settings = {"sizes": [300] if q else [400], "seeds": seeds, "n_types": 3,
                 "n_genes": 30, "n_proteins": 10, "epochs": 60 if q else 150, "num_samples": 40 if q else 200,
                 "edge_bias": -4.0, "edge_z_scale": 1.0}
-    records = [run_case(n, seed, settings) for n in settings["sizes"] for seed in settings["seeds"]]
+    records = [run_case(n, seed, settings, methods) for n in settings["sizes"] for seed in settings["seeds"]]
     coverage = {m: {"interval": pooled(records, m, "interval"), "pit": pooled(records, m, "pit"),
                     "abs_error_mean": float(np.mean([r[m]["abs_error_mean"] for r in records])),
-                    "sd_mean": float(np.mean([r[m]["sd_mean"] for r in records]))} for m in ("refine", "guide")}
-    command = "OMP_NUM_THREADS=1 python benchmarks/interaction_calibration.py" + (" --quick" if q else "") + f" --out {args.out}"
+                    "sd_mean": float(np.mean([r[m]["sd_mean"] for r in records]))} for m in methods}
+    command = " ".join(["OMP_NUM_THREADS=1 python benchmarks/interaction_calibration.py"] + (argv if argv is not None else sys.argv[1:]))
     result = {"command": command, "settings": settings, "coverage": coverage, "records": records,
               "versions": pyrospatial.infer.versions()}
     out = Path(args.out)

@@ -61,6 +61,8 @@ class CoralGuide(PyroModule):
         [q(l_j)       = LogNormal(MLP_l([std(log1p(X_j / l_j * 1e4)), log(l_j / n_j) - a0]))
                                                                           "spot_capture"]
         [q(omega_g)   = Normal(m_g, diag(s_g^2))   per gene, plate "genes"   "rna_weight"]
+        [q(upper(W_e)) = Normal(m_W, diag(s_W^2)),  q(b_e) = Normal(m_b, s_b^2)
+                                                        "edge_weight", "edge_bias"]
 
     ``A`` is ``batch.edge_index`` with self loops added by GATConv. Both GATConv layers have
     a residual (linear skip) connection, so a cell's own input is not averaged away by its
@@ -97,6 +99,10 @@ class CoralGuide(PyroModule):
         model: build the guide with ``from_dataset(dataset, model=model)``.
     weight_init_scale
         Initial standard deviation of ``q(omega)``.
+    bayesian_edge_decoder, edge_bias_init
+        Whether the model's edge decoder is a latent (then ``q`` of its free entries and bias
+        start at the model's prior means, ``edge_bias_init`` for the bias, with standard
+        deviation 0.01); must match the model.
     cell_library_mean
         ``lbar`` (mean protein library of the data set); None uses the batch mean.
     size_loc_init
@@ -123,6 +129,8 @@ class CoralGuide(PyroModule):
         bayesian_decoder: bool = True,
         decoder_hidden: int | None = None,
         weight_init_scale: float = 0.1,
+        bayesian_edge_decoder: bool = False,
+        edge_bias_init: float = 0.0,
         cell_library_mean: float | None = None,
         size_loc_init: float = 0.0,
         init_scale: float = 0.1,
@@ -158,6 +166,13 @@ class CoralGuide(PyroModule):
             self.rna_weight_scale = PyroParam(
                 torch.full((self.n_genes, self.decoder_hidden), float(weight_init_scale)), constraint=constraints.positive
             )
+        self.bayesian_edge_decoder = bool(bayesian_edge_decoder)
+        if self.bayesian_edge_decoder:  # q(W_e, b_e): mean-field Normal, starting at the prior means
+            rows, cols = torch.triu_indices(self.z_dim, self.z_dim)
+            self.edge_weight_loc = nn.Parameter((rows == cols).float() / math.sqrt(self.z_dim))
+            self.edge_weight_scale = PyroParam(torch.full((rows.numel(),), 0.01), constraint=constraints.positive)
+            self.edge_bias_loc = nn.Parameter(torch.tensor(float(edge_bias_init)))
+            self.edge_bias_scale = PyroParam(torch.tensor(0.01), constraint=constraints.positive)
 
     # ------------------------------------------------------------------------------------
     @classmethod
@@ -174,6 +189,8 @@ class CoralGuide(PyroModule):
             init.update(
                 z_dim=model.z_dim, v_dim=model.v_dim, capture=model.capture_sd is not None,
                 bayesian_decoder=model.bayesian_decoder, decoder_hidden=model.rna_width,
+                bayesian_edge_decoder=getattr(model, "bayesian_edge_decoder", False),
+                edge_bias_init=getattr(model, "edge_bias_init", 0.0),
             )
         init.update(kwargs)
         return cls(int(dataset.n_types), int(dataset.n_features), int(dataset.n_genes), **init)
@@ -220,11 +237,15 @@ class CoralGuide(PyroModule):
 
     # ------------------------------------------------------------------------------------
     def forward(self, batch: Batch, predictive: bool = False) -> None:
-        """Sample ``rna_weight`` (with ``bayesian_decoder``) and the local latents ``z``,
+        """Sample ``rna_weight`` (with ``bayesian_decoder``), ``edge_weight`` and ``edge_bias``
+        (with ``bayesian_edge_decoder``) and the local latents ``z``,
         ``v``, ``cell_size`` (and ``spot_capture``)."""
         if self.bayesian_decoder:
             with pyro.plate("genes", self.n_genes, dim=-1):
                 pyro.sample("rna_weight", dist.Normal(self.rna_weight_loc, self.rna_weight_scale).to_event(1))
+        if self.bayesian_edge_decoder:
+            pyro.sample("edge_weight", dist.Normal(self.edge_weight_loc, self.edge_weight_scale).to_event(1))
+            pyro.sample("edge_bias", dist.Normal(self.edge_bias_loc, self.edge_bias_scale))
         e, onehot, has_spot, u = self.cell_inputs(batch)
         z_loc, z_scale = self._encode(e, batch.edge_index)
         lib_y = batch.cell_library

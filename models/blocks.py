@@ -249,28 +249,53 @@ def spot_sum_negative_binomial(
 class EdgeDecoder(PyroModule):
     """Edge logits ``f(z_i, z_i') = z_i^T W z_i' + b`` with ``W`` symmetric.
 
-    ``W = (M + M^T) / 2`` (so ``f`` is symmetric in its arguments) is initialised at
-    ``I / sqrt(z_dim)`` (a scaled inner product); ``b`` is a bias. Both are point estimates.
+    Point estimates (default): ``W = (M + M^T) / 2`` (so ``f`` is symmetric in its arguments),
+    initialised at ``I / sqrt(z_dim)`` (a scaled inner product), and a bias ``b``.
+    ``point_estimates=False`` registers no parameters: the caller passes draws of ``W`` and
+    ``b`` (a Bayesian decoder, e.g. CORAL's ``bayesian_edge_decoder``; see
+    :func:`symmetric_from_upper`).
     """
 
-    def __init__(self, z_dim: int, bias_init: float = 0.0) -> None:
+    def __init__(self, z_dim: int, bias_init: float = 0.0, point_estimates: bool = True) -> None:
         super().__init__()
         self.z_dim = int(z_dim)
-        self.weight = nn.Parameter(torch.eye(self.z_dim) / math.sqrt(self.z_dim))
-        self.bias = nn.Parameter(torch.tensor(float(bias_init)))
+        self.point_estimates = bool(point_estimates)
+        if self.point_estimates:
+            self.weight = nn.Parameter(torch.eye(self.z_dim) / math.sqrt(self.z_dim))
+            self.bias = nn.Parameter(torch.tensor(float(bias_init)))
 
-    def forward(self, z: torch.Tensor, pairs: torch.Tensor) -> torch.Tensor:
-        """Logits ``(..., K)`` for the ``(2, K)`` index ``pairs`` into the cells of ``z (..., n, z_dim)``."""
-        W = 0.5 * (self.weight + self.weight.T)
+    def forward(
+        self, z: torch.Tensor, pairs: torch.Tensor, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Logits ``(..., K)`` for the ``(2, K)`` index ``pairs`` into the cells of ``z (..., n, z_dim)``.
+
+        ``weight (..., z_dim, z_dim)`` (symmetric) and ``bias (..., 1)``, with the leading dims
+        of ``z``, replace the point estimates (one decoder per draw or chain)."""
+        if weight is None:
+            if not self.point_estimates:
+                raise ValueError("this EdgeDecoder holds no point estimates: pass weight and bias draws.")
+            W, b = 0.5 * (self.weight + self.weight.T), self.bias
+        else:
+            W, b = weight, bias
         n = z.shape[-2]
         if pairs.shape[1] * 8 > n * n:
             # many pairs (e.g. every non-adjacent pair of a small tissue): one dense product
             # z W z^T and a scalar gather are ~10x faster than gathering two vectors per pair
             logits = (z @ W) @ z.transpose(-1, -2)
-            return logits.flatten(-2).index_select(-1, pairs[0] * n + pairs[1]) + self.bias
+            return logits.flatten(-2).index_select(-1, pairs[0] * n + pairs[1]) + b
         zi = z.index_select(-2, pairs[0])
         zj = z.index_select(-2, pairs[1])
-        return ((zi @ W) * zj).sum(-1) + self.bias
+        return ((zi @ W) * zj).sum(-1) + b
+
+
+def symmetric_from_upper(upper: torch.Tensor, size: int) -> torch.Tensor:
+    """``(..., size (size + 1) / 2)`` upper-triangle entries (row-major, diagonal included)
+    -> the symmetric ``(..., size, size)`` matrix."""
+    rows, cols = torch.triu_indices(size, size, device=upper.device)
+    full = upper.new_zeros(upper.shape[:-1] + (size, size))
+    full[..., rows, cols] = upper
+    full[..., cols, rows] = upper
+    return full
 
 
 def bernoulli_edges(

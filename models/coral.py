@@ -30,6 +30,7 @@ from .blocks import (
     negative_binomial,
     spot_sum,
     spot_sum_negative_binomial,
+    symmetric_from_upper,
 )
 
 __all__ = ["CoralModel", "data_scales"]
@@ -112,6 +113,9 @@ class CoralModel(PyroModule):
 
         for each gene g (plate "genes"; with bayesian_decoder, the default):
             omega_g ~ Normal(0, I_K);  w_g = d * omega_g                       "rna_weight"
+        [with bayesian_edge_decoder: the edge decoder f's parameters
+            upper(W_e) ~ Normal(upper(I / sqrt(K)), 1 / sqrt(K))               "edge_weight"
+            b_e ~ Normal(b0, 2)                                                "edge_bias"]
         for each cell i (plate "cells", scaled by batch.cell_scale):
             v_i ~ Normal(0, I_{v_dim})                                         "v"
             z_i ~ Normal(mu_{c_i}(v_i), sigma_{c_i}(v_i))                      "z"
@@ -168,6 +172,12 @@ class CoralModel(PyroModule):
       built with ``capture=True``.
     * ``f(z, z') = z^T W_e z' + b_e`` with symmetric ``W_e`` (:class:`~pyrospatial.models.blocks.EdgeDecoder`).
       ``pyro.deterministic("edge_prob")`` holds ``sigmoid(f)`` for the batch's observed edges.
+      By default ``W_e, b_e`` are point estimates. With ``bayesian_edge_decoder`` they are
+      latents: the ``K (K + 1) / 2`` free entries of ``W_e`` (site ``"edge_weight"``; prior
+      centred on the scaled inner product ``I / sqrt(K)``, scale ``1 / sqrt(K)``) and ``b_e``
+      (``"edge_bias"``, centred on ``edge_bias_init``, scale 2), so an interaction score
+      averaged over thousands of edges carries the decoder's own uncertainty, which dominates
+      there (``benchmarks/results/interaction_calibration.md``). ``b0`` is ``edge_bias_init``.
 
     Latent vs point estimate: ``v``, ``z``, ``cell_size`` (and ``spot_capture``) are local
     latents, and ``rna_weight`` (``omega``, with ``bayesian_decoder``) a global latent, each
@@ -234,7 +244,11 @@ class CoralModel(PyroModule):
         Optional ``(G,)`` / ``(P,)`` initial baselines ``beta`` of ``h_x`` / output biases of
         ``h_y`` (log proportions); :meth:`from_dataset` fills them from the data.
     edge_bias_init
-        Initial ``b`` of the edge decoder (e.g. the logit of the graph's edge density).
+        Initial ``b`` of the edge decoder (e.g. the logit of the graph's edge density); with
+        ``bayesian_edge_decoder``, the prior mean of ``b_e``.
+    bayesian_edge_decoder
+        True: ``W_e, b_e`` are latents (sites ``"edge_weight"``, ``"edge_bias"``); False
+        (default): point estimates.
     capture_sd
         None: ``l_j = 1``. A float: ``log l_j ~ Normal(0, capture_sd)`` per spot.
     name
@@ -267,6 +281,7 @@ class CoralModel(PyroModule):
         gene_logits_init: torch.Tensor | None = None,
         protein_logits_init: torch.Tensor | None = None,
         edge_bias_init: float = 0.0,
+        bayesian_edge_decoder: bool = False,
         capture_sd: float | None = None,
         name: str = "coral_model",
     ) -> None:
@@ -321,8 +336,10 @@ class CoralModel(PyroModule):
         self.rna_inverse_dispersion = PyroParam(
             torch.full((self.n_genes,), float(rna_inverse_dispersion_init)), constraint=constraints.positive
         )
-        # edges
-        self.edge_decoder = EdgeDecoder(self.z_dim, bias_init=edge_bias_init)
+        # edges: f(z, z') = z^T W_e z' + b_e, point estimates or latents
+        self.bayesian_edge_decoder = bool(bayesian_edge_decoder)
+        self.edge_bias_init = float(edge_bias_init)
+        self.edge_decoder = EdgeDecoder(self.z_dim, bias_init=edge_bias_init, point_estimates=not self.bayesian_edge_decoder)
 
     # ------------------------------------------------------------------------------------
     @classmethod
@@ -377,10 +394,11 @@ class CoralModel(PyroModule):
                 pyro.sample("spot_counts", counts_dist, obs=batch.spot_counts if observe else None)
 
         edge_pairs, nonedge_pairs = batch.edge_pairs, batch.nonedge_index
-        edge_logits = self.edge_decoder(z, edge_pairs)
+        W_e, b_e = self.edge_decoder_draw(z)
+        edge_logits = self.edge_decoder(z, edge_pairs, W_e, b_e)
         pyro.deterministic("edge_prob", torch.sigmoid(edge_logits), event_dim=1)
         bernoulli_edges("edges", edge_logits, True if observe else None, scale=batch.edge_scale)
-        nonedge_logits = self.edge_decoder(z, nonedge_pairs)
+        nonedge_logits = self.edge_decoder(z, nonedge_pairs, W_e, b_e)
         bernoulli_edges("nonedges", nonedge_logits, False if observe else None, scale=batch.nonedge_scale)
 
         laplacian_factor("laplacian", z, edge_pairs, self.laplacian_weight, scale=batch.edge_scale)
@@ -417,6 +435,27 @@ class CoralModel(PyroModule):
         if self.rna_type_effects:
             scale = torch.cat([scale, self.rna_type_scale.expand(self.n_types)])
         return scale * omega
+
+    @property
+    def graph_sites(self) -> tuple[str, ...]:
+        """Latent sites that only the graph terms inform (held at the guide's draws by
+        :func:`pyrospatial.refine.refine_posterior` unless it conditions on the graph)."""
+        return ("edge_weight", "edge_bias") if self.bayesian_edge_decoder else ()
+
+    def edge_decoder_draw(self, z: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """With ``bayesian_edge_decoder``: draw ``W_e`` (sym., ``(..., K, K)``) and ``b_e``
+        (``(..., 1)``) with the leading dims of ``z (..., n, K)`` (one decoder per chain under
+        an outer plate); else ``(None, None)`` (the point estimates are used)."""
+        if not self.bayesian_edge_decoder:
+            return None, None
+        K = self.z_dim
+        rows, cols = torch.triu_indices(K, K, device=z.device)
+        loc = (rows == cols).to(z.dtype) / math.sqrt(K)
+        upper = pyro.sample("edge_weight", dist.Normal(loc, 1.0 / math.sqrt(K)).to_event(1))
+        bias = pyro.sample("edge_bias", dist.Normal(z.new_tensor(self.edge_bias_init), 2.0))
+        lead = z.shape[:-2]
+        W = symmetric_from_upper(upper, K).reshape(lead + (K, K))
+        return W, bias.reshape(lead + (1,))
 
     def rna_features(self, z: torch.Tensor, cell_type: torch.Tensor) -> torch.Tensor:
         """``e(z, c)``: the state features (``z`` itself, or ``standardise(ELU(A z + a)) /

@@ -46,19 +46,23 @@ from pyrospatial.data import SpatialDataset
 from pyrospatial.infer import FitResult, SVIModule, fit, load_checkpoint
 from pyrospatial.posterior import export as export_summaries
 from pyrospatial.posterior import sample_posterior, summarise
+from pyrospatial.models.blocks import symmetric_from_upper
 
 __all__ = ["CORAL", "CoralPosterior"]
 
 LOCAL_SITES = ("z", "v", "cell_size", "expected_rna")
+#: the edge decoder's latents, drawn too when the model has ``bayesian_edge_decoder``
+EDGE_DECODER_SITES = ("edge_weight", "edge_bias")
 
 
 @dataclass
 class CoralPosterior:
     """Posterior draws of CORAL's per-cell quantities (leading axis = draw).
 
-    ``samples``: site -> (S, N, ...) arrays for ``z``, ``v``, ``cell_size``, ``expected_rna``;
+    ``samples``: site -> (S, N, ...) arrays for ``z``, ``v``, ``cell_size``, ``expected_rna``
+    (and (S, ...) ``edge_weight``, ``edge_bias`` with a Bayesian edge decoder);
     ``edge_prob``: (S, E) per-edge probabilities for the dataset's graph edges
-    (``dataset.edges``), computed from the same draws of z.
+    (``dataset.edges``), computed from the same draws of z (and of the decoder).
     """
 
     samples: dict[str, np.ndarray]
@@ -192,24 +196,26 @@ class CORAL:
         mean-field guide (fast; its per-cell RNA intervals are too narrow, see the module
         docstring of :mod:`pyrospatial.refine`).
         """
+        sites = list(LOCAL_SITES) + (list(EDGE_DECODER_SITES) if self.model.bayesian_edge_decoder else [])
         if method == "refine":
             from pyrospatial.refine import refine_posterior
 
             if self.refined:  # Monte Carlo EM ran once after training: later draws keep its estimates
                 refine_kwargs.setdefault("em_params", ())
             draws = refine_posterior(
-                self.model, self.guide, self.dataset, num_samples, sites=list(LOCAL_SITES),
+                self.model, self.guide, self.dataset, num_samples, sites=sites,
                 seed=seed, progress=progress, **refine_kwargs,
             )
             self.refined = self.refined or refine_kwargs.get("em_params", None) != ()
         elif method == "guide":
             draws = sample_posterior(
-                self.model, self.guide, self.dataset, num_samples, sites=list(LOCAL_SITES),
+                self.model, self.guide, self.dataset, num_samples, sites=sites,
                 chunk_size=chunk_size, seed=seed,
             )
         else:
             raise ValueError(f"method must be 'refine' or 'guide', got {method!r}")
-        edge_prob = self._edge_probabilities(draws["z"], self.dataset.edges)
+        self.posterior = CoralPosterior(samples=dict(draws), edge_prob=np.zeros((0, 0)), plates=dict(draws.plates))
+        edge_prob = self._edge_probabilities(self.posterior.samples, self.dataset.edges)
         self.posterior = CoralPosterior(
             samples=dict(draws), edge_prob=edge_prob, plates=dict(draws.plates), method=method,
             diagnostics=dict(getattr(draws, "diagnostics", {}) or {}),
@@ -217,21 +223,28 @@ class CORAL:
         return self.posterior
 
     @torch.no_grad()
-    def _edge_probabilities(self, z_draws: np.ndarray, pairs: np.ndarray, chunk: int = 16) -> np.ndarray:
-        """sigmoid(f(z_i, z_i')) for every draw and pair (chunked over draws)."""
+    def _edge_probabilities(self, samples: dict[str, np.ndarray], pairs: np.ndarray, chunk: int = 16) -> np.ndarray:
+        """sigmoid(f(z_i, z_i')) for every draw and pair (chunked over draws), with each draw's
+        own decoder when the model's edge decoder is Bayesian."""
         decoder = self.model.edge_decoder
-        device = next(decoder.parameters()).device
+        device = next(self.model.parameters()).device
         pairs_t = torch.as_tensor(pairs, device=device)
+        z_draws = samples["z"]
         out = []
         for lo in range(0, z_draws.shape[0], chunk):
             z = torch.as_tensor(z_draws[lo : lo + chunk], device=device, dtype=torch.float32)
-            out.append(torch.sigmoid(decoder(z, pairs_t)).cpu().numpy())
+            weight = bias = None
+            if self.model.bayesian_edge_decoder:
+                upper = torch.as_tensor(samples["edge_weight"][lo : lo + chunk], device=device, dtype=torch.float32)
+                weight = symmetric_from_upper(upper, self.model.z_dim)
+                bias = torch.as_tensor(samples["edge_bias"][lo : lo + chunk], device=device, dtype=torch.float32)[:, None]
+            out.append(torch.sigmoid(decoder(z, pairs_t, weight, bias)).cpu().numpy())
         return np.concatenate(out, axis=0)
 
     def edge_probabilities(self, pairs: np.ndarray) -> np.ndarray:
         """(S, K) posterior draws of the edge probability of arbitrary cell pairs (2, K)."""
         posterior = self._require_posterior()
-        return self._edge_probabilities(posterior.samples["z"], np.asarray(pairs))
+        return self._edge_probabilities(posterior.samples, np.asarray(pairs))
 
     def _require_posterior(self) -> CoralPosterior:
         if self.posterior is None:

@@ -809,6 +809,11 @@ def _sample_nonedges(rng: np.random.Generator, n: int, edge_keys: np.ndarray, si
     (``edge_keys``: sorted ``i * n + j`` of both directions of every edge)."""
     if size <= 0:
         return np.zeros((2, 0), dtype=np.int64)
+    if size >= n * (n - 1) // 2 - edge_keys.size // 2:  # every non-adjacent pair: enumerate them
+        lo, hi = np.triu_indices(n, 1)
+        key = lo.astype(np.int64) * n + hi
+        key = key[~np.isin(key, edge_keys)] if edge_keys.size else key
+        return np.stack([key // n, key % n]).astype(np.int64)
     chosen = np.zeros(0, dtype=np.int64)
     while chosen.size < size:
         draw = 2 * (size - chosen.size) + 16

@@ -23,9 +23,21 @@ of the latents splits into independent parts once the cell graph is left out:
   latents are sampled by HMC with one accept/reject per cell (``refine_outside``).
 
 The graph terms of the model (edge likelihood, Laplacian / contrastive factors) couple all
-cells and are *not* part of the refined target: the guide's graph-informed draws are the
+cells and are *not* part of the default target: the guide's graph-informed draws are the
 starting point, and the refined posterior conditions on each cell's own features and its
 spot. (In the default simulation the graph carries no information about the cell states.)
+
+With ``graph=True`` they are: every cell, spot and global latent forms one part, sampled
+jointly on the full batch with the graph's edges and its non-adjacent pairs (all of them up
+to ``max_nonedges``, else a fixed uniform sample of that many, weighted to stand for all).
+Quantities that are read *on the graph* need this: an interaction-matrix entry averages the
+edge probability over the observed edges, which were drawn because their probability was
+high; a posterior that ignores the edges reports those probabilities too low (5-6% on the
+all-pair simulations of ``benchmarks/interaction_calibration.py``). The edge decoder (a point
+estimate) is then re-estimated by EM with the other parameters (:data:`GRAPH_EM_PARAMS`).
+Cost: each leapfrog step evaluates ``num_chains x`` (edges + non-edges) pairs, a dense
+``num_chains x n^2`` product while the pairs are many; a few hundred cells take seconds per
+transition on one CPU core.
 
 Monte Carlo EM
 --------------
@@ -115,10 +127,13 @@ from pyrospatial.batch import Batch
 from pyrospatial.errors import InputError
 from pyrospatial.posterior import PosteriorSamples, _EvalMode, _module_device, site_plate
 
-__all__ = ["refine_posterior", "DEFAULT_EM_PARAMS"]
+__all__ = ["refine_posterior", "DEFAULT_EM_PARAMS", "GRAPH_EM_PARAMS"]
 
 #: CORAL's variance-type global parameters re-estimated by Monte Carlo EM by default.
 DEFAULT_EM_PARAMS = ("size_scale", "rna_inverse_dispersion")
+#: Also re-estimated by default when the refinement conditions on the graph (``graph=True``):
+#: CORAL's edge decoder, fitted under the guide, whose draws ignore the selection of edges.
+GRAPH_EM_PARAMS = ("edge_decoder.weight", "edge_decoder.bias")
 
 _CHAIN_DIM = -2
 
@@ -197,6 +212,7 @@ class _Part:
     cells: torch.Tensor  # local indices of these cells in the full batch
     moving: list[_Site]
     per_cell: bool  # True: one accept/reject per cell (cells independent); False: per chain
+    graph: bool = False  # the batch's edge and non-edge terms are part of the target
     state: dict[str, torch.Tensor] = field(default_factory=dict)  # unconstrained (C, ...)
     conditioned: dict[str, torch.Tensor] = field(default_factory=dict)  # constrained (C, ...)
 
@@ -248,7 +264,7 @@ def _log_density(model: Callable, part: _Part, state: dict[str, torch.Tensor], C
         if name == "refine_chains":
             continue
         plate = site_plate(node)
-        if plate == "edge" or (part.per_cell and plate != "cells"):
+        if (plate == "edge" and not part.graph) or (part.per_cell and plate != "cells"):
             continue
         lp = node["fn"].log_prob(node["value"])
         scale = node["scale"]
@@ -493,6 +509,8 @@ def refine_posterior(
     em_lr: float = 0.02,
     refine_outside: bool = True,
     noncentred: Iterable[str] = ("cell_size",),
+    graph: bool = False,
+    max_nonedges: int = 2_000_000,
     seed: int = 0,
     device: str | torch.device | None = None,
     progress: bool = False,
@@ -531,6 +549,13 @@ def refine_posterior(
         Normal / LogNormal latent sites sampled in non-centred coordinates (default CORAL's
         ``"cell_size"``: fast EM of its spread ``sigma_s`` and a well-scaled sampler for
         sizes that the spot totals barely separate). Their values are returned as usual.
+    graph
+        Condition on the cell graph too (see the module docstring): one joint part with every
+        cell and the edge likelihood; the default ``em_params`` then also include
+        :data:`GRAPH_EM_PARAMS`. ``refine_outside`` does not apply.
+    max_nonedges
+        With ``graph``: the most non-adjacent pairs evaluated (all of them when there are
+        fewer; else a fixed uniform sample, weighted to stand for all).
     seed
         Seeds the initial guide draws and the chains.
     device
@@ -578,10 +603,24 @@ def refine_posterior(
                         inits[s.name].append(guide_trace.nodes[s.name]["value"])
         inside = torch.nonzero(full.cell_spot >= 0).squeeze(-1)
         outside = torch.nonzero(full.cell_spot < 0).squeeze(-1)
+        # latents that enter only the graph terms (e.g. a Bayesian edge decoder): without the
+        # graph in the target they would drift to their prior, so they keep the guide's draws
+        held = [] if graph else [s for s in site_list if s.name in set(getattr(base_model, "graph_sites", ()))]
+        moving = [s for s in site_list if s not in held]
         parts: list[_Part] = []
-        if full.n_spots > 0 and inside.numel() > 0:
-            parts.append(_Part("spots", _sub_batch(full, inside, True), inside, list(site_list), per_cell=False))
-        if outside.numel() > 0 or not parts:
+        if graph:
+            if int(dataset.n_edges) == 0:
+                raise InputError("graph=True needs a cell graph: the dataset has no edges (see SpatialDataset.with_edges).")
+            n = full.n_cells
+            n_pairs = n * (n - 1) // 2 - int(dataset.n_edges)
+            # full_batch samples nonedge_ratio non-edges per edge: ask for min(all, max_nonedges)
+            ratio = min(n_pairs, max(1, int(max_nonedges))) / int(dataset.n_edges)
+            graph_batch = dataset.full_batch(nonedge_ratio=ratio).to(device)
+            parts.append(_Part("all", graph_batch, torch.arange(n, device=device), list(moving), per_cell=False,
+                               graph=True))
+        elif full.n_spots > 0 and inside.numel() > 0:
+            parts.append(_Part("spots", _sub_batch(full, inside, True), inside, list(moving), per_cell=False))
+        if not graph and (outside.numel() > 0 or not parts):
             cell_sites = [s for s in site_list if s.plate == "cells"]
             parts.append(_Part("outside", _sub_batch(full, outside, False), outside, cell_sites, per_cell=True))
         for part in parts:
@@ -589,7 +628,9 @@ def refine_posterior(
                 rows = [(_rows(v, s, part.cells) if s.plate == "cells" else v) for v in inits[s.name]]
                 u = torch.stack([s.transform.inv(v) for v in rows]).detach()
                 part.state[s.name] = u if s.plate == "cells" else u.reshape(s.chain_shape(C))
-        spot_part = parts[0] if parts[0].label == "spots" else None
+            for s in held:  # one guide draw per chain, fixed
+                part.conditioned[s.name] = torch.stack(inits[s.name]).reshape(s.chain_shape(C)).detach()
+        joint_part = parts[0] if parts[0].label in ("spots", "all") else None
         outside_part = parts[-1] if parts[-1].label == "outside" else None
         shared = [s for s in site_list if s.plate != "cells"]  # globals (and spot latents)
 
@@ -598,17 +639,17 @@ def refine_posterior(
             if outside_part is None:
                 return
             for s in shared:
-                if s.plate == "global":
-                    source = spot_part.state[s.name] if spot_part is not None else torch.stack(
+                if s.plate == "global" and s not in held:
+                    source = joint_part.state[s.name] if joint_part is not None else torch.stack(
                         [s.transform.inv(v) for v in inits[s.name]]).reshape(s.chain_shape(C))
                     outside_part.conditioned[s.name] = s.transform(source).detach()
 
         share_globals()
         # one cell's few latents need shorter trajectories than the coupled spot part
         kernels = [
-            (part, _HMC(model, part, C, num_steps if part.label == "spots" else max(3, num_steps // 2), step_size, target_accept))
+            (part, _HMC(model, part, C, num_steps if part.label != "outside" else max(3, num_steps // 2), step_size, target_accept))
             for part in parts
-            if part.label == "spots" or refine_outside
+            if part.label != "outside" or refine_outside
         ]
         # does the outside cells' density depend on the global latents? (CORAL's does not: the
         # read-out only enters the spots) If not, their cached density survives global moves.
@@ -623,7 +664,8 @@ def refine_posterior(
             outside_needs_globals = any(g is not None and bool(g.abs().sum() > 0) for g in grads)
         if em_params is None:
             present = {name.removesuffix("_unconstrained") for name, _ in base_model.named_parameters()}
-            em_params = [name for name in DEFAULT_EM_PARAMS if name in present]
+            defaults = DEFAULT_EM_PARAMS + (GRAPH_EM_PARAMS if graph else ())
+            em_params = [name for name in defaults if name in present]
         em = _em_parameters(base_model, em_params)
         optimiser = torch.optim.Adam([p for _, p in em], lr=float(em_lr)) if em else None
         em_trace: dict[str, list[float]] = {name: [] for name, _ in em}
@@ -641,15 +683,16 @@ def refine_posterior(
                     kernel.adapt(rate)
                     if it + 1 in windows:
                         kernel.update_mass()
-            em_step = warm and optimiser is not None and spot_part is not None and it >= em_start
+            em_step = warm and optimiser is not None and joint_part is not None and it >= em_start
             if em_step:
                 # Fisher's identity: the gradient of the log joint at posterior states estimates
-                # that of the marginal likelihood. Only the spots' part enters: the outside cells
-                # carry no information on these parameters beyond their prior (their term is
-                # neutral at the EM fixed point) and would only slow EM down.
+                # that of the marginal likelihood. Only the joint part enters (the spots', or
+                # with graph=True every cell's): the outside cells carry no information on the
+                # spot parameters beyond their prior (their term is neutral at the EM fixed
+                # point) and would only slow EM down.
                 optimiser.zero_grad()
-                state = {k: v.detach() for k, v in spot_part.state.items()}
-                loss = -_log_density(model, spot_part, state, C).sum() / C
+                state = {k: v.detach() for k, v in joint_part.state.items()}
+                loss = -_log_density(model, joint_part, state, C).sum() / C
                 loss.backward()
                 optimiser.step()
                 for name, _ in em:
@@ -703,7 +746,7 @@ def _assemble(model, parts: list[_Part], kept, site_list: list[_Site], sites, da
                     spot = next((p for p in parts if p.label == "spots"), None)
                     if spot is not None:
                         for s in site_list:
-                            if s.plate == "global":
+                            if s.plate == "global" and s.name in kept["spots"][k]:
                                 values[s.name] = s.transform(kept["spots"][k][s.name])
                 trace = _run_model(model, part.batch, values, C)
                 lo = k * C

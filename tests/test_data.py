@@ -332,6 +332,17 @@ def test_scale_factors_reconstruct_full_graph_counts(dataset):
     assert nonedge_total == pytest.approx(dataset.n_nonedges, rel=1e-9)
 
 
+def test_full_batch_can_hold_every_non_adjacent_pair(dataset):
+    """Asking for at least as many non-edges as exist gives each non-adjacent pair exactly
+    once, with scale 1 (the exact graph likelihood used by refine_posterior(graph=True))."""
+    batch = dataset.full_batch(nonedge_ratio=dataset.n_nonedges / dataset.n_edges + 1.0)
+    keys = batch.nonedge_index[0].numpy() * dataset.n_cells + batch.nonedge_index[1].numpy()
+    assert (batch.nonedge_index[0] < batch.nonedge_index[1]).all() and np.unique(keys).size == keys.size
+    assert keys.size == dataset.n_nonedges and batch.nonedge_scale == 1.0
+    edge_keys = {i * dataset.n_cells + j for i, j in dataset.edges.T.tolist()}
+    assert not edge_keys & set(keys.tolist())
+
+
 def test_ddp_ranks_take_disjoint_shares_of_one_partition(dataset):
     shares = []
     for rank in range(2):

@@ -155,9 +155,104 @@ def test_refine_coral_layout_and_monte_carlo_em():
     assert all(after[k] != before[k] for k in ("size_scale", "rna_inverse_dispersion")), (before, after)  # EM, in place
     assert set(draws.diagnostics["em"]) == {"size_scale", "rna_inverse_dispersion"}
     assert after["rna_weight_scale"] == before["rna_weight_scale"]  # the read-out's prior scale is kept
+    # conditioning on the graph also re-estimates the edge decoder by default
+    bias_before = float(model.edge_decoder.bias)
+    graphed = refine_posterior(model, guide, ds, graph=True, sites=["z"], **kwargs)
+    assert set(graphed.diagnostics["em"]) == {"size_scale", "rna_inverse_dispersion", "edge_decoder.weight", "edge_decoder.bias"}
+    assert float(model.edge_decoder.bias) != bias_before and graphed["z"].shape == (S, N, 4)
     # em_params=() leaves the model alone; a site subset is honoured
     state = {k: v.clone() for k, v in model.state_dict().items()}
     only = refine_posterior(model, guide, ds, sites=["expected_rna"], em_params=(), **kwargs)
     assert set(only) == {"expected_rna"}
     for k, v in model.state_dict().items():
         torch.testing.assert_close(v, state[k])
+
+
+class ChainGraphModel(PyroModule):
+    """z_i ~ N(0, 1) per cell; for each edge (i, i'): 0 ~ N(z_i - z_i', s^2) (a Gaussian field
+    on the graph). The graph alone couples the cells, so the exact posterior has precision
+    I + L / s^2 (L the graph Laplacian)."""
+
+    s = 0.6
+
+    def forward(self, batch: Batch, predictive: bool = False) -> None:
+        with cell_plate(batch):
+            z = pyro.sample("z", dist.Normal(torch.zeros(batch.n_cells), 1.0))
+        pairs = batch.edge_pairs
+        if pairs.shape[1] > 0:
+            with pyro.plate("edge_plate", pairs.shape[1], dim=-1):
+                diff = z.index_select(-1, pairs[0]) - z.index_select(-1, pairs[1])
+                pyro.sample("edges", dist.Normal(diff, self.s), obs=torch.zeros(pairs.shape[1]))
+
+
+class IndependentGuide(PyroModule):
+    def forward(self, batch: Batch, predictive: bool = False) -> None:
+        with cell_plate(batch):
+            pyro.sample("z", dist.Normal(torch.zeros(batch.n_cells), 0.5))
+
+
+class GraphData(OneBatch):
+    """OneBatch with a graph: its size and ``full_batch(nonedge_ratio=...)``."""
+
+    def __init__(self, batch: Batch):
+        super().__init__(batch)
+        self.n_edges = int(batch.edge_pairs.shape[1])
+
+    def full_batch(self, nonedge_ratio: float = 1.0) -> Batch:
+        return self.batch
+
+
+def test_refine_conditions_on_the_graph_only_when_asked():
+    n = 6  # a path 0 - 1 - 2 - 3 - 4 - 5, no spots
+    src = torch.arange(n - 1)
+    edge_index = torch.cat([torch.stack([src, src + 1]), torch.stack([src + 1, src])], dim=1)
+    base = toy_batch(np.full(n, -1), np.zeros(0))
+    from dataclasses import replace
+
+    batch = replace(base, edge_index=edge_index, n_edges_total=n - 1)
+    laplacian = np.diag(np.r_[1, 2, 2, 2, 2, 1]) - np.eye(n, k=1) - np.eye(n, k=-1)
+    exact = np.linalg.inv(np.eye(n) + laplacian / ChainGraphModel.s**2)
+    kwargs = dict(num_samples=1500, num_chains=50, num_warmup=150, thin=2, num_steps=8, seed=2)
+    joint = refine_posterior(ChainGraphModel(), IndependentGuide(), GraphData(batch), graph=True, **kwargs)
+    assert set(joint.diagnostics["acceptance"]) == {"all"}
+    cov = np.cov(joint["z"].T)
+    np.testing.assert_allclose(np.sqrt(np.diag(cov)), np.sqrt(np.diag(exact)), rtol=0.15)
+    corr = cov[0, 1] / np.sqrt(cov[0, 0] * cov[1, 1])
+    exact_corr = exact[0, 1] / np.sqrt(exact[0, 0] * exact[1, 1])
+    assert abs(corr - exact_corr) < 0.1 and exact_corr > 0.5
+    # without graph=True the edge terms are not in the target: each cell follows its prior
+    apart = refine_posterior(ChainGraphModel(), IndependentGuide(), GraphData(batch), **kwargs)
+    np.testing.assert_allclose(apart["z"].std(0), 1.0, rtol=0.15)
+    assert abs(np.corrcoef(apart["z"][:, 0], apart["z"][:, 1])[0, 1]) < 0.15
+    with pytest.raises(InputError, match="graph=True"):
+        refine_posterior(ChainGraphModel(), IndependentGuide(), GraphData(base), graph=True, num_samples=4)
+
+
+def test_bayesian_edge_decoder_is_held_without_the_graph_and_sampled_with_it():
+    from pyrospatial.coral import CORAL
+    from pyrospatial.data import SpatialDataset
+    from pyrospatial.models.blocks import symmetric_from_upper
+    from pyrospatial.sim import simulate_tissue
+
+    sim = simulate_tissue(n_cells=120, n_types=3, n_proteins=6, n_genes=12, seed=0, z_dim=4, edge_candidates="all")
+    ds = SpatialDataset.from_anndata(sim.cells, sim.spots, cell_type_key="cell_type", spot_diameter=55.0).with_edges(
+        sim.truth["edge_index"])
+    coral = CORAL(sim.cells, sim.spots, dataset=ds, model_kwargs={"bayesian_edge_decoder": True, "z_dim": 4, "hidden": 16},
+                  guide_kwargs={"hidden": 16, "heads": 2})
+    assert not any("edge_decoder" in name for name, _ in coral.model.named_parameters())  # no point estimates
+    coral.train(max_epochs=15, batch_size=None, seed=0, progress=False)
+    kwargs = dict(num_chains=3, num_warmup=12, thin=1, num_steps=3, em_params=())
+    held = coral.sample(9, method="refine", **kwargs)
+    assert held.samples["edge_weight"].shape == (9, 10) and held.samples["edge_bias"].shape == (9,)
+    # without the graph: each chain keeps its guide draw (kept state k of chain c is row k * 3 + c)
+    bias = held.samples["edge_bias"].reshape(3, 3)
+    np.testing.assert_array_equal(bias, np.broadcast_to(bias[0], (3, 3)))
+    assert len(set(bias[0].tolist())) == 3
+    joint = coral.sample(9, method="refine", graph=True, **kwargs)
+    assert len(set(joint.samples["edge_bias"].tolist())) > 3  # moved by HMC
+    # each draw's edge probabilities use that draw's own decoder
+    s, (i, j) = 4, ds.edges[:, 0]
+    z = joint.samples["z"][s]
+    W = symmetric_from_upper(torch.as_tensor(joint.samples["edge_weight"][s]), 4).numpy()
+    logit = z[i] @ W @ z[j] + joint.samples["edge_bias"][s]
+    assert joint.edge_prob[s, 0] == pytest.approx(1 / (1 + np.exp(-logit)), rel=1e-4)
