@@ -192,9 +192,15 @@ class CORAL:
         ``method="refine"`` (default, the calibrated one): HMC on the model's joint density
         started from the trained guide, with Monte Carlo EM of the variance-type global
         parameters (:func:`pyrospatial.refine.refine_posterior`; ``refine_kwargs`` pass
-        through, e.g. ``num_chains``, ``num_warmup``). ``"guide"``: draws of the amortised
-        mean-field guide (fast; its per-cell RNA intervals are too narrow, see the module
-        docstring of :mod:`pyrospatial.refine`).
+        through, e.g. ``num_chains``, ``num_warmup``, ``graph``). ``"guide"``: draws of the
+        amortised mean-field guide (fast; its per-cell RNA intervals are too narrow, see the
+        module docstring of :mod:`pyrospatial.refine`).
+
+        ``graph=True`` also conditions the refined posterior on the cell graph (and re-estimates
+        a point edge decoder by EM; samples a Bayesian one): use it for :meth:`interactions`,
+        whose entries average edge probabilities over the observed edges. It costs
+        ``num_chains x n_cells^2`` per leapfrog step while all non-adjacent pairs are
+        evaluated (``max_nonedges``), a few times the default on a few hundred cells.
         """
         sites = list(LOCAL_SITES) + (list(EDGE_DECODER_SITES) if self.model.bayesian_edge_decoder else [])
         if method == "refine":
@@ -270,7 +276,14 @@ class CORAL:
         )
 
     def interactions(self) -> dict[str, np.ndarray]:
-        """Cell-type x cell-type interaction matrix (mean, sd, q05, q50, q95 over draws)."""
+        """Cell-type x cell-type interaction matrix (mean, sd, q05, q50, q95 over draws).
+
+        Entry ``(a, b)`` is the mean edge probability over the graph's a-b edges
+        (:func:`~pyrospatial.analysis.interaction_matrix`). Its intervals are only as good as
+        the posterior: draw it with ``sample(graph=True)``, ideally with
+        ``model_kwargs={"bayesian_edge_decoder": True}``; the default posterior ignores the
+        selection of the observed edges and the decoder's uncertainty, and its intervals are
+        far too narrow (``benchmarks/results/interaction_calibration.md``)."""
         posterior = self._require_posterior()
         result = interaction_matrix(posterior.edge_prob, self.dataset.edges, self.dataset.cell_type, self.dataset.n_types)
         result["cell_types"] = np.asarray(self.dataset.cell_types)
