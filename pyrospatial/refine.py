@@ -33,8 +33,12 @@ to ``max_nonedges``, else a fixed uniform sample of that many, weighted to stand
 Quantities that are read *on the graph* need this: an interaction-matrix entry averages the
 edge probability over the observed edges, which were drawn because their probability was
 high; a posterior that ignores the edges reports those probabilities too low (5-6% on the
-all-pair simulations of ``benchmarks/interaction_calibration.py``). The edge decoder (a point
-estimate) is then re-estimated by EM with the other parameters (:data:`GRAPH_EM_PARAMS`).
+all-pair simulations of ``benchmarks/interaction_calibration.py``). A point-estimated edge
+decoder is then re-estimated by EM with the other parameters (:data:`GRAPH_EM_PARAMS`); a
+Bayesian one (CORAL's ``bayesian_edge_decoder``) is sampled jointly with the cells. Latents that
+only the graph informs (the model's ``graph_sites``, e.g. that decoder) are held at the guide's
+draws, one per chain, when the graph is left out: otherwise nothing in the target would hold
+them and they would drift to their prior.
 Cost: each leapfrog step evaluates ``num_chains x`` (edges + non-edges) pairs, a dense
 ``num_chains x n^2`` product while the pairs are many; a few hundred cells take seconds per
 transition on one CPU core.
