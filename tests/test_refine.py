@@ -156,10 +156,10 @@ def test_refine_coral_layout_and_monte_carlo_em():
     assert set(draws.diagnostics["em"]) == {"size_scale", "rna_inverse_dispersion"}
     assert after["rna_weight_scale"] == before["rna_weight_scale"]  # the read-out's prior scale is kept
     # conditioning on the graph also re-estimates the edge decoder by default
-    bias_before = float(model.edge_decoder.bias)
+    bias_before = float(model.edge_decoder.bias.detach())
     graphed = refine_posterior(model, guide, ds, graph=True, sites=["z"], **kwargs)
     assert set(graphed.diagnostics["em"]) == {"size_scale", "rna_inverse_dispersion", "edge_decoder.weight", "edge_decoder.bias"}
-    assert float(model.edge_decoder.bias) != bias_before and graphed["z"].shape == (S, N, 4)
+    assert float(model.edge_decoder.bias.detach()) != bias_before and graphed["z"].shape == (S, N, 4)
     # em_params=() leaves the model alone; a site subset is honoured
     state = {k: v.clone() for k, v in model.state_dict().items()}
     only = refine_posterior(model, guide, ds, sites=["expected_rna"], em_params=(), **kwargs)
