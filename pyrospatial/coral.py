@@ -275,7 +275,7 @@ class CORAL:
             dispersion="cell" if getattr(self.model, "spot_dispersion", "spot") == "sum" else "spot",
         )
 
-    def interactions(self) -> dict[str, np.ndarray]:
+    def interactions(self) -> dict[str, Any]:
         """Cell-type x cell-type interaction matrix (mean, sd, q05, q50, q95 over draws).
 
         Entry ``(a, b)`` is the mean edge probability over the graph's a-b edges
@@ -283,10 +283,14 @@ class CORAL:
         the posterior: draw it with ``sample(graph=True)``, ideally with
         ``model_kwargs={"bayesian_edge_decoder": True}``; the default posterior ignores the
         selection of the observed edges and the decoder's uncertainty, and its intervals are
-        far too narrow (``benchmarks/results/interaction_calibration.md``)."""
+        far too narrow (``benchmarks/results/interaction_calibration.md``). ``posterior`` (a
+        string) records which posterior the intervals come from."""
         posterior = self._require_posterior()
         result = interaction_matrix(posterior.edge_prob, self.dataset.edges, self.dataset.cell_type, self.dataset.n_types)
         result["cell_types"] = np.asarray(self.dataset.cell_types)
+        graph = bool(posterior.diagnostics.get("graph", False))
+        decoder = "bayesian" if self.model.bayesian_edge_decoder else "point estimate"
+        result["posterior"] = f"method={posterior.method}, graph={graph}, edge decoder: {decoder}"
         return result
 
     def domains(self, n_domains: int, *, smooth: int = 2, seed: int = 0) -> dict[str, np.ndarray]:
@@ -344,10 +348,13 @@ class CORAL:
         cells_rna.obsp["attention"] = self.attention()
         interactions = self.interactions()
         cells_rna.uns["pyrospatial"]["interactions"] = {
-            key: (np.nan_to_num(value, nan=-1.0) if value.dtype.kind == "f" else value)
+            key: (np.nan_to_num(value, nan=-1.0) if isinstance(value, np.ndarray) and value.dtype.kind == "f" else value)
             for key, value in interactions.items()
         }
-        cells_rna.uns["pyrospatial"]["interactions"]["note"] = "entries with no edge between the two types are -1"
+        cells_rna.uns["pyrospatial"]["interactions"]["note"] = (
+            "entries with no edge between the two types are -1; the intervals are too narrow unless the posterior "
+            "conditions on the graph with a Bayesian edge decoder (see CORAL.interactions)"
+        )
         if n_domains:
             domains = self.domains(n_domains, seed=seed)
             cells_rna.obs["domain"] = pd.Categorical(domains["labels"].astype(str))

@@ -726,6 +726,7 @@ def refine_posterior(
         "num_warmup": num_warmup,
         "thin": thin,
         "num_steps": int(num_steps),
+        "graph": bool(graph),
         "seconds": time.perf_counter() - t_start,
     }
     return out

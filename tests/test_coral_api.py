@@ -42,6 +42,7 @@ def test_export_keys_shapes_and_h5ad_round_trip(trained, tmp_path):
     assert (lo <= mid + 1e-6).all() and (mid <= hi + 1e-6).all()
     inter = cells.uns["pyrospatial"]["interactions"]
     assert inter["mean"].shape == (ds.n_types, ds.n_types)
+    assert inter["posterior"] == "method=refine, graph=False, edge decoder: point estimate"
     assert cells.obsp["edge_prob_mean"].nnz == 2 * ds.n_edges
     assert set(cells.obs["domain"].cat.categories) <= {"0", "1", "2"}
     assert ((cells.obs["domain_confidence"] >= 0) & (cells.obs["domain_confidence"] <= 1)).all()
@@ -49,6 +50,7 @@ def test_export_keys_shapes_and_h5ad_round_trip(trained, tmp_path):
     spots.write_h5ad(tmp_path / "spots.h5ad")
     back = ad.read_h5ad(tmp_path / "cells.h5ad")
     np.testing.assert_allclose(back.layers["counts_mean"], cells.layers["counts_mean"])
+    assert str(back.uns["pyrospatial"]["interactions"]["posterior"]) == inter["posterior"]
 
 
 def test_deconvolved_counts_add_up_exactly_to_every_spot(trained):
