@@ -40,8 +40,10 @@ only the graph informs (the model's ``graph_sites``, e.g. that decoder) are held
 draws, one per chain, when the graph is left out: otherwise nothing in the target would hold
 them and they would drift to their prior.
 Cost: each leapfrog step evaluates ``num_chains x`` (edges + non-edges) pairs, a dense
-``num_chains x n^2`` product while the pairs are many; a few hundred cells take seconds per
-transition on one CPU core.
+``num_chains x n^2`` product while the pairs are many. Measured for the pair terms alone (20
+chains, one CPU core, forward and gradient): 0.04 s at 400 cells, 0.8 s at 1500 and 2.4 s at 3000
+(2M sampled non-edges), times ``num_steps x (num_warmup + kept x thin)`` evaluations; beyond a
+few hundred cells, use a GPU.
 
 Monte Carlo EM
 --------------
