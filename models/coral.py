@@ -113,9 +113,6 @@ class CoralModel(PyroModule):
 
         for each gene g (plate "genes"; with bayesian_decoder, the default):
             omega_g ~ Normal(0, I_K);  w_g = d * omega_g                       "rna_weight"
-        [with bayesian_edge_decoder: the edge decoder f's parameters
-            upper(W_e) ~ Normal(upper(I / sqrt(K)), 1 / sqrt(K))               "edge_weight"
-            b_e ~ Normal(b0, 2)                                                "edge_bias"]
         for each cell i (plate "cells", scaled by batch.cell_scale):
             v_i ~ Normal(0, I_{v_dim})                                         "v"
             z_i ~ Normal(mu_{c_i}(v_i), sigma_{c_i}(v_i))                      "z"
@@ -127,6 +124,9 @@ class CoralModel(PyroModule):
             mu_j = l_j sum_{i in U(j)} rho_i
             X_jg ~ NB(mean mu_jg, inverse dispersion                           "spot_counts"
                       theta_g (sum_i rho_ig)^2 / sum_i rho_ig^2)
+        [with bayesian_edge_decoder: the edge decoder f's parameters
+            upper(W_e) ~ Normal(upper(I / sqrt(K)), 1 / sqrt(K))               "edge_weight"
+            b_e ~ Normal(b0, 2)                                                "edge_bias"]
         for each observed edge (i, i'), i < i' (scaled by batch.edge_scale):
             A_ii' = 1 ~ Bernoulli(sigmoid(f(z_i, z_i')))                       "edges"
         for each sampled non-edge (scaled by batch.nonedge_scale):
@@ -184,7 +184,8 @@ class CoralModel(PyroModule):
     with a posterior (fitted by the guide; :func:`pyrospatial.refine.refine_posterior`
     refines it by MCMC). Everything else -- the prior networks ``mu_c, sigma_c``, the
     decoder ``h_y``, the baseline ``beta`` (and hidden layer ``A, a``) of ``h_x``, the prior
-    scales ``tau, tau_c``, the edge decoder ``W_e, b_e``, concentrations ``k_p``, inverse
+    scales ``tau, tau_c``, the edge decoder ``W_e, b_e`` (unless ``bayesian_edge_decoder``),
+    concentrations ``k_p``, inverse
     dispersions ``theta_g``, the size prior ``a, b, sigma_s`` -- is a global point estimate
     (``nn.Parameter`` / ``PyroParam``, positive ones constrained positive) learned by
     maximising the ELBO (and, for the variance-type ones, re-estimated by Monte Carlo EM in
