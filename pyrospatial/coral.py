@@ -220,8 +220,7 @@ class CORAL:
             )
         else:
             raise ValueError(f"method must be 'refine' or 'guide', got {method!r}")
-        self.posterior = CoralPosterior(samples=dict(draws), edge_prob=np.zeros((0, 0)), plates=dict(draws.plates))
-        edge_prob = self._edge_probabilities(self.posterior.samples, self.dataset.edges)
+        edge_prob = self._edge_probabilities(dict(draws), self.dataset.edges)
         self.posterior = CoralPosterior(
             samples=dict(draws), edge_prob=edge_prob, plates=dict(draws.plates), method=method,
             diagnostics=dict(getattr(draws, "diagnostics", {}) or {}),
