@@ -38,6 +38,7 @@ from pathlib import Path
 import arviz as az
 import numpy as np
 import pyro.poutine as poutine
+from pyro.poutine.messenger import Messenger
 import torch
 
 import pyrospatial
@@ -54,7 +55,7 @@ NUM_SAMPLES, NUM_CHAINS = 200, 20
 
 def simulate_from(coral: CORAL, fixed: dict[str, torch.Tensor], cells, spots, seed: int):
     """A tissue drawn from the trained model (every pair of cells a candidate edge); returns the
-    dataset and the true z in dataset order."""
+    dataset and the true latents: cells-plate sites in dataset order, global sites as drawn."""
     ds = coral.dataset
     torch.manual_seed(seed)
     batch = ds.full_batch(nonedge_ratio=ds.n_nonedges / ds.n_edges + 1.0)  # every pair once
@@ -72,10 +73,24 @@ def simulate_from(coral: CORAL, fixed: dict[str, torch.Tensor], cells, spots, se
     new = SpatialDataset.from_anndata(cells, spots, cell_type_key="cell_type", spot_diameter=55.0).with_edges(
         np.concatenate([edges, edges[::-1]], axis=1))
     new.cell_library = ds.cell_library.copy()  # the l^y the proteins were drawn with (a covariate)
-    return new, trace.nodes["z"]["value"][cell_rows]
+    truth = {name: trace.nodes[name]["value"] for name in ("rna_weight", "edge_weight", "edge_bias")}
+    truth.update({name: trace.nodes[name]["value"][cell_rows] for name in ("v", "z", "cell_size")})
+    return new, truth
 
 
-def run_seed(seed: int, reps: int, epochs: int, num_steps: int) -> list[dict]:
+class StartAt(Messenger):
+    """Run a guide with some of its sites set to given values (chains started at the truth)."""
+
+    def __init__(self, values: dict[str, torch.Tensor]):
+        super().__init__()
+        self.values = values
+
+    def _pyro_sample(self, msg):
+        if msg["name"] in self.values:
+            msg["value"] = self.values[msg["name"]]
+
+
+def run_seed(seed: int, reps: int, epochs: int, hmc: dict, start_at_truth: bool = False) -> list[dict]:
     tissue = pyrospatial.sim.simulate_tissue(n_cells=400, n_types=3, n_proteins=10, n_genes=30, seed=seed,
                                              edge_candidates="all", edge_z_scale=1.0, edge_bias=-4.0)
     dataset = SpatialDataset.from_anndata(tissue.cells, tissue.spots, cell_type_key="cell_type",
@@ -88,15 +103,21 @@ def run_seed(seed: int, reps: int, epochs: int, num_steps: int) -> list[dict]:
     records = []
     for rep in range(reps):
         t0 = time.perf_counter()
-        ds, z_true = simulate_from(coral, fixed, tissue.cells, tissue.spots, seed=1000 * seed + rep)
+        ds, true = simulate_from(coral, fixed, tissue.cells, tissue.spots, seed=1000 * seed + rep)
+        z_true = true["z"]
         T, pairs = ds.n_types, torch.as_tensor(ds.edges)
         upper = np.triu_indices(T)
         with torch.no_grad():
             p_true = torch.sigmoid(model.edge_decoder(z_true, pairs, W_true, fixed["edge_bias"].reshape(1))).numpy()
         truth = interaction_matrix(p_true[None], ds.edges, ds.cell_type, T)["mean"][upper]
         state = copy.deepcopy(model.state_dict())
-        draws = refine_posterior(model, guide, ds, NUM_SAMPLES, num_chains=NUM_CHAINS, graph=True, em_params=(),
-                                 num_steps=num_steps, sites=["z", "edge_weight", "edge_bias"], seed=rep)
+        start = guide
+        if start_at_truth:  # the full batch's cell order, which the guide's values take
+            rows = ds.full_batch().cell_index
+            values = {k: (v[rows] if k in ("v", "z", "cell_size") else v) for k, v in true.items()}
+            start = lambda batch, *args, **kwargs: StartAt(values)(guide)(batch, *args, **kwargs)  # noqa: E731
+        draws = refine_posterior(model, start, ds, NUM_SAMPLES, num_chains=NUM_CHAINS, graph=True, em_params=(),
+                                 **hmc, sites=["z", "edge_weight", "edge_bias"], seed=rep)
         model.load_state_dict(state)
         with torch.no_grad():
             W = symmetric_from_upper(torch.as_tensor(draws["edge_weight"]), model.z_dim)
@@ -120,7 +141,9 @@ def markdown(result: dict) -> str:
     pit = np.mean([x["pit"] for x in r], axis=0)
     lines = ["# Interaction matrix on data drawn from the trained model (oracle)", "", f"Command: `{result['command']}`", "",
              "Every network of the model is the truth here, and the graph-conditioned refinement with a Bayesian edge "
-             f"decoder runs with EM off ({result['num_steps']} leapfrog steps per transition); a miss is the sampler's. "
+             f"decoder runs with EM off (HMC: {result['hmc']['num_steps']} leapfrog steps per transition, "
+             f"{result['hmc']['num_warmup']} warm-up transitions, 10 kept per chain {result['hmc']['thin']} apart; chains start at "
+             + ("the true latents" if result.get("start") == "truth" else "the guide's draws") + "); a miss is the sampler's. "
              "Targets: 0.90 and 0.50. `site R-hat` is the refinement's own largest split-R-hat per site "
              "(`diagnostics['rhat_max']`): z / edge_weight / edge_bias.", "",
              f"Pooled over {len(r)} replicates x 6 entries: 90% PIT coverage **{pit[1]:.3f}**, 50% **{pit[0]:.3f}**; "
@@ -143,13 +166,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=150)
     parser.add_argument("--num-steps", type=int, default=10, help="leapfrog steps per HMC transition")
+    parser.add_argument("--num-warmup", type=int, default=100, help="warm-up transitions")
+    parser.add_argument("--thin", type=int, default=5, help="transitions between kept states")
+    parser.add_argument("--start", choices=["guide", "truth"], default="guide",
+                        help="chains start at guide draws, or all at the true latents (stationary from the start)")
     parser.add_argument("--tag", default="", help="suffix of the output file names")
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    records = [rec for seed in args.seeds.split(",") for rec in run_seed(int(seed), args.reps, args.epochs, args.num_steps)]
+    hmc = {"num_steps": args.num_steps, "num_warmup": args.num_warmup, "thin": args.thin}
+    records = [rec for seed in args.seeds.split(",") for rec in run_seed(int(seed), args.reps, args.epochs, hmc, args.start == "truth")]
     command = " ".join(["OMP_NUM_THREADS=1 python benchmarks/interaction_oracle.py"] + (argv if argv is not None else sys.argv[1:]))
-    result = {"command": command, "num_steps": args.num_steps, "records": records, "versions": pyrospatial.infer.versions()}
+    result = {"command": command, "hmc": hmc, "start": args.start, "records": records, "versions": pyrospatial.infer.versions()}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = "interaction_oracle" + (f"_{args.tag}" if args.tag else "")

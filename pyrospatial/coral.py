@@ -283,13 +283,19 @@ class CORAL:
         ``model_kwargs={"bayesian_edge_decoder": True}``; the default posterior ignores the
         selection of the observed edges and the decoder's uncertainty, and its intervals are
         far too narrow (``benchmarks/results/interaction_calibration.md``). ``posterior`` (a
-        string) records which posterior the intervals come from."""
+        string) records which posterior the intervals come from; ``rhat_max`` is the refinement's
+        largest split-R-hat over the latents the edge probabilities read (``z`` and a Bayesian
+        decoder's ``edge_weight``, ``edge_bias``; NaN for guide draws): above about 1.05 the
+        chains have not mixed and the intervals are not to be trusted (sample longer)."""
         posterior = self._require_posterior()
         result = interaction_matrix(posterior.edge_prob, self.dataset.edges, self.dataset.cell_type, self.dataset.n_types)
         result["cell_types"] = np.asarray(self.dataset.cell_types)
         graph = bool(posterior.diagnostics.get("graph", False))
         decoder = "bayesian" if self.model.bayesian_edge_decoder else "point estimate"
         result["posterior"] = f"method={posterior.method}, graph={graph}, edge decoder: {decoder}"
+        rhat = posterior.diagnostics.get("rhat_max", {})
+        read = [rhat[name] for name in ("z",) + EDGE_DECODER_SITES if name in rhat]
+        result["rhat_max"] = float(np.nanmax(read)) if read and not np.all(np.isnan(read)) else float("nan")
         return result
 
     def domains(self, n_domains: int, *, smooth: int = 2, seed: int = 0) -> dict[str, np.ndarray]:

@@ -43,6 +43,8 @@ def test_export_keys_shapes_and_h5ad_round_trip(trained, tmp_path):
     inter = cells.uns["pyrospatial"]["interactions"]
     assert inter["mean"].shape == (ds.n_types, ds.n_types)
     assert inter["posterior"] == "method=refine, graph=False, edge decoder: point estimate"
+    # 30 draws of 20 chains: too few kept per chain for a split-R-hat
+    assert np.isnan(inter["rhat_max"])
     assert cells.obsp["edge_prob_mean"].nnz == 2 * ds.n_edges
     assert set(cells.obs["domain"].cat.categories) <= {"0", "1", "2"}
     assert ((cells.obs["domain_confidence"] >= 0) & (cells.obs["domain_confidence"] <= 1)).all()
@@ -51,6 +53,16 @@ def test_export_keys_shapes_and_h5ad_round_trip(trained, tmp_path):
     back = ad.read_h5ad(tmp_path / "cells.h5ad")
     np.testing.assert_allclose(back.layers["counts_mean"], cells.layers["counts_mean"])
     assert str(back.uns["pyrospatial"]["interactions"]["posterior"]) == inter["posterior"]
+
+
+def test_interactions_carry_the_split_rhat_of_the_latents_they_read(trained):
+    diagnostics = trained.posterior.diagnostics
+    saved = diagnostics.get("rhat_max")
+    try:
+        diagnostics["rhat_max"] = {"z": 1.3, "v": 2.0, "cell_size": 1.7}  # v and s do not enter edges
+        assert trained.interactions()["rhat_max"] == pytest.approx(1.3)
+    finally:
+        diagnostics["rhat_max"] = saved
 
 
 def test_deconvolved_counts_add_up_exactly_to_every_spot(trained):

@@ -35,12 +35,7 @@ torch.set_num_threads(1)
 SCALES = dict(cell_scale=10.0, spot_scale=10.0, edge_scale=3.0, nonedge_scale=50.0)
 
 
-@pytest.fixture(autouse=True)
-def _fresh():
-    pyro.clear_param_store()
-    pyro.set_rng_seed(0)
-    yield
-    pyro.clear_param_store()
+pytestmark = pytest.mark.usefixtures("fresh_pyro")  # tests/conftest.py
 
 
 # ----------------------------------------------------------------------------- helpers

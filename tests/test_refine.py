@@ -17,12 +17,7 @@ from pyrospatial.refine import refine_posterior
 torch.set_num_threads(1)
 
 
-@pytest.fixture(autouse=True)
-def _fresh():
-    pyro.clear_param_store()
-    pyro.set_rng_seed(0)
-    yield
-    pyro.clear_param_store()
+pytestmark = pytest.mark.usefixtures("fresh_pyro")  # tests/conftest.py
 
 
 class OneBatch:
