@@ -143,7 +143,7 @@ def markdown(result: dict) -> str:
              "Every network of the model is the truth here, and the graph-conditioned refinement with a Bayesian edge "
              f"decoder runs with EM off (HMC: {result['hmc']['num_steps']} leapfrog steps per transition, "
              f"{result['hmc']['num_warmup']} warm-up transitions, 10 kept per chain {result['hmc']['thin']} apart; chains start at "
-             + ("the true latents" if result.get("start") == "truth" else "the guide's draws") + "); a miss is the sampler's. "
+             + ("the true latents" if result.get("start") == "truth" else "the guide's draws") + "); with an exact posterior the coverage is nominal here, so a miss is the sampler's (or an oracle flaw not yet found). "
              "Targets: 0.90 and 0.50. `site R-hat` is the refinement's own largest split-R-hat per site "
              "(`diagnostics['rhat_max']`): z / edge_weight / edge_bias.", "",
              f"Pooled over {len(r)} replicates x 6 entries: 90% PIT coverage **{pit[1]:.3f}**, 50% **{pit[0]:.3f}**; "

@@ -43,7 +43,11 @@ Cost: each leapfrog step evaluates ``num_chains x`` (edges + non-edges) pairs, a
 ``num_chains x n^2`` product while the pairs are many. Measured for the pair terms alone (20
 chains, one CPU core, forward and gradient): 0.04 s at 400 cells, 0.8 s at 1500 and 2.4 s at 3000
 (2M sampled non-edges), times ``num_steps x (num_warmup + kept x thin)`` evaluations; beyond a
-few hundred cells, use a GPU.
+few hundred cells, use a GPU. Convergence is the harder limit: on data drawn from a trained
+CORAL with a Bayesian decoder (``benchmarks/results/interaction_oracle*.md``, 400 cells), the
+default run leaves every site's split-R-hat far above 1 (z 1.6-1.8, ``edge_weight`` 2.5-3.3), and
+13 times the work (40 steps, 400 warm-up transitions) still leaves z at 1.2-1.5; check
+``diagnostics["rhat_max"]`` before trusting graph-conditioned intervals.
 
 Monte Carlo EM
 --------------
