@@ -43,6 +43,7 @@ from anndata import AnnData
 
 from pyrospatial.analysis import CountSplit, deconvolve_counts, interaction_matrix, spatial_domains, summarise_draws
 from pyrospatial.data import SpatialDataset
+from pyrospatial.diagnostics import chain_convergence
 from pyrospatial.infer import FitResult, SVIModule, fit, load_checkpoint
 from pyrospatial.posterior import export as export_summaries
 from pyrospatial.posterior import sample_posterior, summarise
@@ -283,19 +284,21 @@ class CORAL:
         ``model_kwargs={"bayesian_edge_decoder": True}``; the default posterior ignores the
         selection of the observed edges and the decoder's uncertainty, and its intervals are
         far too narrow (``benchmarks/results/interaction_calibration.md``). ``posterior`` (a
-        string) records which posterior the intervals come from; ``rhat_max`` is the refinement's
-        largest split-R-hat over the latents the edge probabilities read (``z`` and a Bayesian
-        decoder's ``edge_weight``, ``edge_bias``; NaN for guide draws): above about 1.05 the
-        chains have not mixed and the intervals are not to be trusted (sample longer)."""
+        string) records which posterior the intervals come from; ``rhat_max`` is the largest
+        split-R-hat of the entries across the refinement's chains
+        (:func:`~pyrospatial.diagnostics.chain_convergence`; NaN for guide draws or fewer than 4
+        draws per chain): above about 1.05 the chains disagree and the intervals are not to be
+        trusted (sample longer)."""
         posterior = self._require_posterior()
-        result = interaction_matrix(posterior.edge_prob, self.dataset.edges, self.dataset.cell_type, self.dataset.n_types)
+        result = interaction_matrix(posterior.edge_prob, self.dataset.edges, self.dataset.cell_type, self.dataset.n_types,
+                                    keep_draws=True)
+        draws = result.pop("draws")
         result["cell_types"] = np.asarray(self.dataset.cell_types)
         graph = bool(posterior.diagnostics.get("graph", False))
         decoder = "bayesian" if self.model.bayesian_edge_decoder else "point estimate"
         result["posterior"] = f"method={posterior.method}, graph={graph}, edge decoder: {decoder}"
-        rhat = posterior.diagnostics.get("rhat_max", {})
-        read = [rhat[name] for name in ("z",) + EDGE_DECODER_SITES if name in rhat]
-        result["rhat_max"] = float(np.nanmax(read)) if read and not np.all(np.isnan(read)) else float("nan")
+        chains = posterior.diagnostics.get("num_chains") if posterior.method == "refine" else None
+        result["rhat_max"] = chain_convergence(draws, chains)[0] if chains else float("nan")
         return result
 
     def domains(self, n_domains: int, *, smooth: int = 2, seed: int = 0) -> dict[str, np.ndarray]:

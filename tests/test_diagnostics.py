@@ -204,3 +204,17 @@ def test_check_results_writes_figures_and_report(idata, tmp_path):
     assert out["edge_ece"] is not None and 0 <= out["edge_ece"] <= 1
     with pytest.raises(InputError, match="inference_data.nc"):
         dg.check_results(tmp_path / "nothing-here")
+
+
+def test_chain_convergence_separates_mixed_from_stuck_chains():
+    """Rows interleave chains (row k * C + c): i.i.d. draws give R-hat near 1 and an ESS near the
+    number of draws; chains offset by 2 sd from each other give a large R-hat."""
+    rng = np.random.default_rng(0)
+    C, per_chain = 8, 50
+    mixed = rng.normal(size=(C * per_chain, 3, 2))
+    rhat, ess = dg.chain_convergence(mixed, C)
+    assert rhat < 1.05 and ess > 0.5 * C * per_chain
+    offsets = 2.0 * np.arange(C)  # chain c sits at 2c
+    stuck = mixed + np.tile(offsets, per_chain)[:, None, None]
+    assert dg.chain_convergence(stuck, C)[0] > 2.0
+    assert np.isnan(dg.chain_convergence(mixed[: 3 * C], C)[0])  # 3 per chain: too few to split
