@@ -97,6 +97,8 @@ def run_case(n_cells: int, seed: int, settings: dict, methods: list[str]) -> dic
             "abs_error_mean": float(np.abs(draws.mean(0) - truth[upper]).mean()),
             "sd_mean": float(draws.std(0).mean()),
             "posterior_mean": draws.mean(0).tolist(),
+            # the entries' largest split-R-hat across the refinement's chains (NaN for the guide)
+            "rhat_max": float(coral.interactions()["rhat_max"]),
             "seconds": time.perf_counter() - t_method,
         }
     record["seconds"] = time.perf_counter() - t0
@@ -132,10 +134,13 @@ def markdown(result: dict) -> str:
               "`CORAL(..., model_kwargs={\"bayesian_edge_decoder\": True})` (the edge decoder a latent: without "
               "`graph=True` it keeps the guide's draws, with it HMC samples it jointly with the cells); `_warmup300`: "
               "300 warm-up transitions (EM and adaptation) instead of the default 100.", "",
-              "Per simulation (90% PIT coverage, mean abs. error, seconds of sampling):", "",
+              "Per simulation (90% PIT coverage, mean abs. error, the entries' largest split-R-hat across the "
+              "refinement's chains where recorded, seconds of sampling):", "",
               "| cells | seed | edges | " + " | ".join(methods) + " |", "|---:|---:|---:|" + "---:|" * len(methods)]
     for r in result["records"]:
-        cells = " | ".join(f"{r[m]['pit'][1]:.3f}, {r[m]['abs_error_mean']:.4f}, {r[m]['seconds']:.0f}" for m in methods)
+        cells = " | ".join(f"{r[m]['pit'][1]:.3f}, {r[m]['abs_error_mean']:.4f}, "
+                           + (f"R-hat {r[m]['rhat_max']:.2f}, " if "rhat_max" in r[m] else "")
+                           + f"{r[m]['seconds']:.0f}" for m in methods)
         lines.append(f"| {r['n_cells']} | {r['seed']} | {r['n_edges']} | {cells} |")
     lines += ["", f"Versions: {json.dumps(result['versions'])}", ""]
     return "\n".join(lines)

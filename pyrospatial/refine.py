@@ -41,9 +41,10 @@ draws, one per chain, when the graph is left out: otherwise nothing in the targe
 them and they would drift to their prior.
 Cost: each leapfrog step evaluates ``num_chains x`` (edges + non-edges) pairs, a dense
 ``num_chains x n^2`` product while the pairs are many. Measured for the pair terms alone (20
-chains, one CPU core, forward and gradient): 0.04 s at 400 cells, 0.8 s at 1500 and 2.4 s at 3000
-(2M sampled non-edges), times ``num_steps x (num_warmup + kept x thin)`` evaluations; beyond a
-few hundred cells, use a GPU. Convergence is the harder limit: on data drawn from a trained
+chains, one CPU core, forward and gradient; ``benchmarks/results/graph_cost.md``): 0.03 s at 400
+cells, 0.8 s at 1500 and 2.3 s at 3000 (2M sampled non-edges), times
+``num_steps x (num_warmup + kept x thin)`` evaluations (about an hour at 3000 cells with the
+defaults); beyond a few hundred cells, use a GPU. Convergence is the harder limit: on data drawn from a trained
 CORAL with a Bayesian decoder (``benchmarks/results/interaction_oracle*.md``, 400 cells), the
 default run leaves every site's split-R-hat far above 1 (z 1.6-1.8, ``edge_weight`` 2.5-3.3), and
 13 times the work (40 steps, 400 warm-up transitions) still leaves z at 1.2-1.5; check
