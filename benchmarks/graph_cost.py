@@ -16,13 +16,15 @@ Two implementations of the same logits ``z_i^T W z_j + b`` are timed side by sid
   decoder uses for few pairs. Skipped where its pair vectors would pass ``--max-gather-gb``.
 
 The figures per evaluation multiply by ``num_steps x (num_warmup + kept x thin)`` evaluations in
-a refinement (1500 with the defaults). Writes ``OUT/graph_cost.json`` and ``OUT/graph_cost.md``.
+a refinement (:func:`default_evaluations`). Writes ``OUT/graph_cost.json`` and ``OUT/graph_cost.md``.
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -33,6 +35,7 @@ import torch.nn.functional as F
 
 import pyrospatial
 from pyrospatial.models.blocks import EdgeDecoder
+from pyrospatial.refine import refine_posterior
 
 K = 8
 EDGES_PER_CELL = 12
@@ -51,6 +54,14 @@ def random_pairs(n: int, rng: np.random.Generator) -> tuple[torch.Tensor, torch.
     j = keys - offsets[i] + i + 1
     pairs = torch.as_tensor(np.stack([i, j]))
     return pairs[:, :n_edges], pairs[:, n_edges:]
+
+
+def default_evaluations(num_samples: int = 200) -> int:
+    """Leapfrog evaluations of a default ``refine_posterior`` run drawing ``num_samples``:
+    ``num_steps x (num_warmup + ceil(num_samples / num_chains) x thin)``."""
+    defaults = {k: v.default for k, v in inspect.signature(refine_posterior).parameters.items()}
+    kept = math.ceil(num_samples / defaults["num_chains"])
+    return defaults["num_steps"] * (defaults["num_warmup"] + kept * defaults["thin"])
 
 
 def gather_logits(z: torch.Tensor, pairs: torch.Tensor, W: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -90,7 +101,7 @@ def run(n: int, C: int, repeats: int, max_gather_gb: float, seed: int = 0) -> di
     else:
         record["gather_s"] = None
         record["gather_skipped"] = f"pair vectors would take {gather_gb:.1f} GB > --max-gather-gb {max_gather_gb}"
-    record["refinement_minutes_default"] = record["decoder_s"] * 10 * 150 / 60  # 10 steps x (100 + 10 x 5) transitions
+    record["refinement_minutes_default"] = record["decoder_s"] * default_evaluations() / 60
     print(json.dumps(record), flush=True)
     return record
 
@@ -100,8 +111,8 @@ def markdown(result: dict) -> str:
              f"Forward + backward of the edge and non-edge Bernoulli log-likelihood for {result['chains']} chains, "
              f"z_dim {K}, about {EDGES_PER_CELL} edges per cell, min(all, 2M) non-edges; {result['threads']} CPU thread(s), "
              "median of repeats. `decoder`: `EdgeDecoder` (dense `z W z^T` when the pairs outnumber n^2/8); `gather`: the "
-             "per-pair formula. The last column multiplies by the 1500 evaluations of a default refinement "
-             "(10 steps x 150 transitions); the graph terms only.", "",
+             f"per-pair formula. The last column multiplies by the {default_evaluations()} evaluations of a default "
+             "refinement of 200 draws (`num_steps x (num_warmup + kept x thin)`); the graph terms only.", "",
              "| cells | edges | non-edges | dense path | decoder s | gather s | gather / decoder | refinement, min |",
              "|---:|---:|---:|---|---:|---:|---:|---:|"]
     for r in result["records"]:

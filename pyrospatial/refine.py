@@ -43,7 +43,7 @@ Cost: each leapfrog step evaluates ``num_chains x`` (edges + non-edges) pairs, a
 ``num_chains x n^2`` product while the pairs are many. Measured for the pair terms alone (20
 chains, one CPU core, forward and gradient; ``benchmarks/results/graph_cost.md``): 0.03 s at 400
 cells, 0.8 s at 1500 and 2.3 s at 3000 (2M sampled non-edges), times
-``num_steps x (num_warmup + kept x thin)`` evaluations (about an hour at 3000 cells with the
+``num_steps x (num_warmup + kept x thin)`` evaluations (about two hours at 3000 cells with the
 defaults); beyond a few hundred cells, use a GPU. Convergence is the harder limit: on data drawn from a trained
 CORAL with a Bayesian decoder (``benchmarks/results/interaction_oracle*.md``, 400 cells), the
 default run leaves every site's split-R-hat far above 1 (z 1.6-1.8, ``edge_weight`` 2.5-3.3), and
@@ -113,10 +113,10 @@ sample size ``"ess_bulk_min"``, by ArviZ across the chains' kept draws
 disagree: lengthen ``num_warmup`` or ``num_steps``). Judge it on the quantities used: CORAL's
 latents have symmetries (``z -> A z`` with the read-out ``W -> W A^-1`` leaves the expected RNA
 unchanged), so ``"rna_weight"`` or ``"z"`` can wander while ``"expected_rna"`` has converged.
-The default run is short for the chains' autocorrelation. On 400 simulated cells, 22% of z's
-coordinates have R-hat > 1.1. With ``num_warmup=300, thin=20`` that falls to 3%. The
-calibration figures in the README are empirical (against the simulated truth); pass those
-settings when converged chains matter.
+The kept states are ``thin=20`` transitions apart. On 400 simulated cells, 2% of z's
+coordinates then have R-hat > 1.1 (22% with ``thin=5``, whose kept window was short of the
+chains' autocorrelation); the warm-up stays at 100 transitions, the Monte Carlo EM's early
+stop (below).
 
 Example
 -------
@@ -523,7 +523,7 @@ def refine_posterior(
     sites: Iterable[str] | None = None,
     num_chains: int = 20,
     num_warmup: int = 100,
-    thin: int = 5,
+    thin: int = 20,
     num_steps: int = 10,
     step_size: float = 0.05,
     target_accept: float = 0.7,
