@@ -47,6 +47,7 @@ misfit (e.g. ``p(variance) ~ 1`` for a Poisson model of over-dispersed counts).
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -714,8 +715,6 @@ def chain_convergence(draws: np.ndarray, num_chains: int, *, max_coords: int = 2
     constant or non-finite coordinates are skipped. R-hat above about 1.05 means the chains
     disagree: the draws are not yet from the posterior.
     """
-    import warnings
-
     import arviz as az
 
     C = int(num_chains)
