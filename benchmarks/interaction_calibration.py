@@ -38,8 +38,10 @@ from pyrospatial import diagnostics as dg
 from pyrospatial.analysis import interaction_matrix
 from pyrospatial.coral import CORAL
 from pyrospatial.data import SpatialDataset
+from pyrospatial.recalibration import INTERACTION_RECALIBRATION, widen
 
 LEVELS = (0.5, 0.9)
+QUANTILES = (0.05, 0.25, 0.75, 0.95)
 #: model variants trained per simulation (CORAL model_kwargs)
 MODELS = {"point": {"bayesian_edge_decoder": False}, "bayes_edge": {"bayesian_edge_decoder": True}}
 #: posteriors compared: the model variant, CORAL.sample's method and its keyword arguments
@@ -97,10 +99,24 @@ def run_case(n_cells: int, seed: int, settings: dict, methods: list[str]) -> dic
             "abs_error_mean": float(np.abs(draws.mean(0) - truth[upper]).mean()),
             "sd_mean": float(draws.std(0).mean()),
             "posterior_mean": draws.mean(0).tolist(),
+            # per entry, for refitting an interval recalibration (benchmarks/interaction_recalibration.py)
+            "quantiles": {str(q): np.quantile(draws, q, axis=0).tolist() for q in QUANTILES},
             # the entries' largest split-R-hat across the refinement's chains (NaN for the guide)
             "rhat_max": float(coral.interactions()["rhat_max"]),
             "seconds": time.perf_counter() - t_method,
         }
+        if kind == "refine" and kwargs.get("graph") and MODELS[variant]["bayesian_edge_decoder"]:
+            # the posterior the package's interval recalibration was fitted for (on seeds 100-107)
+            widened = widen(draws, INTERACTION_RECALIBRATION.factor)
+            record[method + "_recalibrated"] = {
+                **record[method],
+                "interval": dg.interval_coverage_by_level(widened, truth[upper], LEVELS).tolist(),
+                "pit": dg.pit_coverage_by_level(widened, truth[upper], LEVELS).tolist(),
+                "sd_mean": float(widened.std(0).mean()),
+                "factor": INTERACTION_RECALIBRATION.factor,
+                "seconds": 0.0,
+            }
+            record[method + "_recalibrated"].pop("quantiles")
     record["seconds"] = time.perf_counter() - t0
     print(json.dumps(record), flush=True)
     return record
@@ -133,7 +149,10 @@ def markdown(result: dict) -> str:
               "`guide`, the amortised guide's draws; `bayes_edge_*`, the same with "
               "`CORAL(..., model_kwargs={\"bayesian_edge_decoder\": True})` (the edge decoder a latent: without "
               "`graph=True` it keeps the guide's draws, with it HMC samples it jointly with the cells); `_warmup300`: "
-              "300 warm-up transitions (EM and adaptation) instead of the default 100.", "",
+              "300 warm-up transitions (EM and adaptation) instead of the default 100; `_recalibrated`: the same draws "
+              "widened around their mean by the factor of `pyrospatial.recalibration.INTERACTION_RECALIBRATION`, "
+              "fitted on seeds 100-107 (`benchmarks/results/interaction_recalibration.md`), never on these seeds; "
+              "what `CORAL.interactions()` reports by default for that posterior.", "",
               "Per simulation (90% PIT coverage, mean abs. error, the entries' largest split-R-hat across the "
               "refinement's chains where recorded, seconds of sampling):", "",
               "| cells | seed | edges | " + " | ".join(methods) + " |", "|---:|---:|---:|" + "---:|" * len(methods)]
@@ -154,12 +173,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", default=None, help="comma-separated seeds (default 0-4, --quick: 0)")
     parser.add_argument("--markdown-only", action="store_true", help="rewrite OUT/interaction_calibration.md from its JSON")
     parser.add_argument("--tag", default="", help="write OUT/interaction_calibration_TAG.{json,md} instead")
+    parser.add_argument("--merge", default=None,
+                        help="comma-separated JSON files of this script (e.g. seeds split over processes): pool their "
+                             "records into OUT/interaction_calibration[_TAG].{json,md} without simulating")
     args = parser.parse_args(argv)
     stem = "interaction_calibration" + (f"_{args.tag}" if args.tag else "")
     if args.markdown_only:
         result = json.loads((Path(args.out) / f"{stem}.json").read_text())
         (Path(args.out) / f"{stem}.md").write_text(markdown(result))
         return 0
+    if args.merge:
+        parts = [json.loads(Path(path).read_text()) for path in args.merge.split(",")]
+        records = sorted((r for part in parts for r in part["records"]), key=lambda r: (r["n_cells"], r["seed"]))
+        settings = {**parts[0]["settings"], "seeds": sorted({r["seed"] for r in records})}
+        commands = " ; ".join(part["command"] for part in parts)
+        return write(Path(args.out), stem, f"{commands} (records pooled by --merge)", settings, records)
     methods = args.methods.split(",")
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
@@ -171,13 +199,18 @@ def main(argv: list[str] | None = None) -> int:
                 "n_genes": 30, "n_proteins": 10, "epochs": 60 if q else 150, "num_samples": 40 if q else 200,
                 "edge_bias": -4.0, "edge_z_scale": 1.0}
     records = [run_case(n, seed, settings, methods) for n in settings["sizes"] for seed in settings["seeds"]]
+    command = " ".join(["OMP_NUM_THREADS=1 python benchmarks/interaction_calibration.py"] + (argv if argv is not None else sys.argv[1:]))
+    return write(Path(args.out), stem, command, settings, records)
+
+
+def write(out: Path, stem: str, command: str, settings: dict, records: list[dict]) -> int:
+    """Pool the records' coverage and write OUT/STEM.json and .md."""
+    scored = [m for m in records[0] if isinstance(records[0][m], dict)]  # methods, and the recalibrated ones
     coverage = {m: {"interval": pooled(records, m, "interval"), "pit": pooled(records, m, "pit"),
                     "abs_error_mean": float(np.mean([r[m]["abs_error_mean"] for r in records])),
-                    "sd_mean": float(np.mean([r[m]["sd_mean"] for r in records]))} for m in methods}
-    command = " ".join(["OMP_NUM_THREADS=1 python benchmarks/interaction_calibration.py"] + (argv if argv is not None else sys.argv[1:]))
+                    "sd_mean": float(np.mean([r[m]["sd_mean"] for r in records]))} for m in scored}
     result = {"command": command, "settings": settings, "coverage": coverage, "records": records,
               "versions": pyrospatial.infer.versions()}
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
     (out / f"{stem}.md").write_text(markdown(result))

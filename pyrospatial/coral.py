@@ -44,9 +44,11 @@ from anndata import AnnData
 from pyrospatial.analysis import CountSplit, deconvolve_counts, interaction_matrix, spatial_domains, summarise_draws
 from pyrospatial.data import SpatialDataset
 from pyrospatial.diagnostics import chain_convergence
+from pyrospatial.errors import InputError
 from pyrospatial.infer import FitResult, SVIModule, fit, load_checkpoint
 from pyrospatial.posterior import export as export_summaries
 from pyrospatial.posterior import sample_posterior, summarise
+from pyrospatial.recalibration import INTERACTION_RECALIBRATION, widen
 from pyrospatial.models.blocks import symmetric_from_upper
 
 __all__ = ["CORAL", "CoralPosterior"]
@@ -275,20 +277,38 @@ class CORAL:
             dispersion="cell" if getattr(self.model, "spot_dispersion", "spot") == "sum" else "spot",
         )
 
-    def interactions(self) -> dict[str, Any]:
+    def interactions(self, *, recalibrate: bool | None = None) -> dict[str, Any]:
         """Cell-type x cell-type interaction matrix (mean, sd, q05, q50, q95 over draws).
 
         Entry ``(a, b)`` is the mean edge probability over the graph's a-b edges
         (:func:`~pyrospatial.analysis.interaction_matrix`). Its intervals are only as good as
-        the posterior: draw it with ``sample(graph=True)``, ideally with
-        ``model_kwargs={"bayesian_edge_decoder": True}``; the default posterior ignores the
-        selection of the observed edges and the decoder's uncertainty, and its intervals are
-        far too narrow (``benchmarks/results/interaction_calibration.md``). ``posterior`` (a
-        string) records which posterior the intervals come from; ``rhat_max`` is the largest
-        split-R-hat of the entries across the refinement's chains
-        (:func:`~pyrospatial.diagnostics.chain_convergence`; NaN for guide draws or fewer than 4
-        draws per chain): above about 1.05 the chains disagree and the intervals are not to be
-        trusted (sample longer)."""
+        the posterior: draw it with ``sample(graph=True)`` and
+        ``model_kwargs={"bayesian_edge_decoder": True}``. The default posterior ignores the
+        selection of the observed edges and the decoder's uncertainty: its 90% intervals cover
+        about a third of simulated truths (``benchmarks/results/interaction_calibration.md``).
+
+        Parameters
+        ----------
+        recalibrate
+            Widen the intervals by the factor of
+            :data:`~pyrospatial.recalibration.INTERACTION_RECALIBRATION`, fitted on simulations
+            held apart from those it is evaluated on. It was fitted for the graph-conditioned
+            posterior with a Bayesian edge decoder, whose chains do not converge in the default
+            budget and whose raw 90% intervals are too narrow. None (default): widen exactly
+            when the posterior is that one; False: never; True: insist (an error for another
+            posterior, where the factor means nothing).
+
+        Returns
+        -------
+        dict
+            ``mean``, ``sd``, ``q05``, ``q50``, ``q95``, ``n_edges`` (T, T; NaN for type pairs
+            without an edge), ``cell_types``, ``posterior`` (which posterior the intervals come
+            from, and the widening when applied), ``recalibration`` (the applied
+            :class:`~pyrospatial.recalibration.Recalibration` as a dict, or None) and
+            ``rhat_max``: the largest split-R-hat of the entries across the refinement's chains
+            (:func:`~pyrospatial.diagnostics.chain_convergence`; NaN for guide draws or fewer
+            than 4 draws per chain). Above about 1.05 the chains disagree.
+        """
         posterior = self._require_posterior()
         result = interaction_matrix(posterior.edge_prob, self.dataset.edges, self.dataset.cell_type, self.dataset.n_types,
                                     keep_draws=True)
@@ -299,6 +319,21 @@ class CORAL:
         result["posterior"] = f"method={posterior.method}, graph={graph}, edge decoder: {decoder}"
         chains = posterior.diagnostics.get("num_chains") if posterior.method == "refine" else None
         result["rhat_max"] = chain_convergence(draws, chains)[0] if chains else float("nan")
+        fitted_for = posterior.method == "refine" and graph and self.model.bayesian_edge_decoder
+        if recalibrate and not fitted_for:
+            raise InputError(
+                "interactions(recalibrate=True): the recalibration was fitted for "
+                f"{INTERACTION_RECALIBRATION.posterior}; this posterior is {result['posterior']}. Draw it with "
+                "sample(graph=True) on a CORAL built with model_kwargs={'bayesian_edge_decoder': True}, or pass "
+                "recalibrate=False.")
+        result["recalibration"] = None
+        if fitted_for and recalibrate is not False:
+            factor = INTERACTION_RECALIBRATION.factor
+            widened = summarise_draws(widen(draws, factor))
+            result.update({k: widened[k] for k in ("mean", "sd", "q05", "q50", "q95")})
+            result["recalibration"] = INTERACTION_RECALIBRATION.as_dict()
+            result["posterior"] += (f"; intervals widened x{factor:.3f} around the mean by a recalibration fitted on "
+                                    "held-apart simulations (pyrospatial.recalibration)")
         return result
 
     def domains(self, n_domains: int, *, smooth: int = 2, seed: int = 0) -> dict[str, np.ndarray]:
@@ -355,13 +390,17 @@ class CORAL:
             cells_rna.obsp[f"edge_prob_{stat}"] = sp.csr_matrix((values, (rows, cols)), shape=(n, n))
         cells_rna.obsp["attention"] = self.attention()
         interactions = self.interactions()
+        recalibration = interactions.pop("recalibration")
         cells_rna.uns["pyrospatial"]["interactions"] = {
             key: (np.nan_to_num(value, nan=-1.0) if isinstance(value, np.ndarray) and value.dtype.kind == "f" else value)
             for key, value in interactions.items()
         }
+        cells_rna.uns["pyrospatial"]["interactions"]["recalibration_factor"] = (
+            float(recalibration["factor"]) if recalibration else 1.0)
         cells_rna.uns["pyrospatial"]["interactions"]["note"] = (
             "entries with no edge between the two types are -1; the intervals are too narrow unless the posterior "
-            "conditions on the graph with a Bayesian edge decoder (see CORAL.interactions)"
+            "conditions on the graph with a Bayesian edge decoder (see CORAL.interactions); recalibration_factor "
+            "is the widening applied to them (1: none; fitted on held-apart simulations, pyrospatial.recalibration)"
         )
         if n_domains:
             domains = self.domains(n_domains, seed=seed)

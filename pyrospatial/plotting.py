@@ -76,13 +76,18 @@ def plot_spatial_panels(
 
 
 def plot_interactions(interactions: dict, path: str | Path) -> Path:
-    """Heatmaps of the interaction matrix's posterior mean and 90% interval width."""
+    """Heatmaps of the interaction matrix's posterior mean and 90% interval width (the width's
+    title names a recalibration's widening when one was applied: ``recalibration_factor`` of the
+    export, or ``recalibration`` of :meth:`~pyrospatial.coral.CORAL.interactions`)."""
     names = [str(n) for n in interactions["cell_types"]]
     mean = np.asarray(interactions["mean"], dtype=float)
     width = np.asarray(interactions["q95"], dtype=float) - np.asarray(interactions["q05"], dtype=float)
+    recalibration = interactions.get("recalibration")
+    factor = float(recalibration["factor"]) if recalibration else float(interactions.get("recalibration_factor", 1.0))
+    width_title = "90% interval width (q95 - q05)" + (f", widened x{factor:.2f}" if factor != 1.0 else "")
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.8))
     for ax, values, title in ((axes[0], mean, "edge probability: posterior mean"),
-                              (axes[1], width, "90% interval width (q95 - q05)")):
+                              (axes[1], width, width_title)):
         im = ax.imshow(np.where(values < 0, np.nan, values), cmap="magma")
         ax.set_xticks(range(len(names)), names, rotation=60, fontsize=7)
         ax.set_yticks(range(len(names)), names, fontsize=7)

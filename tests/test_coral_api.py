@@ -43,6 +43,7 @@ def test_export_keys_shapes_and_h5ad_round_trip(trained, tmp_path):
     inter = cells.uns["pyrospatial"]["interactions"]
     assert inter["mean"].shape == (ds.n_types, ds.n_types)
     assert inter["posterior"] == "method=refine, graph=False, edge decoder: point estimate"
+    assert inter["recalibration_factor"] == 1.0  # the recalibration is not for this posterior
     # 30 draws of 20 chains: too few kept per chain for a split-R-hat
     assert np.isnan(inter["rhat_max"])
     assert cells.obsp["edge_prob_mean"].nnz == 2 * ds.n_edges
@@ -146,3 +147,24 @@ def test_cuda_path_selected_when_available(tissue):
     result = coral.train(max_epochs=2, device="cuda", progress=False)
     assert result.settings["device"].startswith("cuda")
     assert next(coral.model.parameters()).is_cuda
+
+
+def test_interactions_widen_only_the_posterior_the_recalibration_was_fitted_for(trained, monkeypatch):
+    from pyrospatial.errors import InputError
+    from pyrospatial.recalibration import INTERACTION_RECALIBRATION
+
+    raw = trained.interactions()  # graph-free posterior, point edge decoder: not recalibrated
+    assert raw["recalibration"] is None and "widened" not in raw["posterior"]
+    with pytest.raises(InputError, match="bayesian_edge_decoder"):
+        trained.interactions(recalibrate=True)
+    # pretend the posterior is the graph-conditioned one with a Bayesian decoder
+    monkeypatch.setitem(trained.posterior.diagnostics, "graph", True)
+    monkeypatch.setattr(trained.model, "bayesian_edge_decoder", True)
+    wide, off = trained.interactions(), trained.interactions(recalibrate=False)
+    factor = INTERACTION_RECALIBRATION.factor
+    assert wide["recalibration"]["factor"] == factor and f"x{factor:.3f}" in wide["posterior"]
+    assert off["recalibration"] is None
+    np.testing.assert_allclose(wide["mean"], off["mean"], rtol=1e-10)
+    for q in ("q05", "q95"):  # no entry is near 0 or 1 here, so nothing is clipped
+        np.testing.assert_allclose(wide[q] - wide["mean"], factor * (off[q] - off["mean"]), rtol=1e-8, atol=1e-12)
+    np.testing.assert_allclose(wide["rhat_max"], off["rhat_max"], equal_nan=True)
