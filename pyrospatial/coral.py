@@ -31,6 +31,7 @@ and ``obs["n_cells"]``.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -285,7 +286,8 @@ class CORAL:
         the posterior: draw it with ``sample(graph=True)`` and
         ``model_kwargs={"bayesian_edge_decoder": True}``. The default posterior ignores the
         selection of the observed edges and the decoder's uncertainty: its 90% intervals cover
-        about a third of simulated truths (``benchmarks/results/interaction_calibration.md``).
+        about a third of simulated truths (``benchmarks/results/interaction_calibration.md``), and
+        a ``UserWarning`` says so whenever the posterior leaves the graph out.
 
         Parameters
         ----------
@@ -326,6 +328,13 @@ class CORAL:
                 f"{INTERACTION_RECALIBRATION.posterior}; this posterior is {result['posterior']}. Draw it with "
                 "sample(graph=True) on a CORAL built with model_kwargs={'bayesian_edge_decoder': True}, or pass "
                 "recalibrate=False.")
+        if not graph:
+            warnings.warn(
+                "CORAL.interactions(): this posterior leaves the cell graph out of its target, so the interaction "
+                "intervals are far too narrow (90% coverage about 0.3 on simulations, "
+                "benchmarks/results/interaction_calibration.md). For intervals worth reading, build CORAL with "
+                "model_kwargs={'bayesian_edge_decoder': True} and draw with sample(graph=True).",
+                UserWarning, stacklevel=2)
         result["recalibration"] = None
         if fitted_for and recalibrate is not False:
             factor = INTERACTION_RECALIBRATION.factor

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import anndata as ad
 import numpy as np
@@ -153,14 +154,17 @@ def test_interactions_widen_only_the_posterior_the_recalibration_was_fitted_for(
     from pyrospatial.errors import InputError
     from pyrospatial.recalibration import INTERACTION_RECALIBRATION
 
-    raw = trained.interactions()  # graph-free posterior, point edge decoder: not recalibrated
+    with pytest.warns(UserWarning, match="graph=True"):  # graph-free posterior, point edge decoder
+        raw = trained.interactions()
     assert raw["recalibration"] is None and "widened" not in raw["posterior"]
     with pytest.raises(InputError, match="bayesian_edge_decoder"):
         trained.interactions(recalibrate=True)
     # pretend the posterior is the graph-conditioned one with a Bayesian decoder
     monkeypatch.setitem(trained.posterior.diagnostics, "graph", True)
     monkeypatch.setattr(trained.model, "bayesian_edge_decoder", True)
-    wide, off = trained.interactions(), trained.interactions(recalibrate=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the posterior the package recommends: no warning
+        wide, off = trained.interactions(), trained.interactions(recalibrate=False)
     factor = INTERACTION_RECALIBRATION.factor
     assert wide["recalibration"]["factor"] == factor and f"x{factor:.3f}" in wide["posterior"]
     assert off["recalibration"] is None
