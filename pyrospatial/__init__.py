@@ -17,7 +17,7 @@ import pyro
 # this when a PyroModule is built, so it is set before any model can be created.
 pyro.settings.set(module_local_params=True)
 
-from pyrospatial import analysis, baselines, datasets, diagnostics, metrics, sim
+from pyrospatial import analysis, baselines, datasets, diagnostics, metrics, recalibration, sim
 from pyrospatial.alignment import align, align_slices
 from pyrospatial.batch import Batch, batch_plates, cell_plate, spot_plate
 from pyrospatial.data import SpatialDataset
@@ -48,6 +48,7 @@ __all__ = [
     "fit",
     "load_checkpoint",
     "metrics",
+    "recalibration",
     "refine_posterior",
     "sample_posterior",
     "sim",
