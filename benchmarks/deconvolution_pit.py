@@ -32,6 +32,7 @@ from deconvolution import make_datasets  # noqa: E402  (the benchmark's own spli
 
 import pyrospatial as ps  # noqa: E402
 from pyrospatial import diagnostics as dg  # noqa: E402
+from _results import write_results  # noqa: E402  (benchmarks/ is on sys.path when a script runs)
 
 LEVELS = (0.5, 0.9)
 
@@ -132,11 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     results = [score(name, ref, spots) for name, (ref, spots) in make_datasets(False).items()]
     result = {"command": f"OMP_NUM_THREADS=1 python benchmarks/deconvolution_pit.py --out {args.out}",
               "split_seed": 0, "results": results, "versions": ps.infer.versions()}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "deconvolution_pit.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / "deconvolution_pit.md").write_text(markdown(result))
-    print(markdown(result))
+    write_results(args.out, "deconvolution_pit", result, markdown(result))
     return 0
 
 

@@ -27,7 +27,6 @@ import json
 import math
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -36,6 +35,7 @@ import torch.nn.functional as F
 import pyrospatial
 from pyrospatial.models.blocks import EdgeDecoder
 from pyrospatial.refine import refine_posterior
+from _results import command_line, write_results  # noqa: E402  (benchmarks/ is on sys.path when a script runs)
 
 K = 8
 EDGES_PER_CELL = 12
@@ -137,14 +137,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     records = [run(int(n), args.chains, args.repeats, args.max_gather_gb) for n in args.cells.split(",")]
-    command = " ".join(["python benchmarks/graph_cost.py"] + (argv if argv is not None else sys.argv[1:]))
+    command = command_line("graph_cost.py", argv, env="")
     result = {"command": command, "chains": args.chains, "threads": args.threads, "records": records,
               "versions": pyrospatial.infer.versions()}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "graph_cost.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / "graph_cost.md").write_text(markdown(result))
-    print(markdown(result))
+    write_results(args.out, "graph_cost", result, markdown(result))
     return 0
 
 

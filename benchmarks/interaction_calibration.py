@@ -39,6 +39,7 @@ from pyrospatial.analysis import interaction_matrix
 from pyrospatial.coral import CORAL
 from pyrospatial.data import SpatialDataset
 from pyrospatial.recalibration import INTERACTION_RECALIBRATION, widen
+from _results import command_line, write_results  # noqa: E402  (benchmarks/ is on sys.path when a script runs)
 
 LEVELS = (0.5, 0.9)
 QUANTILES = (0.05, 0.25, 0.75, 0.95)
@@ -199,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
                 "n_genes": 30, "n_proteins": 10, "epochs": 60 if q else 150, "num_samples": 40 if q else 200,
                 "edge_bias": -4.0, "edge_z_scale": 1.0}
     records = [run_case(n, seed, settings, methods) for n in settings["sizes"] for seed in settings["seeds"]]
-    command = " ".join(["OMP_NUM_THREADS=1 python benchmarks/interaction_calibration.py"] + (argv if argv is not None else sys.argv[1:]))
+    command = command_line("interaction_calibration.py", argv)
     return write(Path(args.out), stem, command, settings, records)
 
 
@@ -211,10 +212,7 @@ def write(out: Path, stem: str, command: str, settings: dict, records: list[dict
                     "sd_mean": float(np.mean([r[m]["sd_mean"] for r in records]))} for m in scored}
     result = {"command": command, "settings": settings, "coverage": coverage, "records": records,
               "versions": pyrospatial.infer.versions()}
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / f"{stem}.md").write_text(markdown(result))
-    print(markdown(result))
+    write_results(out, stem, result, markdown(result))
     return 0
 
 

@@ -33,7 +33,6 @@ import copy
 import json
 import sys
 import time
-from pathlib import Path
 
 import arviz as az
 import numpy as np
@@ -49,6 +48,7 @@ from pyrospatial.data import SpatialDataset
 from pyrospatial.models.blocks import symmetric_from_upper
 from pyrospatial.recalibration import INTERACTION_RECALIBRATION, widen
 from pyrospatial.refine import refine_posterior
+from _results import command_line, write_results  # noqa: E402  (benchmarks/ is on sys.path when a script runs)
 
 LEVELS = (0.5, 0.9)
 NUM_SAMPLES, NUM_CHAINS = 200, 20
@@ -186,15 +186,10 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     hmc = {"num_steps": args.num_steps, "num_warmup": args.num_warmup, "thin": args.thin}
     records = [rec for seed in args.seeds.split(",") for rec in run_seed(int(seed), args.reps, args.epochs, hmc, args.start == "truth")]
-    command = " ".join(["OMP_NUM_THREADS=1 python benchmarks/interaction_oracle.py"] + (argv if argv is not None else sys.argv[1:]))
+    command = command_line("interaction_oracle.py", argv)
     result = {"command": command, "hmc": hmc, "start": args.start, "records": records,
               "recalibration_factor": INTERACTION_RECALIBRATION.factor, "versions": pyrospatial.infer.versions()}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = "interaction_oracle" + (f"_{args.tag}" if args.tag else "")
-    (out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / f"{stem}.md").write_text(markdown(result))
-    print(markdown(result))
+    write_results(args.out, "interaction_oracle" + (f"_{args.tag}" if args.tag else ""), result, markdown(result))
     return 0
 
 

@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import interaction_calibration as ic  # noqa: E402
 
 import pyrospatial  # noqa: E402
+from _results import command_line, write_results  # noqa: E402  (benchmarks/ is on sys.path when a script runs)
 
 METHOD = "bayes_edge_refine_graph"
 SEEDS = list(range(100, 108))
@@ -122,14 +123,10 @@ def main(argv: list[str] | None = None) -> int:
         records = [ic.run_case(400, seed, {**SETTINGS, "seeds": seeds}, [METHOD]) for seed in seeds]
     if any(r["seed"] < 100 for r in records):
         parser.error("fit only on held-apart seeds (>= 100): seeds 0-4 evaluate the result")
-    command = " ".join(["OMP_NUM_THREADS=1 python benchmarks/interaction_recalibration.py"] + (argv if argv is not None else sys.argv[1:]))
+    command = command_line("interaction_recalibration.py", argv)
     result = {"command": command, "seeds": sorted(r["seed"] for r in records), "fit": fit(records),
               "records": records, "versions": pyrospatial.infer.versions()}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "interaction_recalibration.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / "interaction_recalibration.md").write_text(markdown(result))
-    print(markdown(result))
+    write_results(args.out, "interaction_recalibration", result, markdown(result))
     return 0
 
 

@@ -16,7 +16,6 @@ Writes ``OUT/refine_em_trace{TAG}.json`` and ``OUT/refine_em_trace{TAG}.md``.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -29,6 +28,7 @@ import pyrospatial
 from pyrospatial import diagnostics as dg
 from pyrospatial.coral import CORAL
 from pyrospatial.refine import DEFAULT_EM_PARAMS
+from _results import write_results  # noqa: E402  (benchmarks/ is on sys.path when a script runs)
 
 CASES = ((600, 0), (300, 1))
 
@@ -122,11 +122,7 @@ def main(argv: list[str] | None = None) -> int:
                f"--em-params {','.join(em_params)}" + (f" --tag {args.tag}" if args.tag else "") + f" --out {args.out}")
     result = {"command": command, "em_params": list(em_params), "cases": cases,
               "versions": pyrospatial.infer.versions()}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"refine_em_trace{args.tag}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / f"refine_em_trace{args.tag}.md").write_text(markdown(result))
-    print(markdown(result))
+    write_results(args.out, f"refine_em_trace{args.tag}", result, markdown(result))
     return 0
 
 

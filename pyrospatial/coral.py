@@ -35,7 +35,6 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-import anndata as ad
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
