@@ -46,9 +46,12 @@ cells, 0.8 s at 1500 and 2.3 s at 3000 (2M sampled non-edges), times
 ``num_steps x (num_warmup + kept x thin)`` evaluations (about two hours at 3000 cells with the
 defaults); beyond a few hundred cells, use a GPU. Convergence is the harder limit: on data drawn from a trained
 CORAL with a Bayesian decoder (``benchmarks/results/interaction_oracle*.md``, 400 cells), the
-default run (then ``thin=5``) left every site's split-R-hat far above 1 (z 1.6-1.8, ``edge_weight`` 2.5-3.3), and
-13 times the work (40 steps, 400 warm-up transitions) still leaves z at 1.2-1.5; check
-``diagnostics["rhat_max"]`` before trusting graph-conditioned intervals.
+default run left every site's split-R-hat far above 1 (z 1.6-1.8, ``edge_weight`` 2.5-3.3 with
+``thin=5``; 1.2-1.6 and 1.9-2.6 with ``thin=20``), and 13 times the work (40 steps, 400 warm-up
+transitions) still leaves z at 1.2-1.5; check ``diagnostics["rhat_max"]`` before trusting
+graph-conditioned intervals. :meth:`pyrospatial.coral.CORAL.interactions` widens the interaction
+matrix's intervals under this posterior by a factor fitted on held-apart simulations
+(:mod:`pyrospatial.recalibration`).
 
 Monte Carlo EM
 --------------
