@@ -12,8 +12,11 @@ resemblance between those simulations and the user's data, so every recalibratio
 One recalibration exists: the cell-type interaction matrix under CORAL's graph-conditioned
 posterior with a Bayesian edge decoder (:data:`INTERACTION_RECALIBRATION`). That posterior's
 chains carry a shared bias from the guide they start at and do not shed it within the default
-budget (``benchmarks/results/interaction_oracle*.md``); its raw 90% intervals cover about
-three quarters of the simulated truths (``benchmarks/results/interaction_calibration.md``).
+budget (``benchmarks/results/interaction_oracle*.md``); its raw 90% intervals covered 0.56-0.80
+of the simulated truths in the runs behind the factor (``benchmarks/results/interaction_calibration.md``,
+``interaction_recalibration.md``, ``interaction_oracle_recal.md``). Widened, they cover 0.93 on the
+evaluation simulations and 0.97 on data drawn from a trained model (too wide there): the factor was
+fitted at one size (400 cells, 3 types) and is a guess elsewhere.
 """
 
 from __future__ import annotations
