@@ -172,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--methods", default=",".join(DEFAULT_METHODS), help=f"comma-separated subset of {list(METHODS)}")
     parser.add_argument("--seeds", default=None, help="comma-separated seeds (default 0-4, --quick: 0)")
+    parser.add_argument("--cells", type=int, default=None, help="cells per simulation (default 400, --quick: 300)")
     parser.add_argument("--markdown-only", action="store_true", help="rewrite OUT/interaction_calibration.md from its JSON")
     parser.add_argument("--tag", default="", help="write OUT/interaction_calibration_TAG.{json,md} instead")
     parser.add_argument("--merge", default=None,
@@ -196,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     q = args.quick
     seeds = [int(x) for x in args.seeds.split(",")] if args.seeds else ([0] if q else [0, 1, 2, 3, 4])
-    settings = {"sizes": [300] if q else [400], "seeds": seeds, "n_types": 3,
+    settings = {"sizes": [args.cells] if args.cells else ([300] if q else [400]), "seeds": seeds, "n_types": 3,
                 "n_genes": 30, "n_proteins": 10, "epochs": 60 if q else 150, "num_samples": 40 if q else 200,
                 "edge_bias": -4.0, "edge_z_scale": 1.0}
     records = [run_case(n, seed, settings, methods) for n in settings["sizes"] for seed in settings["seeds"]]

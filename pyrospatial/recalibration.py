@@ -15,8 +15,9 @@ chains carry a shared bias from the guide they start at and do not shed it withi
 budget (``benchmarks/results/interaction_oracle*.md``); its raw 90% intervals covered 0.56-0.80
 of the simulated truths in the runs behind the factor (``benchmarks/results/interaction_calibration.md``,
 ``interaction_recalibration.md``, ``interaction_oracle_recal.md``). Widened, they cover 0.93 on the
-evaluation simulations and 0.97 on data drawn from a trained model (too wide there): the factor was
-fitted at one size (400 cells, 3 types) and is a guess elsewhere.
+evaluation simulations, 0.97 on data drawn from a trained model (too wide there) and 0.83 on four
+simulations of 600 cells (``interaction_calibration_cells600.md``): the factor was fitted at one
+size (400 cells, 3 types) and is a guess elsewhere.
 """
 
 from __future__ import annotations
