@@ -23,8 +23,8 @@ Cases (one JSON record per run; see ``--help`` and the settings block of the out
     together (k-means, 5 clusters, on the joint principal components of the shared genes) and
     accuracy = fraction of coupling mass between spots of the same cluster.
 ``scaling``
-    Two views of a tissue simulated by ``pyrospatial.sim.simulate_tissue`` (see
-    ``pyrospatial.alignment.simulate_pair``: 10% of cells dropped, rotation 0.5 rad,
+    Two views of a tissue simulated by ``pyrospatial.data.sim.simulate_tissue`` (see
+    ``pyrospatial.methods.alignment.simulate_pair``: 10% of cells dropped, rotation 0.5 rad,
     translation, jitter, feature noise), with N cells per side. Every method runs in its own
     process with a wall-time limit; a method that fails or passes the limit at one size is
     not run at larger sizes (recorded with ``finished: false`` and the reason).
@@ -67,7 +67,7 @@ STAHL_ANGLE = math.pi / 3
 # data
 # ------------------------------------------------------------------------------------------
 def stahl_dir() -> Path:
-    from pyrospatial.datasets import shared_data_dir
+    from pyrospatial.data.datasets import shared_data_dir
 
     root = shared_data_dir()
     if root is None or not (root / "paste_stahl_bc").is_dir():
@@ -133,7 +133,7 @@ def shared_genes(a, b):
 def joint_clusters(a, b, k: int = 5, seed: int = 0):
     from sklearn.cluster import KMeans
 
-    from pyrospatial.alignment import prepare_features
+    from pyrospatial.methods.alignment_features import prepare_features
 
     za, zb, _, _ = prepare_features(a, b, features="shared", n_components=20, seed=seed)
     labels = KMeans(k, n_init=10, random_state=seed).fit_predict(np.vstack([za, zb]))
@@ -197,7 +197,7 @@ def run_pot_fgw(a, b, **_):
     import ot
     from scipy.spatial.distance import cdist
 
-    from pyrospatial.alignment import prepare_features
+    from pyrospatial.methods.alignment_features import prepare_features
 
     za, zb, _, _ = prepare_features(a, b, features="shared", n_components=30)
     M = cdist(za, zb)
@@ -210,7 +210,7 @@ def run_pot_fgw(a, b, **_):
 
 
 def run_pyrospatial(a, b, *, quick: bool = False, **_):
-    from pyrospatial.alignment import align
+    from pyrospatial.methods.alignment import align
 
     res = align(a, b, features="shared" if len(set(a.var_names) & set(b.var_names)) >= 2 else "separate",
                 num_samples=20 if quick else 30, progress=False, seed=0)
@@ -293,7 +293,7 @@ def make_case(spec: dict):
         a, b = shared_genes(load_stahl(spec["slices"][0]), load_stahl(spec["slices"][1]))
         la, lb = joint_clusters(a, b)
         return a, b, {"labels": (la, lb)}
-    from pyrospatial.alignment import simulate_pair
+    from pyrospatial.methods.alignment import simulate_pair
 
     a, b, truth = simulate_pair(spec["n_cells"], angle=0.5, translation=(40.0, -25.0), drop_fraction=0.1,
                                 seed=spec.get("run", 0))

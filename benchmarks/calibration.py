@@ -5,7 +5,7 @@
 What is measured (issue 6):
 
 1. Interval coverage on repeated simulations from the model family
-   (:func:`pyrospatial.sim.simulate_tissue`, several seeds and sizes) for the default
+   (:func:`pyrospatial.data.sim.simulate_tissue`, several seeds and sizes) for the default
    posterior (``CORAL.sample(method="refine")``: HMC from the guide with Monte Carlo EM) and,
    for contrast, the raw mean-field guide draws (quantities suffixed ``_guide``):
    ``expected_rna`` (per-cell expected expression vs the simulated ``E[x_ig]``, cells inside
@@ -23,7 +23,7 @@ What is measured (issue 6):
    osmFISH pseudo-spots as ``benchmarks/deconvolution.py`` (its split, 100 and 50 µm squares;
    the truth is each spot's cell-type counts): coverage of the per-spot cell-type counts
    (``cell_type_counts_osmfish_{100,50}um``), also split into truly present and absent types.
-5. Simulation-based calibration (:func:`pyrospatial.diagnostics.sbc_toy`) of SVI's global
+5. Simulation-based calibration (:func:`benchmarks.sbc_toy.sbc_toy`) of SVI's global
    parameter on two one-parameter models (conjugate Normal mean; Poisson log-rate), and the
    same check for a deliberately broken guide with its scale fixed at 0.01 (must fail).
 6. A tiny CORAL problem: NUTS (``pyro.infer.MCMC``) on the model's joint density, with the
@@ -55,10 +55,13 @@ import torch
 from tqdm.auto import tqdm
 
 import pyrospatial
-from pyrospatial import diagnostics as dg
-from pyrospatial.coral import CORAL
+from pyrospatial import criticism as dg
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import sbc_toy as sbc  # noqa: E402  (the SBC toy lives beside the benchmarks)
+from pyrospatial.methods.coral import CORAL
 from pyrospatial.demo import random_nonedges
-from pyrospatial.refine import DEFAULT_EM_PARAMS
+from pyrospatial.engine.refine import DEFAULT_EM_PARAMS
 
 LEVELS = (0.5, 0.9)
 
@@ -110,7 +113,7 @@ def simulation_records(settings: dict, pool: _Pool) -> tuple[list[dict], list[fl
     runs = [(n, s) for n in settings["sim_sizes"] for s in settings["sim_seeds"]]
     for n_cells, seed in tqdm(runs, desc="simulations"):
         t0 = time.perf_counter()
-        tissue = pyrospatial.sim.simulate_tissue(
+        tissue = pyrospatial.data.sim.simulate_tissue(
             n_cells=n_cells, n_types=settings["sim_types"], n_proteins=settings["sim_proteins"],
             n_genes=settings["sim_genes"], seed=seed, edge_z_scale=1.0,
         )
@@ -144,10 +147,10 @@ def simulation_records(settings: dict, pool: _Pool) -> tuple[list[dict], list[fl
 
 
 def osmfish_record(settings: dict, pool: _Pool) -> dict | None:
-    from pyrospatial.data import SpatialDataset
-    from pyrospatial.datasets import load_osmfish, shared_data_dir
+    from pyrospatial.data.dataset import SpatialDataset
+    from pyrospatial.data.datasets import load_osmfish, shared_data_dir
     from pyrospatial.models.coral_variants import CoralCountPanelModel
-    from pyrospatial.sim import pseudo_spots
+    from pyrospatial.data.sim import pseudo_spots
 
     root = shared_data_dir()
     folder = None if root is None else Path(root) / "osmfish_sscortex"
@@ -175,7 +178,7 @@ def abundance_records(settings: dict, pool: _Pool) -> dict:
     """Coverage of the reference-based model's per-spot cell-type counts on osmFISH pseudo-spots
     (the deconvolution benchmark's split and spots; API defaults): pooled as
     ``cell_type_counts_{dataset}``, with the truly present / absent types apart."""
-    from pyrospatial.datasets import shared_data_dir
+    from pyrospatial.data.datasets import shared_data_dir
 
     root = shared_data_dir()
     if root is None or not (Path(root) / "osmfish_sscortex").exists():
@@ -226,9 +229,9 @@ def add_interaction_coverage(result: dict) -> None:
 
 def sbc_pvalues(settings: dict) -> dict[str, float]:
     out = {}
-    for toy in dg.SBC_TOYS:
-        out[toy] = dg.sbc_toy(toy, num_replicates=settings["sbc_replicates"], num_draws=settings["sbc_draws"], seed=0).ks_pvalue
-    out["normal_mean[broken guide, scale fixed at 0.01]"] = dg.sbc_toy(
+    for toy in sbc.SBC_TOYS:
+        out[toy] = sbc.sbc_toy(toy, num_replicates=settings["sbc_replicates"], num_draws=settings["sbc_draws"], seed=0).ks_pvalue
+    out["normal_mean[broken guide, scale fixed at 0.01]"] = sbc.sbc_toy(
         "normal_mean", num_replicates=settings["sbc_replicates"], num_draws=settings["sbc_draws"],
         fixed_scale=0.01, seed=0).ks_pvalue
     return out
@@ -265,7 +268,7 @@ def svi_vs_nuts(settings: dict) -> tuple[dict, dict]:
     """Tiny CORAL: the guide's and the HMC refinement's draws against NUTS."""
     from pyrospatial.models import CoralModel
 
-    tissue = pyrospatial.sim.simulate_tissue(n_cells=settings["nuts_cells"], n_types=2, n_proteins=5,
+    tissue = pyrospatial.data.sim.simulate_tissue(n_cells=settings["nuts_cells"], n_types=2, n_proteins=5,
                                              n_genes=settings["nuts_genes"], seed=0, edge_z_scale=1.0,
                                              spot_layout="square_tiles", cells_per_spot=4.0)
     coral = CORAL(tissue.cells, tissue.spots, cell_type_key="cell_type", assignment="nearest",
@@ -303,7 +306,7 @@ def markdown(result: dict, records: list[dict], command: str) -> str:
         "Coverage = fraction of true values inside the central interval read off the draws (what a user",
         "reports), pooled over simulations; target for 90% intervals: [0.85, 0.95]. PIT coverage = the same",
         "level scored by the randomised probability integral transform of the truth among the draws",
-        "(`pyrospatial.diagnostics.pit_coverage_by_level`): it is free of the two biases of a read-off",
+        "(`pyrospatial.criticism.calibration.pit_coverage_by_level`): it is free of the two biases of a read-off",
         "interval that are not the posterior's fault, finite draws (with 40 exact draws a 90% interval covers",
         "~0.86) and integer quantities (a closed interval [q05, q95] of counts holds its endpoints' mass, so a",
         "calibrated count posterior over-covers). `_guide`: raw mean-field draws (`method=\"guide\"`); no",
@@ -431,7 +434,7 @@ def main(argv: list[str] | None = None) -> int:
                                   "model parameters fixed at the SVI point estimates",
         "measured_elsewhere": {"interaction-matrix entries": "benchmarks/interaction_calibration.py (key interaction_matrix)"},
         "torch_threads": torch.get_num_threads(), "platform": platform.platform(),
-        "python": sys.version.split()[0], "versions": pyrospatial.infer.versions(),
+        "python": sys.version.split()[0], "versions": pyrospatial.engine.infer.versions(),
     }
     pool = _Pool()
     out = Path(args.out)

@@ -39,12 +39,12 @@ import numpy as np
 import torch
 
 import pyrospatial
-from pyrospatial.coral import CORAL
-from pyrospatial.data import SpatialDataset
-from pyrospatial.datasets import load_osmfish, shared_data_dir
+from pyrospatial.methods.coral import CORAL
+from pyrospatial.data.dataset import SpatialDataset
+from pyrospatial.data.datasets import load_osmfish, shared_data_dir
 from pyrospatial.demo import METRIC_KEYS, deconvolution_metrics, random_nonedges, split_edges
-from pyrospatial.metrics import domain_ari, edge_auc, gene_mean_pearson
-from pyrospatial.sim import pseudo_spots
+from pyrospatial.criticism.metrics import domain_ari, edge_auc, gene_mean_pearson
+from pyrospatial.data.sim import pseudo_spots
 
 METRICS = METRIC_KEYS[:7]  # the accuracy, calibration, domain and edge metrics of the demo
 
@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         "batch_size": None if args.quick else 64, "spot_sizes_um": sizes, "split_seeds": splits, "grid": "square",
         "panel_fraction": 0.5, "posterior": "refine (HMC from the guide, the CORAL default)",
         "torch_threads": torch.get_num_threads(), "platform": platform.platform(),
-        "python": sys.version.split()[0], "versions": pyrospatial.infer.versions(),
+        "python": sys.version.split()[0], "versions": pyrospatial.engine.infer.versions(),
     }
     records = []
     for size in sizes:

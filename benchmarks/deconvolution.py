@@ -3,14 +3,14 @@
 Construction: the valid cells of ../shared/data/osmfish_sscortex (4839 cells, 33 genes, 31
 types) are split at random (seed 0) into a labelled reference half and a spatial half; the
 spatial half is aggregated into square pseudo-spots of 100 µm and 50 µm
-(:func:`pyrospatial.sim.pseudo_spots`). The truth is each spot's cell-type counts (31 types,
+(:func:`pyrospatial.data.sim.pseudo_spots`). The truth is each spot's cell-type counts (31 types,
 and 7 major classes).
 
 Methods, each in its own process (its peak resident memory is its own):
 
 - ``prior_mean``: every spot gets the reference's global type frequencies (the floor);
 - ``nnls``: non-negative least squares of the spot counts on the reference's mean type
-  signatures (:func:`pyrospatial.deconvolution.nnls_abundance`);
+  signatures (:func:`pyrospatial.methods.deconvolution.nnls_abundance`);
 - ``pyrospatial``: :func:`pyrospatial.deconvolve` with its defaults (``concentration_mean=0.3``,
   ``max_steps=250``), which were chosen by ``--select`` below, never by the truth;
 - ``cell2location``, ``stereoscope``, ``destvi`` (scvi-tools), ``tangram`` (cluster mode):
@@ -34,7 +34,7 @@ compare like with like (``cpu_seconds`` stays comparable when other jobs share t
     python benchmarks/deconvolution.py --select [--datasets ...] [--select-grid JSON] --out DIR
 
 scores settings of pyrospatial by held-out-gene prediction
-(:func:`pyrospatial.deconvolution.heldout_gene_score`) on the pseudo-spots of another split
+(:func:`pyrospatial.methods.deconvolution_report.heldout_gene_score`) on the pseudo-spots of another split
 (``--split-seed``, default 1) with the truth deleted first, and appends to
 ``DIR/deconvolution_selection.json``.
 
@@ -99,7 +99,7 @@ def run_method(method: str, data_dir: Path, epochs: dict, out_path: Path) -> Non
         freq = ref.obs["cell_type"].value_counts(normalize=True).reindex(types).to_numpy()
         prop = np.broadcast_to(freq, (spots.n_obs, len(types))).copy()
     elif method == "nnls":
-        from pyrospatial.deconvolution import nnls_abundance
+        from pyrospatial.methods.deconvolution import nnls_abundance
 
         X = np.asarray(ref.X)
         S = np.stack([X[(ref.obs["cell_type"] == t).to_numpy()].mean(0) for t in types])
@@ -210,8 +210,8 @@ def metrics(prop: np.ndarray, truth: np.ndarray, types: list[str], lo=None, hi=N
 
 
 def make_datasets(quick: bool, seed: int = 0, only: list[str] | None = None) -> dict:
-    from pyrospatial.datasets import load_osmfish
-    from pyrospatial.sim import pseudo_spots
+    from pyrospatial.data.datasets import load_osmfish
+    from pyrospatial.data.sim import pseudo_spots
 
     cells = load_osmfish()
     perm = np.random.default_rng(seed).permutation(cells.n_obs)
@@ -239,11 +239,11 @@ SELECTION_GRID = [
 def select_settings(quick: bool, datasets: list[str] | None, out: Path, grid: list[dict] | None = None,
                     split_seed: int = 1) -> dict:
     """Score each setting of :data:`SELECTION_GRID` by held-out-gene Poisson deviance
-    (:func:`pyrospatial.deconvolution.heldout_gene_score`, 3 gene folds) on each dataset's spots
+    (:func:`pyrospatial.methods.deconvolution_report.heldout_gene_score`, 3 gene folds) on each dataset's spots
     and reference. The pseudo-spots' true cell counts are dropped before anything is fitted."""
     import torch
 
-    from pyrospatial.deconvolution import heldout_gene_score
+    from pyrospatial.methods.deconvolution_report import heldout_gene_score
 
     torch.set_num_threads(1)
     rows = []

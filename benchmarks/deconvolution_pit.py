@@ -9,7 +9,7 @@ interval that reaches 0 covers them whatever the posterior, and even a perfectly
 posterior covers about 0.985 (the posterior mass inside its own intervals). This script
 repeats pyrospatial's run of ``benchmarks/deconvolution.py`` (same split, seed 0, same pseudo-
 spots, API defaults) keeping the count draws, and scores them with the randomised PIT
-(:func:`pyrospatial.diagnostics.pit_coverage_by_level`): a calibrated posterior scores the
+(:func:`pyrospatial.criticism.calibration.pit_coverage_by_level`): a calibrated posterior scores the
 nominal level there, integer or not. Also reported for the entries with a true count > 0 and
 for those equal to 0.
 
@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from deconvolution import make_datasets  # noqa: E402  (the benchmark's own split and spots)
 
 import pyrospatial as ps  # noqa: E402
-from pyrospatial import diagnostics as dg  # noqa: E402
+from pyrospatial import criticism as dg  # noqa: E402
 from _results import write_results  # noqa: E402  (benchmarks/ is on sys.path when a script runs)
 
 LEVELS = (0.5, 0.9)

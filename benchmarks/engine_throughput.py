@@ -3,12 +3,12 @@ with the plain Pyro training loop a user would otherwise write.
 
     python benchmarks/engine_throughput.py [--quick] --out DIR [--device auto|cpu|cuda]
 
-For each tissue size (simulated with :func:`pyrospatial.sim.simulate_tissue`) and each batch
+For each tissue size (simulated with :func:`pyrospatial.data.sim.simulate_tissue`) and each batch
 size (a fraction of the spots; ``1`` = full batch), a toy model with an ``AutoNormal`` guide is
 trained for a fixed number of steps by each *method* (``method`` in every JSON record):
 
 ``pyrospatial.fit``
-    :func:`pyrospatial.infer.fit` (PyTorch Lightning ``Trainer``; Adam, lr 0.01, element-wise
+    :func:`pyrospatial.engine.infer.fit` (PyTorch Lightning ``Trainer``; Adam, lr 0.01, element-wise
     gradient clip 10, its defaults).
 ``plain_pyro_loop``
     The peer: a plain Python loop, no Lightning. ``pyro.infer.SVI`` cannot be used with Pyro's
@@ -166,10 +166,10 @@ def run_worker(config: dict) -> dict:
     from pyro.infer.autoguide import AutoNormal
     from pyro.nn import PyroModule, PyroSample
 
-    from pyrospatial.batch import batch_plates, cell_plate, spot_plate
-    from pyrospatial.data import SpatialDataset
-    from pyrospatial.infer import fit
-    from pyrospatial.sim import simulate_tissue
+    from pyrospatial.engine.batch import batch_plates, cell_plate, spot_plate
+    from pyrospatial.data.dataset import SpatialDataset
+    from pyrospatial.engine.infer import fit
+    from pyrospatial.data.sim import simulate_tissue
 
     class ToyNB(PyroModule):
         def __init__(self, n_features: int, n_genes: int):

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 import pyrospatial
 from pyrospatial.models.blocks import EdgeDecoder
-from pyrospatial.refine import refine_posterior
+from pyrospatial.engine.refine import refine_posterior
 from _results import command_line, write_results  # noqa: E402  (benchmarks/ is on sys.path when a script runs)
 
 K = 8
@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     records = [run(int(n), args.chains, args.repeats, args.max_gather_gb) for n in args.cells.split(",")]
     command = command_line("graph_cost.py", argv, env="")
     result = {"command": command, "chains": args.chains, "threads": args.threads, "records": records,
-              "versions": pyrospatial.infer.versions()}
+              "versions": pyrospatial.engine.infer.versions()}
     write_results(args.out, "graph_cost", result, markdown(result))
     return 0
 

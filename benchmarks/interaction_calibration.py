@@ -5,11 +5,11 @@
 The main simulator's graph is a kNN graph thinned by an inner-product rule: its keep-probability
 is conditional on two cells being neighbours, which is not the probability CORAL's edge
 likelihood describes (any pair of cells, neighbours or not). Here the tissues are simulated with
-``edge_candidates="all"`` (:func:`pyrospatial.sim.simulate_tissue`): every pair of cells is an
+``edge_candidates="all"`` (:func:`pyrospatial.data.sim.simulate_tissue`): every pair of cells is an
 edge with probability ``sigmoid(b + s z_i . z_j / K)``, the form of CORAL's own edge decoder. The
 truth of the interaction entry ``(a, b)`` is then the mean *true* probability over the graph's
 edges joining a type-``a`` and a type-``b`` cell, which is exactly what
-:func:`pyrospatial.analysis.interaction_matrix` estimates from the posterior edge probabilities.
+:func:`pyrospatial.methods.analysis.interaction_matrix` estimates from the posterior edge probabilities.
 
 For each simulation: CORAL is trained on the true graph, then the coverage of the 90% and 50%
 intervals of the T(T+1)/2 distinct entries is scored (interval read off the draws, and the
@@ -34,11 +34,11 @@ import numpy as np
 import torch
 
 import pyrospatial
-from pyrospatial import diagnostics as dg
-from pyrospatial.analysis import interaction_matrix
-from pyrospatial.coral import CORAL
-from pyrospatial.data import SpatialDataset
-from pyrospatial.recalibration import INTERACTION_RECALIBRATION, widen
+from pyrospatial import criticism as dg
+from pyrospatial.methods.analysis import interaction_matrix
+from pyrospatial.methods.coral import CORAL
+from pyrospatial.data.dataset import SpatialDataset
+from pyrospatial.criticism.recalibration import INTERACTION_RECALIBRATION, widen
 from _results import command_line, write_results  # noqa: E402  (benchmarks/ is on sys.path when a script runs)
 
 LEVELS = (0.5, 0.9)
@@ -69,7 +69,7 @@ def true_interactions(tissue, edges: np.ndarray, cell_type: np.ndarray, n_types:
 
 def run_case(n_cells: int, seed: int, settings: dict, methods: list[str]) -> dict:
     t0 = time.perf_counter()
-    tissue = pyrospatial.sim.simulate_tissue(
+    tissue = pyrospatial.data.sim.simulate_tissue(
         n_cells=n_cells, n_types=settings["n_types"], n_proteins=settings["n_proteins"], n_genes=settings["n_genes"],
         seed=seed, edge_candidates="all", edge_z_scale=settings["edge_z_scale"], edge_bias=settings["edge_bias"],
     )
@@ -151,7 +151,7 @@ def markdown(result: dict) -> str:
               "`CORAL(..., model_kwargs={\"bayesian_edge_decoder\": True})` (the edge decoder a latent: without "
               "`graph=True` it keeps the guide's draws, with it HMC samples it jointly with the cells); `_warmup300`: "
               "300 warm-up transitions (EM and adaptation) instead of the default 100; `_recalibrated`: the same draws "
-              "widened around their mean by the factor of `pyrospatial.recalibration.INTERACTION_RECALIBRATION`, "
+              "widened around their mean by the factor of `pyrospatial.criticism.recalibration.INTERACTION_RECALIBRATION`, "
               "fitted on seeds 100-107 (`benchmarks/results/interaction_recalibration.md`), never on these seeds; "
               "what `CORAL.interactions()` reports by default for that posterior.", "",
               "Per simulation (90% PIT coverage, mean abs. error, the entries' largest split-R-hat across the "
@@ -212,7 +212,7 @@ def write(out: Path, stem: str, command: str, settings: dict, records: list[dict
                     "abs_error_mean": float(np.mean([r[m]["abs_error_mean"] for r in records])),
                     "sd_mean": float(np.mean([r[m]["sd_mean"] for r in records]))} for m in scored}
     result = {"command": command, "settings": settings, "coverage": coverage, "records": records,
-              "versions": pyrospatial.infer.versions()}
+              "versions": pyrospatial.engine.infer.versions()}
     write_results(out, stem, result, markdown(result))
     return 0
 

@@ -41,13 +41,13 @@ from pyro.poutine.messenger import Messenger
 import torch
 
 import pyrospatial
-from pyrospatial import diagnostics as dg
-from pyrospatial.analysis import interaction_matrix
-from pyrospatial.coral import CORAL
-from pyrospatial.data import SpatialDataset
+from pyrospatial import criticism as dg
+from pyrospatial.methods.analysis import interaction_matrix
+from pyrospatial.methods.coral import CORAL
+from pyrospatial.data.dataset import SpatialDataset
 from pyrospatial.models.blocks import symmetric_from_upper
-from pyrospatial.recalibration import INTERACTION_RECALIBRATION, widen
-from pyrospatial.refine import refine_posterior
+from pyrospatial.criticism.recalibration import INTERACTION_RECALIBRATION, widen
+from pyrospatial.engine.refine import refine_posterior
 from _results import command_line, write_results  # noqa: E402  (benchmarks/ is on sys.path when a script runs)
 
 LEVELS = (0.5, 0.9)
@@ -92,7 +92,7 @@ class StartAt(Messenger):
 
 
 def run_seed(seed: int, reps: int, epochs: int, hmc: dict, start_at_truth: bool = False) -> list[dict]:
-    tissue = pyrospatial.sim.simulate_tissue(n_cells=400, n_types=3, n_proteins=10, n_genes=30, seed=seed,
+    tissue = pyrospatial.data.sim.simulate_tissue(n_cells=400, n_types=3, n_proteins=10, n_genes=30, seed=seed,
                                              edge_candidates="all", edge_z_scale=1.0, edge_bias=-4.0)
     dataset = SpatialDataset.from_anndata(tissue.cells, tissue.spots, cell_type_key="cell_type",
                                           spot_diameter=55.0).with_edges(tissue.truth["edge_index"])
@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     records = [rec for seed in args.seeds.split(",") for rec in run_seed(int(seed), args.reps, args.epochs, hmc, args.start == "truth")]
     command = command_line("interaction_oracle.py", argv)
     result = {"command": command, "hmc": hmc, "start": args.start, "records": records,
-              "recalibration_factor": INTERACTION_RECALIBRATION.factor, "versions": pyrospatial.infer.versions()}
+              "recalibration_factor": INTERACTION_RECALIBRATION.factor, "versions": pyrospatial.engine.infer.versions()}
     write_results(args.out, "interaction_oracle" + (f"_{args.tag}" if args.tag else ""), result, markdown(result))
     return 0
 

@@ -8,7 +8,7 @@ The graph-conditioned posterior of CORAL with a Bayesian edge decoder
 chains have not converged in the default budget (``benchmarks/results/interaction_oracle*.md``)
 and its 90% intervals are too narrow. This script fits one widening factor ``kappa`` for those
 intervals: every draw of an entry is moved away from the entry's posterior mean by ``kappa``
-(:func:`pyrospatial.recalibration.widen`). Per entry, the smallest factor whose widened
+(:func:`pyrospatial.criticism.recalibration.widen`). Per entry, the smallest factor whose widened
 central 90% interval holds the truth is ``|truth - mean| / |q - mean|`` with ``q`` the 5% or 95%
 quantile on the truth's side; ``kappa`` is the smallest of these that at least 90% of the fitting
 entries need no more than (their 90% quantile, rounded up to an entry's value).
@@ -16,7 +16,7 @@ entries need no more than (their 90% quantile, rounded up to an entry's value).
 The simulations are those of ``benchmarks/interaction_calibration.py`` (same settings, edges over
 all pairs) with seeds **100-107**, disjoint from the seeds 0-4 on which that benchmark evaluates
 the recalibrated intervals. The factor is copied by hand into
-:data:`pyrospatial.recalibration.INTERACTION_RECALIBRATION` (a test checks the two agree).
+:data:`pyrospatial.criticism.recalibration.INTERACTION_RECALIBRATION` (a test checks the two agree).
 
 Writes ``OUT/interaction_recalibration.json`` and ``.md``.
 """
@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("fit only on held-apart seeds (>= 100): seeds 0-4 evaluate the result")
     command = command_line("interaction_recalibration.py", argv)
     result = {"command": command, "seeds": sorted(r["seed"] for r in records), "fit": fit(records),
-              "records": records, "versions": pyrospatial.infer.versions()}
+              "records": records, "versions": pyrospatial.engine.infer.versions()}
     write_results(args.out, "interaction_recalibration", result, markdown(result))
     return 0
 

@@ -2,10 +2,10 @@
 
     python benchmarks/refine_em_trace.py [--warmup 400] [--em-params a,b] [--tag NAME] [--out benchmarks/results]
 
-On simulated tissues (:func:`pyrospatial.sim.simulate_tissue`, 30 genes, 10 proteins, 3 types,
+On simulated tissues (:func:`pyrospatial.data.sim.simulate_tissue`, 30 genes, 10 proteins, 3 types,
 the calibration benchmark's settings) CORAL is trained by SVI, then refined with a long
 warm-up during which Monte Carlo EM re-estimates ``--em-params`` (default: the refinement's
-default, :data:`pyrospatial.refine.DEFAULT_EM_PARAMS`). Each global's value is recorded every 25 warm-up steps next to the
+default, :data:`pyrospatial.engine.refine.DEFAULT_EM_PARAMS`). Each global's value is recorded every 25 warm-up steps next to the
 simulator's truth where one exists (``size_scale`` vs ``size_factor_sd``,
 ``rna_inverse_dispersion`` and ``protein_concentration`` vs the median of the per-gene /
 per-protein truths). The default refinement warms up for 100 steps.
@@ -25,9 +25,9 @@ import numpy as np
 import torch
 
 import pyrospatial
-from pyrospatial import diagnostics as dg
-from pyrospatial.coral import CORAL
-from pyrospatial.refine import DEFAULT_EM_PARAMS
+from pyrospatial import criticism as dg
+from pyrospatial.methods.coral import CORAL
+from pyrospatial.engine.refine import DEFAULT_EM_PARAMS
 from _results import write_results  # noqa: E402  (benchmarks/ is on sys.path when a script runs)
 
 CASES = ((600, 0), (300, 1))
@@ -46,7 +46,7 @@ def _coverage(coral: CORAL, tissue) -> dict[str, float]:
 
 
 def trace_case(n_cells: int, seed: int, warmup: int, every: int, em_params: tuple[str, ...]) -> dict:
-    tissue = pyrospatial.sim.simulate_tissue(n_cells=n_cells, n_types=3, n_proteins=10, n_genes=30, seed=seed,
+    tissue = pyrospatial.data.sim.simulate_tissue(n_cells=n_cells, n_types=3, n_proteins=10, n_genes=30, seed=seed,
                                              edge_z_scale=1.0)
     coral = CORAL(tissue.cells, tissue.spots, cell_type_key="cell_type", spot_diameter=55.0)
     coral.train(max_epochs=150, batch_size=None, seed=seed, progress=False)
@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     command = (f"OMP_NUM_THREADS=1 python benchmarks/refine_em_trace.py --warmup {args.warmup} "
                f"--em-params {','.join(em_params)}" + (f" --tag {args.tag}" if args.tag else "") + f" --out {args.out}")
     result = {"command": command, "em_params": list(em_params), "cases": cases,
-              "versions": pyrospatial.infer.versions()}
+              "versions": pyrospatial.engine.infer.versions()}
     write_results(args.out, f"refine_em_trace{args.tag}", result, markdown(result))
     return 0
 

@@ -10,7 +10,7 @@ import torch
 from pyro.distributions import constraints
 from pyro.nn import PyroModule, PyroParam
 
-from pyrospatial.batch import spot_plate
+from pyrospatial.engine.batch import spot_plate
 
 __all__ = ["CellTypeDeconvolutionGuide"]
 
@@ -30,7 +30,7 @@ class CellTypeDeconvolutionGuide(PyroModule):
     a Gamma ``q`` can match the prior's spike at 0. (2) The starting point: the abundances' mean
     ``init_abundance``, which :func:`pyrospatial.deconvolve` sets to a blend of a non-negative
     least-squares fit of the spots on the reference signatures and the prior mean
-    (:func:`pyrospatial.deconvolution.guide_start`), the signatures from the reference prior. The fit then moves from
+    (:func:`pyrospatial.methods.deconvolution.guide_start`), the signatures from the reference prior. The fit then moves from
     that start for a set number of steps (:func:`pyrospatial.deconvolve` documents how its
     default was chosen: held-out-gene prediction, no ground truth). Local parameters are
     indexed by ``batch.spot_index``, so minibatches work.

@@ -17,7 +17,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch_geometric.nn import GATConv
 
-from pyrospatial.batch import Batch, cell_plate, spot_plate
+from pyrospatial.engine.batch import Batch, cell_plate, spot_plate
 from pyrospatial.models.blocks import MIN_SCALE
 
 __all__ = ["CoralGuide"]
@@ -76,7 +76,7 @@ class CoralGuide(PyroModule):
     (the model's RNA read-out ``W = omega * d`` is a latent) the guide holds a mean-field
     Normal ``q(omega)``, free parameters ``m_g, s_g`` (``m`` starts small and random, ``s`` at
     ``weight_init_scale``): the one global latent. Mean-field ``q`` is over-confident where latents are coupled (the cells
-    of one spot share its counts): :func:`pyrospatial.refine.refine_posterior` corrects the
+    of one spot share its counts): :func:`pyrospatial.engine.refine.refine_posterior` corrects the
     posterior by MCMC started from this guide.
 
     ``forward(batch, predictive=False)``: the flag is accepted (so one argument list serves

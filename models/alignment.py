@@ -47,7 +47,7 @@ class AlignmentBatch:
     """Everything the alignment model and guide read (the whole pair; tensors on one device).
 
     ``features_*`` are the per-modality inputs (standardised principal components, see
-    :func:`pyrospatial.alignment.align`), ``coords_*`` the spatial coordinates in each slice's
+    :func:`pyrospatial.methods.alignment.align`), ``coords_*`` the spatial coordinates in each slice's
     own frame, ``centre_a`` the point of *a* about which the transform rotates (its centroid).
     """
 

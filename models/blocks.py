@@ -1,7 +1,7 @@
 """Building blocks: each one line of a generative story.
 
 Every block is a small function or :class:`~pyro.nn.PyroModule` that a model calls inside the
-plates of :mod:`pyrospatial.batch`. They are written to be reused: CORAL
+plates of :mod:`pyrospatial.engine.batch`. They are written to be reused: CORAL
 (:mod:`pyrospatial.models.coral`) uses all of them; a reference-based deconvolution model
 reuses :func:`negative_binomial` and :func:`spot_sum`.
 

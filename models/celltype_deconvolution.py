@@ -15,7 +15,7 @@ import pyro.distributions as dist
 import torch
 from pyro.nn import PyroModule
 
-from pyrospatial.batch import spot_plate
+from pyrospatial.engine.batch import spot_plate
 
 __all__ = ["CellTypeDeconvolutionModel"]
 
@@ -31,7 +31,7 @@ class CellTypeDeconvolutionModel(PyroModule):
        ``s_tg ~ Gamma(shape_tg, rate_tg)``,
 
        a prior made from the labelled reference (see
-       :func:`pyrospatial.deconvolution.signature_prior`): its mean is the per-type mean of the
+       :func:`pyrospatial.methods.deconvolution.signature_prior`): its mean is the per-type mean of the
        reference counts and its variance that mean's squared standard error, so a type with few
        or heterogeneous reference cells has an uncertain signature, which the spots can refine.
     2. **Type frequencies** over the whole tissue, ``rho ~ Dirichlet(1, ..., 1)``, and a
@@ -162,7 +162,7 @@ class CellTypeDeconvolutionModel(PyroModule):
         return self._per_spot(self.cells_per_spot, batch)
 
     def forward(self, batch) -> None:
-        """The generative story above, on one :class:`~pyrospatial.batch.Batch` of spots."""
+        """The generative story above, on one :class:`~pyrospatial.engine.batch.Batch` of spots."""
         T = self.n_types
         one = self.signature_shape.new_ones(())
         # 1. reference signatures, with the reference's own uncertainty

@@ -18,7 +18,7 @@ from pyro.nn import PyroModule, PyroParam
 from torch import nn
 from torch.nn import functional as F
 
-from pyrospatial.batch import Batch, cell_plate, spot_plate
+from pyrospatial.engine.batch import Batch, cell_plate, spot_plate
 
 from .blocks import (
     EdgeDecoder,
@@ -181,7 +181,7 @@ class CoralModel(PyroModule):
 
     Latent vs point estimate: ``v``, ``z``, ``cell_size`` (and ``spot_capture``) are local
     latents, and ``rna_weight`` (``omega``, with ``bayesian_decoder``) a global latent, each
-    with a posterior (fitted by the guide; :func:`pyrospatial.refine.refine_posterior`
+    with a posterior (fitted by the guide; :func:`pyrospatial.engine.refine.refine_posterior`
     refines it by MCMC). Everything else -- the prior networks ``mu_c, sigma_c``, the
     decoder ``h_y``, the baseline ``beta`` (and hidden layer ``A, a``) of ``h_x``, the prior
     scales ``tau, tau_c``, the edge decoder ``W_e, b_e`` (unless ``bayesian_edge_decoder``),
@@ -189,7 +189,7 @@ class CoralModel(PyroModule):
     dispersions ``theta_g``, the size prior ``a, b, sigma_s`` -- is a global point estimate
     (``nn.Parameter`` / ``PyroParam``, positive ones constrained positive) learned by
     maximising the ELBO (and, for the variance-type ones, re-estimated by Monte Carlo EM in
-    :func:`~pyrospatial.refine.refine_posterior`).
+    :func:`~pyrospatial.engine.refine.refine_posterior`).
 
     Vectorised evaluation: every site broadcasts over leading batch dimensions, so the model
     can be run under an outer ``pyro.plate`` at ``dim=-2`` (e.g. one entry per MCMC chain;
@@ -358,7 +358,7 @@ class CoralModel(PyroModule):
         Parameters
         ----------
         batch
-            A :class:`~pyrospatial.batch.Batch`.
+            A :class:`~pyrospatial.engine.batch.Batch`.
         predictive
             True: observed sites are sampled instead of conditioned (posterior predictive).
         """
@@ -440,7 +440,7 @@ class CoralModel(PyroModule):
     @property
     def graph_sites(self) -> tuple[str, ...]:
         """Latent sites that only the graph terms inform (held at the guide's draws by
-        :func:`pyrospatial.refine.refine_posterior` unless it conditions on the graph)."""
+        :func:`pyrospatial.engine.refine.refine_posterior` unless it conditions on the graph)."""
         return ("edge_weight", "edge_bias") if self.bayesian_edge_decoder else ()
 
     def edge_decoder_draw(self, z: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:

@@ -21,7 +21,7 @@ from pyro.distributions import constraints
 from pyro.nn import PyroParam
 from torch.nn import functional as F
 
-from pyrospatial.batch import Batch
+from pyrospatial.engine.batch import Batch
 
 from .blocks import negative_binomial
 from .coral import CoralModel

@@ -2,9 +2,9 @@
 
 Data (:class:`SpatialDataset`), one SVI engine for any model/guide pair (:func:`fit`),
 coherent posterior draws (:func:`sample_posterior`, :func:`refine_posterior`) with summaries
-and AnnData export, simulators with ground truth; methods: CORAL (:mod:`pyrospatial.coral`),
+and AnnData export, simulators with ground truth; methods: CORAL (:mod:`pyrospatial.methods.coral`),
 reference-based deconvolution (:func:`deconvolve`), alignment (:func:`align`), model
-criticism (:mod:`pyrospatial.diagnostics`).
+criticism (:mod:`pyrospatial.criticism`).
 Models live in :mod:`pyrospatial.models`, guides in :mod:`pyrospatial.guides`.
 """
 
@@ -17,14 +17,24 @@ import pyro
 # this when a PyroModule is built, so it is set before any model can be created.
 pyro.settings.set(module_local_params=True)
 
-from pyrospatial import analysis, baselines, datasets, diagnostics, metrics, recalibration, sim
-from pyrospatial.alignment import align, align_slices
-from pyrospatial.batch import Batch, batch_plates, cell_plate, spot_plate
-from pyrospatial.data import SpatialDataset
-from pyrospatial.deconvolution import deconvolve
-from pyrospatial.infer import FitResult, fit, load_checkpoint
-from pyrospatial.posterior import export, sample_posterior, summarise, summarise_posterior
-from pyrospatial.refine import refine_posterior
+from pyrospatial import criticism, data, engine, methods
+from pyrospatial.criticism import metrics, recalibration
+from pyrospatial.data import SpatialDataset, datasets, sim
+from pyrospatial.engine import (
+    Batch,
+    FitResult,
+    batch_plates,
+    cell_plate,
+    export,
+    fit,
+    load_checkpoint,
+    refine_posterior,
+    sample_posterior,
+    spot_plate,
+    summarise,
+    summarise_posterior,
+)
+from pyrospatial.methods import CORAL, align, align_slices, analysis, baselines, deconvolve
 
 try:
     __version__ = version("pyrospatial")
@@ -37,13 +47,17 @@ __all__ = [
     "SpatialDataset",
     "align",
     "align_slices",
+    "CORAL",
     "analysis",
     "baselines",
     "batch_plates",
     "cell_plate",
     "datasets",
     "deconvolve",
-    "diagnostics",
+    "criticism",
+    "data",
+    "engine",
+    "methods",
     "export",
     "fit",
     "load_checkpoint",

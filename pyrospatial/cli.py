@@ -22,7 +22,7 @@ def _demo(args: argparse.Namespace) -> int:
 def _fit(args: argparse.Namespace) -> int:
     import anndata as ad
 
-    from pyrospatial.coral import CORAL
+    from pyrospatial.methods.coral import CORAL
     from pyrospatial.plotting import plot_domains, plot_elbo, plot_interactions
 
     out = Path(args.out)
@@ -92,7 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _deconvolve(args: argparse.Namespace) -> int:
     import anndata as ad
 
-    from pyrospatial.deconvolution import deconvolve, write_report
+    from pyrospatial.methods.deconvolution import deconvolve
+    from pyrospatial.methods.deconvolution_report import write_report
 
     spots = ad.read_h5ad(args.spots)
     reference = ad.read_h5ad(args.reference)
@@ -138,7 +139,8 @@ def _add_deconvolve_parser(sub) -> None:
 def _align(args: argparse.Namespace) -> int:
     import anndata as ad
 
-    from pyrospatial.alignment import align, plot_alignment
+    from pyrospatial.methods.alignment import align
+    from pyrospatial.methods.alignment_plots import plot_alignment
 
     out = Path(args.out)
     (out / "figures").mkdir(parents=True, exist_ok=True)
@@ -198,9 +200,9 @@ def _add_align_parser(sub) -> None:
 # pyrospatial check --results DIR  (posterior predictive checks of a demo / fit output)
 # ------------------------------------------------------------------------------------------
 def _write_inference_data(coral, out: Path, seed: int) -> None:
-    """``out/inference_data.nc`` under the fit's posterior draws (see pyrospatial.diagnostics)."""
-    from pyrospatial.diagnostics import to_inference_data
-    from pyrospatial.posterior import PosteriorSamples
+    """``out/inference_data.nc`` under the fit's posterior draws (see pyrospatial.criticism)."""
+    from pyrospatial.criticism.arviz import to_inference_data
+    from pyrospatial.engine.posterior import PosteriorSamples
 
     post = coral.posterior
     to_inference_data(coral, coral.dataset, post.num_samples, samples=PosteriorSamples(post.samples, plates=post.plates),
@@ -209,7 +211,7 @@ def _write_inference_data(coral, out: Path, seed: int) -> None:
 
 
 def _check(args: argparse.Namespace) -> int:
-    from pyrospatial.diagnostics import check_results
+    from pyrospatial.criticism.report import check_results
 
     result = check_results(args.results, out=args.out, n_features=args.n_features, alpha=args.alpha)
     print(json.dumps(result, indent=2, default=float))

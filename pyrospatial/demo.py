@@ -1,6 +1,6 @@
 """``pyrospatial demo``: CORAL end to end on a simulated tissue with known truth.
 
-A layered tissue is simulated by :func:`pyrospatial.sim.simulate_tissue` (cell types in
+A layered tissue is simulated by :func:`pyrospatial.data.sim.simulate_tissue` (cell types in
 layers, a protein panel per cell, Visium-like spot RNA, a cell graph); CORAL is fitted;
 every result is exported with its uncertainty; the results are scored against the truth and
 against two simple baselines; figures, ``metrics.json`` and ``report.md`` are written.
@@ -19,10 +19,10 @@ import torch
 from anndata import AnnData
 
 import pyrospatial
-from pyrospatial.baselines import spot_broadcast, type_split
-from pyrospatial.coral import CORAL
-from pyrospatial.data import SpatialDataset
-from pyrospatial.metrics import domain_ari, edge_auc, gene_mean_pearson, interval_coverage, within_type_abs_spearman
+from pyrospatial.methods.baselines import spot_broadcast, type_split
+from pyrospatial.methods.coral import CORAL
+from pyrospatial.data.dataset import SpatialDataset
+from pyrospatial.criticism.metrics import domain_ari, edge_auc, gene_mean_pearson, interval_coverage, within_type_abs_spearman
 from pyrospatial.plotting import (
     central_interval_coverage,
     plot_calibration,
@@ -31,7 +31,7 @@ from pyrospatial.plotting import (
     plot_interactions,
     plot_spatial_panels,
 )
-from pyrospatial.sim import simulate_tissue
+from pyrospatial.data.sim import simulate_tissue
 
 __all__ = ["DemoConfig", "run_demo", "deconvolution_metrics", "split_edges", "coverage_by_quantity"]
 
@@ -215,8 +215,9 @@ def _model_check(out: Path, coral: CORAL, dataset: SpatialDataset, seed: int) ->
     The draws of ``coral.posterior`` hold ``expected_rna``, through which alone the model uses
     the global ``rna_weight``, so replicating under them needs no further sampling.
     """
-    from pyrospatial.diagnostics import check_results, to_inference_data
-    from pyrospatial.posterior import PosteriorSamples
+    from pyrospatial.criticism.report import check_results
+    from pyrospatial.criticism.arviz import to_inference_data
+    from pyrospatial.engine.posterior import PosteriorSamples
 
     posterior = coral.posterior
     samples = PosteriorSamples(posterior.samples, plates=posterior.plates)
@@ -235,9 +236,9 @@ def coverage_by_quantity(coral: CORAL, dataset: SpatialDataset, truth: dict, *, 
 
     ``pit=False``: the interval read off the draws (what a user reports; it under-covers with
     few draws and over-covers for integer counts). ``pit=True``: the randomised-PIT score of
-    :func:`pyrospatial.diagnostics.pit_coverage_by_level`, free of both effects.
+    :func:`pyrospatial.criticism.calibration.pit_coverage_by_level`, free of both effects.
     """
-    from pyrospatial.diagnostics import align_sign, interval_coverage_by_level, pit_coverage_by_level
+    from pyrospatial.criticism.calibration import align_sign, interval_coverage_by_level, pit_coverage_by_level
 
     score = pit_coverage_by_level if pit else interval_coverage_by_level
     samples = coral.posterior.samples

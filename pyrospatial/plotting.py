@@ -78,7 +78,7 @@ def plot_spatial_panels(
 def plot_interactions(interactions: dict, path: str | Path) -> Path:
     """Heatmaps of the interaction matrix's posterior mean and 90% interval width (the width's
     title names a recalibration's widening when one was applied: ``recalibration_factor`` of the
-    export, or ``recalibration`` of :meth:`~pyrospatial.coral.CORAL.interactions`)."""
+    export, or ``recalibration`` of :meth:`~pyrospatial.methods.coral.CORAL.interactions`)."""
     names = [str(n) for n in interactions["cell_types"]]
     mean = np.asarray(interactions["mean"], dtype=float)
     width = np.asarray(interactions["q95"], dtype=float) - np.asarray(interactions["q05"], dtype=float)

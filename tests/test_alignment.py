@@ -18,7 +18,7 @@ import torch
 from pyro.infer import Trace_ELBO
 
 import pyrospatial as ps
-from pyrospatial.alignment import align, align_slices, simulate_pair
+from pyrospatial.methods.alignment import align, align_slices, simulate_pair
 from pyrospatial.errors import CoordinateError, InputError
 from pyrospatial.guides.alignment import sparse_unbalanced_sinkhorn
 from pyrospatial.models.alignment import AlignmentBatch, candidate_pairs

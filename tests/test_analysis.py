@@ -6,9 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pyrospatial.analysis import deconvolve_counts, interaction_matrix, spatial_domains, summarise_draws
-from pyrospatial.baselines import spot_broadcast, type_signatures_nnls, type_split
-from pyrospatial.metrics import domain_ari, edge_auc, gene_mean_pearson, interval_coverage, within_type_abs_spearman
+from pyrospatial.methods.analysis import deconvolve_counts, interaction_matrix, spatial_domains, summarise_draws
+from pyrospatial.methods.baselines import spot_broadcast, type_signatures_nnls, type_split
+from pyrospatial.criticism.metrics import domain_ari, edge_auc, gene_mean_pearson, interval_coverage, within_type_abs_spearman
 
 
 @pytest.fixture
@@ -130,7 +130,7 @@ def test_spatial_domains_and_confidence():
     boundary = np.abs(xy[:, 0] - 0.5) < 0.05
     spread = np.where(boundary, 4.0, 0.2)[None, :, None]
     draws = centre[None] * np.where(boundary, 0.0, 1.0)[None, :, None] + rng.normal(0, 1, (40, n, 3)) * spread
-    from pyrospatial.data import knn_pairs
+    from pyrospatial.data.graph import knn_pairs
 
     result = spatial_domains(draws, knn_pairs(xy, 6), 2, smooth=0, seed=0)
     assert domain_ari(result["labels"][~boundary], truth[~boundary]) > 0.95

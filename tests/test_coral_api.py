@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from pyrospatial.cli import main
-from pyrospatial.coral import CORAL
+from pyrospatial.methods.coral import CORAL
 from pyrospatial.demo import METRIC_KEYS, DemoConfig, run_demo
-from pyrospatial.infer import _accelerator
-from pyrospatial.sim import simulate_tissue
+from pyrospatial.engine.infer import _accelerator
+from pyrospatial.data.sim import simulate_tissue
 
 
 @pytest.fixture(scope="module")
@@ -58,8 +58,8 @@ def test_export_keys_shapes_and_h5ad_round_trip(trained, tmp_path):
 
 
 def test_interactions_report_the_split_rhat_of_their_entries(trained):
-    from pyrospatial.analysis import interaction_matrix
-    from pyrospatial.diagnostics import chain_convergence
+    from pyrospatial.methods.analysis import interaction_matrix
+    from pyrospatial.criticism.convergence import chain_convergence
 
     posterior, ds = trained.posterior, trained.dataset
     saved = posterior.diagnostics["num_chains"]
@@ -152,7 +152,7 @@ def test_cuda_path_selected_when_available(tissue):
 
 def test_interactions_widen_only_the_posterior_the_recalibration_was_fitted_for(trained, monkeypatch):
     from pyrospatial.errors import InputError
-    from pyrospatial.recalibration import INTERACTION_RECALIBRATION
+    from pyrospatial.criticism.recalibration import INTERACTION_RECALIBRATION
 
     with pytest.warns(UserWarning, match="graph=True"):  # graph-free posterior, point edge decoder
         raw = trained.interactions()

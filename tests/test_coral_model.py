@@ -17,7 +17,7 @@ from pyro.infer import Predictive, Trace_ELBO
 from pyro.poutine.util import site_is_subsample
 from scipy.spatial import cKDTree
 
-from pyrospatial.batch import Batch
+from pyrospatial.engine.batch import Batch
 from pyrospatial.guides import CoralGuide
 from pyrospatial.models import CoralModel
 from pyrospatial.models.blocks import (
@@ -554,10 +554,10 @@ def test_svi_learns_per_cell_expression_better_than_spot_means():
 
 def test_end_to_end_on_simulated_tissue():
     """simulate_tissue -> SpatialDataset -> fit -> sample_posterior, against the simulated truth."""
-    sim_mod = pytest.importorskip("pyrospatial.sim")
-    data_mod = pytest.importorskip("pyrospatial.data")
-    infer_mod = pytest.importorskip("pyrospatial.infer")
-    post_mod = pytest.importorskip("pyrospatial.posterior")
+    from pyrospatial import data as data_mod
+    from pyrospatial import engine as infer_mod
+    from pyrospatial import engine as post_mod
+    from pyrospatial.data import sim as sim_mod
     sim = sim_mod.simulate_tissue(
         n_cells=300, n_types=3, n_proteins=8, n_genes=30, seed=0, z_dim=4,
         cells_per_spot=6.0, spot_layout="square_tiles",

@@ -14,8 +14,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pyrospatial.batch import cell_plate, spot_plate
-from pyrospatial.data import SpatialDataset, SpotBatchSampler, knn_pairs
+from pyrospatial.engine.batch import cell_plate, spot_plate
+from pyrospatial.data.dataset import SpatialDataset
+from pyrospatial.data.batching import SpotBatchSampler
+from pyrospatial.data.graph import knn_pairs
 from pyrospatial.errors import AssignmentError, CoordinateError, CountsError, InputError
 
 

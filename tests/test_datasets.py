@@ -1,4 +1,4 @@
-"""Tests of pyrospatial.datasets (real data read from the shared data folder)."""
+"""Tests of pyrospatial.data.datasets (real data read from the shared data folder)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pyrospatial.datasets import OSMFISH_FILENAME, load_osmfish, shared_data_dir
-from pyrospatial.sim import pseudo_spots
+from pyrospatial.data.datasets import OSMFISH_FILENAME, load_osmfish, shared_data_dir
+from pyrospatial.data.sim import pseudo_spots
 
 SKIP_REASON = "shared data folder not found; CI always has it"
 

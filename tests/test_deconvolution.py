@@ -9,19 +9,10 @@ import pytest
 import torch
 
 import pyrospatial as ps
-from pyrospatial.deconvolution import (
-    STATS,
-    UNS_KEY,
-    EmptySpotError,
-    NoSharedGenesError,
-    ReferenceTypeError,
-    SpotCounts,
-    guide_start,
-    nnls_abundance,
-    signature_prior,
-)
+from pyrospatial.methods.deconvolution import STATS, UNS_KEY, EmptySpotError, NoSharedGenesError, ReferenceTypeError, guide_start, nnls_abundance, signature_prior
+from pyrospatial.data.spot_counts import SpotCounts
 from pyrospatial.errors import CountsError
-from pyrospatial.infer import SVIModule, initialise
+from pyrospatial.engine.infer import SVIModule, initialise
 
 N_TYPES, N_GENES = 4, 40
 
@@ -171,7 +162,7 @@ def test_every_parameter_gets_a_gradient(simulated, smoothness, total_cv):
 
 
 def test_heldout_gene_score_prefers_the_right_reference(simulated):
-    from pyrospatial.deconvolution import heldout_gene_score
+    from pyrospatial.methods.deconvolution_report import heldout_gene_score
 
     reference, spots, _ = simulated
     wrong = reference.copy()
@@ -186,7 +177,7 @@ def test_heldout_gene_score_prefers_the_right_reference(simulated):
 
 
 def test_elbo_convergence_rule():
-    from pyrospatial.deconvolution import elbo_converged
+    from pyrospatial.methods.deconvolution import elbo_converged
 
     rng = np.random.default_rng(0)
     noise = rng.normal(0.0, 1.0, 400)

@@ -1,4 +1,4 @@
-"""Tests of the SVI engine (pyrospatial.infer) on tiny simulated data.
+"""Tests of the SVI engine (pyrospatial.engine.infer) on tiny simulated data.
 
 Every test uses fixed seeds; tolerances are justified next to each assertion.
 """
@@ -18,11 +18,11 @@ import torch
 from pyro.infer.autoguide import AutoDelta, AutoNormal
 from pyro.nn import PyroModule, PyroParam, PyroSample
 
-from pyrospatial.batch import batch_plates, cell_plate, spot_plate
-from pyrospatial.data import SpatialDataset
+from pyrospatial.engine.batch import batch_plates, cell_plate, spot_plate
+from pyrospatial.data.dataset import SpatialDataset
 from pyrospatial.errors import CheckpointError, FitError, InputError
-from pyrospatial.infer import SVIModule, fit, load_checkpoint
-from pyrospatial.posterior import summarise_posterior
+from pyrospatial.engine.infer import SVIModule, fit, load_checkpoint
+from pyrospatial.engine.summary import summarise_posterior
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore:Found plate statements in guide but not model",

@@ -1,4 +1,4 @@
-"""Tests of posterior sampling, summaries and AnnData export (pyrospatial.posterior)."""
+"""Tests of posterior sampling, summaries and AnnData export (pyrospatial.engine.posterior)."""
 
 from __future__ import annotations
 
@@ -15,11 +15,13 @@ import torch
 from pyro.infer import Predictive
 from pyro.nn import PyroModule, PyroParam
 
-import pyrospatial.infer  # noqa: F401  (switches on module-local parameters)
-from pyrospatial.batch import cell_plate, spot_plate
-from pyrospatial.data import SpatialDataset
+import pyrospatial  # noqa: F401  (switches on module-local parameters)
+from pyrospatial.engine.batch import cell_plate, spot_plate
+from pyrospatial.data.dataset import SpatialDataset
 from pyrospatial.errors import InputError
-from pyrospatial.posterior import export, sample_posterior, summarise, summarise_posterior
+from pyrospatial.engine.export import export
+from pyrospatial.engine.posterior import sample_posterior
+from pyrospatial.engine.summary import summarise, summarise_posterior
 
 D = 3  # latent dimension (differs from the 2 cell features, so z goes to obsm)
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pyrospatial.recalibration import INTERACTION_RECALIBRATION, widen
+from pyrospatial.criticism.recalibration import INTERACTION_RECALIBRATION, widen
 
 RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
 

@@ -9,10 +9,10 @@ import pytest
 import torch
 from pyro.nn import PyroModule
 
-from pyrospatial.batch import Batch, cell_plate, spot_plate
+from pyrospatial.engine.batch import Batch, cell_plate, spot_plate
 from pyrospatial.errors import InputError
 from pyrospatial.models.blocks import spot_sum
-from pyrospatial.refine import refine_posterior
+from pyrospatial.engine.refine import refine_posterior
 
 torch.set_num_threads(1)
 
@@ -135,11 +135,11 @@ def test_refine_arguments_are_checked():
 
 
 def test_refine_coral_layout_and_monte_carlo_em():
-    from pyrospatial.data import SpatialDataset
+    from pyrospatial.data.dataset import SpatialDataset
     from pyrospatial.guides import CoralGuide
-    from pyrospatial.infer import fit
+    from pyrospatial.engine.infer import fit
     from pyrospatial.models import CoralModel
-    from pyrospatial.sim import simulate_tissue
+    from pyrospatial.data.sim import simulate_tissue
 
     sim = simulate_tissue(n_cells=150, n_types=3, n_proteins=6, n_genes=12, seed=0, z_dim=4, cells_per_spot=6.0)
     ds = SpatialDataset.from_anndata(sim.cells, sim.spots, cell_type_key="cell_type", spot_diameter=55.0)
@@ -238,10 +238,10 @@ def test_refine_conditions_on_the_graph_only_when_asked():
 
 
 def test_bayesian_edge_decoder_is_held_without_the_graph_and_sampled_with_it():
-    from pyrospatial.coral import CORAL
-    from pyrospatial.data import SpatialDataset
+    from pyrospatial.methods.coral import CORAL
+    from pyrospatial.data.dataset import SpatialDataset
     from pyrospatial.models.blocks import symmetric_from_upper
-    from pyrospatial.sim import simulate_tissue
+    from pyrospatial.data.sim import simulate_tissue
 
     sim = simulate_tissue(n_cells=120, n_types=3, n_proteins=6, n_genes=12, seed=0, z_dim=4, edge_candidates="all")
     ds = SpatialDataset.from_anndata(sim.cells, sim.spots, cell_type_key="cell_type", spot_diameter=55.0).with_edges(

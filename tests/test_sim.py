@@ -9,7 +9,7 @@ import pytest
 import scipy.sparse as sp
 from scipy import stats
 
-from pyrospatial.sim import VISIUM_SPACING_RATIO, SimulatedTissue, pseudo_spots, simulate_tissue
+from pyrospatial.data.sim import VISIUM_SPACING_RATIO, SimulatedTissue, pseudo_spots, simulate_tissue
 
 LAYOUTS = ["hex", "square", "square_tiles"]
 

@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 
 import pyrospatial as ps
-from pyrospatial.baselines import type_split
-from pyrospatial.coral import CORAL
-from pyrospatial.metrics import gene_mean_pearson
+from pyrospatial.methods.baselines import type_split
+from pyrospatial.methods.coral import CORAL
+from pyrospatial.criticism.metrics import gene_mean_pearson
 from pyrospatial.plotting import central_interval_coverage, plot_calibration, plot_spatial_panels
 
 parser = argparse.ArgumentParser()

@@ -21,8 +21,8 @@ from pyro.distributions import constraints
 from pyro.nn import PyroParam
 
 import pyrospatial as ps
-from pyrospatial.coral import CORAL
-from pyrospatial.metrics import gene_mean_pearson
+from pyrospatial.methods.coral import CORAL
+from pyrospatial.criticism.metrics import gene_mean_pearson
 from pyrospatial.models import CoralModel
 from pyrospatial.plotting import plot_elbo
 

@@ -30,7 +30,8 @@ import numpy as np
 import pandas as pd
 
 import pyrospatial as ps
-from pyrospatial.deconvolution import nnls_abundance, plot_abundance_maps
+from pyrospatial.methods.deconvolution import nnls_abundance
+from pyrospatial.methods.deconvolution_report import plot_abundance_maps
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--quick", action="store_true", help="a shorter fit and fewer posterior draws (CI)")

@@ -21,7 +21,8 @@ from pathlib import Path
 import numpy as np
 
 import pyrospatial as ps
-from pyrospatial.alignment import plot_alignment, simulate_pair
+from pyrospatial.methods.alignment_plots import plot_alignment
+from pyrospatial.methods.alignment import simulate_pair
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--quick", action="store_true", help="a small pair and a short fit (CI)")
@@ -34,7 +35,7 @@ n_cells, draws = (400, 20) if args.quick else (3000, 50)
 # %% [markdown]
 # ## 1. Two sections
 #
-# `simulate_pair` simulates a tissue (`pyrospatial.sim.simulate_tissue`: proteins in `.X`,
+# `simulate_pair` simulates a tissue (`pyrospatial.data.sim.simulate_tissue`: proteins in `.X`,
 # `obs["cell_type"]`, `obsm["spatial"]` in µm) and makes a second view of it: 15% of the cells
 # removed, the rest rotated by 0.6 rad (34.4°) and shifted, positions jittered (sd 0.35 of the
 # cell spacing: neighbours become confusable), proteins re-measured with 60% noise, rows

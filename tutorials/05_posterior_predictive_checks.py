@@ -24,10 +24,10 @@ import numpy as np
 import torch
 
 import pyrospatial as ps
-from pyrospatial import diagnostics as dg
-from pyrospatial.coral import CORAL
+from pyrospatial import criticism as dg
+from pyrospatial.methods.coral import CORAL
 from pyrospatial.models import CoralModel
-from pyrospatial.posterior import PosteriorSamples
+from pyrospatial.engine.posterior import PosteriorSamples
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--quick", action="store_true", help="a small tissue and a short fit (CI)")

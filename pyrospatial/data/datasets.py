@@ -13,7 +13,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
-__all__ = ["shared_data_dir", "load_osmfish", "OSMFISH_FILENAME", "OSMFISH_PIXEL_SIZE_UM"]
+__all__ = ["SHARED_DATA_ENV", "OSMFISH_FILENAME", "OSMFISH_PIXEL_SIZE_UM", "shared_data_dir", "load_osmfish"]
 
 #: Environment variable overriding the location of the shared data folder.
 SHARED_DATA_ENV = "PYROSPATIAL_SHARED_DATA"

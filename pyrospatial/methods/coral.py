@@ -41,17 +41,18 @@ import scipy.sparse as sp
 import torch
 from anndata import AnnData
 
-from pyrospatial.analysis import CountSplit, deconvolve_counts, interaction_matrix, spatial_domains, summarise_draws
-from pyrospatial.data import SpatialDataset
-from pyrospatial.diagnostics import chain_convergence
+from pyrospatial.methods.analysis import CountSplit, deconvolve_counts, interaction_matrix, spatial_domains, summarise_draws
+from pyrospatial.data.dataset import SpatialDataset
+from pyrospatial.criticism.convergence import chain_convergence
 from pyrospatial.errors import InputError
-from pyrospatial.infer import FitResult, SVIModule, fit, load_checkpoint
-from pyrospatial.posterior import export as export_summaries
-from pyrospatial.posterior import sample_posterior, summarise
-from pyrospatial.recalibration import INTERACTION_RECALIBRATION, widen
+from pyrospatial.engine.infer import FitResult, SVIModule, fit, load_checkpoint
+from pyrospatial.engine.export import export as export_summaries
+from pyrospatial.engine.posterior import sample_posterior
+from pyrospatial.engine.summary import summarise
+from pyrospatial.criticism.recalibration import INTERACTION_RECALIBRATION, widen
 from pyrospatial.models.blocks import symmetric_from_upper
 
-__all__ = ["CORAL", "CoralPosterior"]
+__all__ = ["LOCAL_SITES", "EDGE_DECODER_SITES", "CoralPosterior", "CORAL"]
 
 LOCAL_SITES = ("z", "v", "cell_size", "expected_rna")
 #: the edge decoder's latents, drawn too when the model has ``bayesian_edge_decoder``
@@ -194,10 +195,10 @@ class CORAL:
 
         ``method="refine"`` (default, the calibrated one): HMC on the model's joint density
         started from the trained guide, with Monte Carlo EM of the variance-type global
-        parameters (:func:`pyrospatial.refine.refine_posterior`; ``refine_kwargs`` pass
+        parameters (:func:`pyrospatial.engine.refine.refine_posterior`; ``refine_kwargs`` pass
         through, e.g. ``num_chains``, ``num_warmup``, ``graph``). ``"guide"``: draws of the
         amortised mean-field guide (fast; its per-cell RNA intervals are too narrow, see the
-        module docstring of :mod:`pyrospatial.refine`).
+        module docstring of :mod:`pyrospatial.engine.refine`).
 
         ``graph=True`` also conditions the refined posterior on the cell graph (and re-estimates
         a point edge decoder by EM; samples a Bayesian one): use it for :meth:`interactions`,
@@ -207,7 +208,7 @@ class CORAL:
         """
         sites = list(LOCAL_SITES) + (list(EDGE_DECODER_SITES) if self.model.bayesian_edge_decoder else [])
         if method == "refine":
-            from pyrospatial.refine import refine_posterior
+            from pyrospatial.engine.refine import refine_posterior
 
             if self.refined:  # Monte Carlo EM ran once after training: later draws keep its estimates
                 refine_kwargs.setdefault("em_params", ())
@@ -266,7 +267,7 @@ class CORAL:
     ) -> CountSplit:
         """Per-cell counts that split each spot's observed counts among its cells under the
         posterior draws of their expected expression (see
-        :func:`pyrospatial.analysis.deconvolve_counts`); every draw adds up exactly. With the
+        :func:`pyrospatial.methods.analysis.deconvolve_counts`); every draw adds up exactly. With the
         model's default ``spot_dispersion="sum"``, ``theta_g`` is each cell's inverse dispersion
         (``dispersion="cell"``); with ``"spot"`` it is the spot's."""
         posterior = self._require_posterior()
@@ -281,7 +282,7 @@ class CORAL:
         """Cell-type x cell-type interaction matrix (mean, sd, q05, q50, q95 over draws).
 
         Entry ``(a, b)`` is the mean edge probability over the graph's a-b edges
-        (:func:`~pyrospatial.analysis.interaction_matrix`). Its intervals are only as good as
+        (:func:`~pyrospatial.methods.analysis.interaction_matrix`). Its intervals are only as good as
         the posterior: draw it with ``sample(graph=True)`` and
         ``model_kwargs={"bayesian_edge_decoder": True}``. The default posterior ignores the
         selection of the observed edges and the decoder's uncertainty: its 90% intervals cover
@@ -292,7 +293,7 @@ class CORAL:
         ----------
         recalibrate
             Widen the intervals by the factor of
-            :data:`~pyrospatial.recalibration.INTERACTION_RECALIBRATION`, fitted on simulations
+            :data:`~pyrospatial.criticism.recalibration.INTERACTION_RECALIBRATION`, fitted on simulations
             held apart from those it is evaluated on. It was fitted for the graph-conditioned
             posterior with a Bayesian edge decoder, whose chains do not converge in the default
             budget and whose raw 90% intervals are too narrow. None (default): widen exactly
@@ -305,9 +306,9 @@ class CORAL:
             ``mean``, ``sd``, ``q05``, ``q50``, ``q95``, ``n_edges`` (T, T; NaN for type pairs
             without an edge), ``cell_types``, ``posterior`` (which posterior the intervals come
             from, and the widening when applied), ``recalibration`` (the applied
-            :class:`~pyrospatial.recalibration.Recalibration` as a dict, or None) and
+            :class:`~pyrospatial.criticism.recalibration.Recalibration` as a dict, or None) and
             ``rhat_max``: the largest split-R-hat of the entries across the refinement's chains
-            (:func:`~pyrospatial.diagnostics.chain_convergence`; NaN for guide draws or fewer
+            (:func:`~pyrospatial.criticism.convergence.chain_convergence`; NaN for guide draws or fewer
             than 4 draws per chain). Above about 1.05 the chains disagree.
         """
         posterior = self._require_posterior()
@@ -341,7 +342,7 @@ class CORAL:
             result.update({k: widened[k] for k in ("mean", "sd", "q05", "q50", "q95")})
             result["recalibration"] = INTERACTION_RECALIBRATION.as_dict()
             result["posterior"] += (f"; intervals widened x{factor:.3f} around the mean by a recalibration fitted on "
-                                    "held-apart simulations (pyrospatial.recalibration)")
+                                    "held-apart simulations (pyrospatial.criticism.recalibration)")
         return result
 
     def domains(self, n_domains: int, *, smooth: int = 2, seed: int = 0) -> dict[str, np.ndarray]:
@@ -408,7 +409,7 @@ class CORAL:
         cells_rna.uns["pyrospatial"]["interactions"]["note"] = (
             "entries with no edge between the two types are -1; the intervals are too narrow unless the posterior "
             "conditions on the graph with a Bayesian edge decoder (see CORAL.interactions); recalibration_factor "
-            "is the widening applied to them (1: none; fitted on held-apart simulations, pyrospatial.recalibration)"
+            "is the widening applied to them (1: none; fitted on held-apart simulations, pyrospatial.criticism.recalibration)"
         )
         if n_domains:
             domains = self.domains(n_domains, seed=seed)

@@ -40,7 +40,7 @@ import pandas as pd
 import scipy.sparse as sp
 from scipy.spatial import cKDTree
 
-__all__ = ["SimulatedTissue", "simulate_tissue", "pseudo_spots", "VISIUM_SPACING_RATIO"]
+__all__ = ["VISIUM_SPACING_RATIO", "SimulatedTissue", "simulate_tissue", "pseudo_spots"]
 
 #: Visium: 55 µm spots whose centres are 100 µm apart.
 VISIUM_SPACING_RATIO = 100.0 / 55.0

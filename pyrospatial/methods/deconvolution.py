@@ -48,13 +48,12 @@ Errors (all :class:`~pyrospatial.errors.InputError` subclasses, naming the field
 - :class:`EmptySpotError`: spots with zero counts over the shared genes.
 """
 
+
 from __future__ import annotations
 
 import math
 import time
 import warnings
-from dataclasses import dataclass
-from typing import Iterator
 
 import numpy as np
 import pandas as pd
@@ -63,30 +62,18 @@ import scipy.sparse as sp
 import torch
 from anndata import AnnData
 from scipy.optimize import nnls
-from scipy.spatial import cKDTree
 
-from pyrospatial.batch import Batch
-from pyrospatial.data import spatial_partition
 from pyrospatial.errors import CountsError, InputError
+from pyrospatial.data.spot_counts import SpotCounts
 
-__all__ = [
-    "deconvolve",
-    "heldout_gene_score",
-    "elbo_converged",
-    "signature_prior",
-    "nnls_abundance",
-    "guide_start",
-    "SpotCounts",
-    "SpotBatch",
-    "NoSharedGenesError",
-    "ReferenceTypeError",
-    "EmptySpotError",
-    "STATS",
-    "UNS_KEY",
-]
+
+__all__ = ["STATS", "UNS_KEY", "NoSharedGenesError", "ReferenceTypeError", "EmptySpotError", "signature_prior", "nnls_abundance", "guide_start", "elbo_converged", "deconvolve"]
+
 
 #: Statistics exported for every inferred quantity.
 STATS = ("mean", "sd", "q05", "q50", "q95")
+
+
 #: Key of the run record in ``spots.uns``.
 UNS_KEY = "deconvolution"
 
@@ -265,146 +252,6 @@ def guide_start(
 
 
 # ------------------------------------------------------------------------------------------
-# spots as a dataset for the engine
-# ------------------------------------------------------------------------------------------
-@dataclass
-class SpotBatch(Batch):
-    """A :class:`~pyrospatial.batch.Batch` of spots without cells, plus the spot graph."""
-
-    spot_edge_index: torch.Tensor | None = None  # (2, E) local, each undirected edge once
-
-
-class _Spec:
-    def __init__(self, units: np.ndarray, n_batches: int):
-        self.units, self.n_batches = units, n_batches
-
-
-class _Sampler(torch.utils.data.Sampler):
-    def __init__(self, data: "SpotCounts", batch_size: int, seed: int, shuffle: bool):
-        self.data, self.batch_size, self.seed, self.shuffle, self.epoch = data, batch_size, seed, shuffle, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
-    def __len__(self) -> int:
-        return min(self.data.n_spots, max(1, math.ceil(self.data.n_spots / self.batch_size)))
-
-    def __iter__(self):
-        n = len(self)
-        rng = np.random.default_rng([self.seed, self.epoch]) if self.shuffle else None
-        groups = spatial_partition(self.data.coords, n, rng)
-        order = np.arange(n)
-        if self.shuffle:
-            np.random.default_rng([self.seed, self.epoch, 1]).shuffle(order)
-        for i in order:
-            yield _Spec(groups[i], n)
-
-
-class _Builder(torch.utils.data.Dataset):
-    def __init__(self, data: "SpotCounts"):
-        self.data = data
-
-    def __getitem__(self, spec: _Spec) -> SpotBatch:
-        return self.data.make_batch(spec.units, spec.n_batches)
-
-    def __len__(self) -> int:
-        return self.data.n_spots
-
-
-class SpotCounts:
-    """Validated spot counts (no cells) that the engine can batch: ``fit`` and
-    ``sample_posterior`` accept it like a :class:`~pyrospatial.data.SpatialDataset`.
-
-    Parameters
-    ----------
-    counts
-        ``(n_spots, G)`` raw counts.
-    coords
-        ``(n_spots, 2)`` coordinates (used for spatially compact minibatches and the spot
-        graph); ``None``: spots are batched in their order.
-    n_types
-        Number of cell types (recorded in every batch).
-    n_neighbours
-        Spot-graph degree (k nearest spots) for the smoothness term; 0 = no graph.
-    """
-
-    def __init__(self, counts: np.ndarray, coords: np.ndarray | None, n_types: int, *, n_neighbours: int = 6):
-        self.counts = np.asarray(counts, dtype=np.float32)
-        n = self.counts.shape[0]
-        self.coords = (
-            np.asarray(coords, dtype=np.float64) if coords is not None else np.stack([np.arange(n), np.zeros(n)], 1)
-        )
-        self.library = self.counts.sum(1)
-        self._n_types = int(n_types)
-        self.edges = np.zeros((2, 0), dtype=np.int64)
-        if n_neighbours > 0 and coords is not None and n > 1:
-            k = min(int(n_neighbours), n - 1)
-            _, nbr = cKDTree(self.coords).query(self.coords, k=k + 1)
-            src = np.repeat(np.arange(n), k)
-            dst = nbr[:, 1:].reshape(-1)
-            lo, hi = np.minimum(src, dst), np.maximum(src, dst)
-            self.edges = np.unique(np.stack([lo, hi]), axis=1)
-
-    n_cells = 0
-    n_edges = 0
-
-    @property
-    def n_spots(self) -> int:
-        return int(self.counts.shape[0])
-
-    @property
-    def n_types(self) -> int:
-        return self._n_types
-
-    def make_batch(self, units: np.ndarray, n_batches: int = 1) -> SpotBatch:
-        """The :class:`SpotBatch` of spots ``units`` (scaled by ``n_batches``)."""
-        units = np.sort(np.asarray(units, dtype=np.int64))
-        m = units.size
-        local = np.full(self.n_spots, -1, dtype=np.int64)
-        local[units] = np.arange(m)
-        e = local[self.edges]
-        e = e[:, (e >= 0).all(0)] if e.size else e
-        empty_f = torch.zeros(0)
-        return SpotBatch(
-            cell_index=torch.zeros(0, dtype=torch.long),
-            cell_type=torch.zeros(0, dtype=torch.long),
-            cell_features=torch.zeros(0, 0),
-            cell_library=empty_f,
-            cell_coords=torch.zeros(0, 2),
-            cell_spot=torch.zeros(0, dtype=torch.long),
-            spot_index=torch.from_numpy(units),
-            spot_counts=torch.from_numpy(self.counts[units]),
-            spot_library=torch.from_numpy(self.library[units]),
-            membership=torch.sparse_coo_tensor(torch.zeros(2, 0, dtype=torch.long), empty_f, size=(m, 0),
-                                               check_invariants=False),
-            edge_index=torch.zeros(2, 0, dtype=torch.long),
-            nonedge_index=torch.zeros(2, 0, dtype=torch.long),
-            n_types=self._n_types,
-            n_cells_total=0,
-            n_spots_total=self.n_spots,
-            n_edges_total=0,
-            n_batches=int(n_batches),
-            cell_scale=float(n_batches),
-            spot_scale=float(n_batches),
-            spot_edge_index=torch.from_numpy(np.ascontiguousarray(e)),
-        )
-
-    def dataloader(self, batch_size: int | None = None, *, seed: int = 0, nonedge_ratio: float = 1.0,
-                   shuffle: bool = True) -> torch.utils.data.DataLoader:
-        """Spatially compact minibatches of ``batch_size`` spots (``None``: all spots)."""
-        size = self.n_spots if batch_size is None else int(batch_size)
-        return torch.utils.data.DataLoader(
-            _Builder(self), sampler=_Sampler(self, size, seed, shuffle), batch_size=None, collate_fn=lambda x: x
-        )
-
-    def chunks(self, chunk_size: int | None = None, *, nonedge_ratio: float = 1.0) -> Iterator[SpotBatch]:
-        """A fixed partition of the spots into chunks (posterior sampling)."""
-        size = self.n_spots if chunk_size is None else int(chunk_size)
-        for spec in _Sampler(self, size, 0, False):
-            yield self.make_batch(spec.units, spec.n_batches)
-
-
-# ------------------------------------------------------------------------------------------
 # when to stop: a rule on the ELBO alone
 # ------------------------------------------------------------------------------------------
 def elbo_converged(history, window: int, z: float = 2.0) -> bool:
@@ -563,7 +410,7 @@ def deconvolve(
     keep_draws
         Also keep the integer cell-count draws behind the summaries in
         ``uns["deconvolution"]["cell_count_draws"]`` (draws x spots x types, int32), e.g. to
-        score calibration with :func:`pyrospatial.diagnostics.pit_coverage_by_level`.
+        score calibration with :func:`pyrospatial.criticism.calibration.pit_coverage_by_level`.
     seed, device, progress
         Seed of the fit and the draws; torch device; progress bar.
 
@@ -577,9 +424,9 @@ def deconvolve(
     NoSharedGenesError, ReferenceTypeError, CountsError, EmptySpotError, InputError
     """
     from pyrospatial.guides.celltype_deconvolution import CellTypeDeconvolutionGuide
-    from pyrospatial.infer import fit
+    from pyrospatial.engine.infer import fit
     from pyrospatial.models.celltype_deconvolution import CellTypeDeconvolutionModel
-    from pyrospatial.posterior import sample_posterior
+    from pyrospatial.engine.posterior import sample_posterior
 
     if not isinstance(spots, AnnData) or not isinstance(reference, AnnData):
         raise InputError("spots and reference must be AnnData objects (spots x genes, cells x genes).")
@@ -734,157 +581,3 @@ def deconvolve(
     if keep_draws:
         out.uns["deconvolution"]["cell_count_draws"] = n_draws.astype(np.int32)
     return out
-
-
-def heldout_gene_score(
-    spots: AnnData,
-    reference: AnnData,
-    cell_type_key: str = "cell_type",
-    *,
-    n_folds: int = 3,
-    seed: int = 0,
-    **kwargs,
-) -> dict:
-    """Held-out-gene predictive score of a setting of :func:`deconvolve` (no ground truth).
-
-    The shared genes are split at random (``seed``) into ``n_folds`` folds; for each fold the
-    spots are deconvolved on the other genes only (``kwargs`` passed to :func:`deconvolve`),
-    and the held-out genes are predicted from the posterior mean abundances and the reference
-    signatures, ``x_hat_jg = sum_t w_jt s_tg`` rescaled so that each held-out gene's total over
-    spots matches its observed total (platform effects of unseen genes are unknown). The score
-    is the mean Poisson deviance per held-out count entry (lower is better): a composition that
-    is right predicts genes it never saw. Use it to choose priors (e.g. ``concentration_mean``)
-    by looking at the data only.
-
-    Returns ``{"deviance": float, "per_fold": [...], "n_folds": int}``.
-    """
-    genes = _shared_genes(spots, reference)
-    labels = _reference_labels(reference, cell_type_key, int(kwargs.get("min_cells_per_type", 5)))
-    ref_counts = _raw_counts(_matrix(reference, kwargs.get("reference_layer"), "reference")[0], "reference")
-    ref_counts = ref_counts[:, pd.Index(map(str, reference.var_names)).get_indexer(genes)]
-    spot_counts = _raw_counts(_matrix(spots, kwargs.get("layer"), "spots")[0], "spots")
-    spot_counts = spot_counts[:, pd.Index(map(str, spots.var_names)).get_indexer(genes)]
-    shape, rate, _, _ = signature_prior(ref_counts, labels)
-    signature = shape / rate
-    folds = np.array_split(np.random.default_rng(seed).permutation(len(genes)), int(n_folds))
-    kwargs.setdefault("progress", False)
-    per_fold = []
-    for held in folds:
-        keep = np.setdiff1d(np.arange(len(genes)), held)
-        sub = spots[:, [genes[g] for g in keep]].copy()
-        keep_spots = np.asarray(spot_counts[:, keep].sum(1) > 0)
-        out = deconvolve(sub[keep_spots], reference, cell_type_key, seed=seed, **kwargs)
-        types = list(out.uns[UNS_KEY]["cell_types"])
-        w = out.obsm["abundance_mean"][types].to_numpy()
-        x = spot_counts[keep_spots][:, held]
-        pred = w @ signature[:, held]
-        pred = pred * (x.sum(0) / np.maximum(pred.sum(0), 1e-12))
-        pred = np.maximum(pred, 1e-8)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            term = np.where(x > 0, x * np.log(x / pred), 0.0)
-        per_fold.append(float(np.mean(2.0 * (term - (x - pred)))))
-    return {"deviance": float(np.mean(per_fold)), "per_fold": per_fold, "n_folds": int(n_folds)}
-
-
-# ------------------------------------------------------------------------------------------
-# figures and report (used by ``pyrospatial deconvolve``)
-# ------------------------------------------------------------------------------------------
-def plot_abundance_maps(result: AnnData, path, *, what: str = "mean", spatial_key: str = "spatial"):
-    """One spatial map per cell type of the abundance posterior ``mean`` (``what="mean"``) or
-    of its 90% interval width ``q95 - q05`` (``what="width"``). Returns the path written."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    if what not in ("mean", "width"):
-        raise InputError(f"what must be 'mean' or 'width', got {what!r}.")
-    if spatial_key not in result.obsm:
-        raise InputError(f"result.obsm['{spatial_key}'] is missing: spatial maps need spot coordinates.")
-    xy = np.asarray(result.obsm[spatial_key])[:, :2]
-    types = list(result.uns[UNS_KEY]["cell_types"])
-    if what == "mean":
-        values = result.obsm["abundance_mean"][types].to_numpy()
-        label = "abundance (posterior mean, cells)"
-    else:
-        values = (result.obsm["abundance_q95"][types] - result.obsm["abundance_q05"][types]).to_numpy()
-        label = "90% interval width (cells)"
-    ncol = min(6, len(types))
-    nrow = int(math.ceil(len(types) / ncol))
-    fig, axes = plt.subplots(nrow, ncol, figsize=(2.6 * ncol, 2.4 * nrow), squeeze=False)
-    size = max(4.0, 4000.0 / max(len(xy), 1))
-    for ax, t, col in zip(axes.ravel(), types, values.T):
-        sc = ax.scatter(xy[:, 0], xy[:, 1], c=col, s=size, marker="s", cmap="viridis", vmin=0)
-        ax.set_title(str(t), fontsize=8)
-        ax.set_aspect("equal")
-        ax.set_xticks([])
-        ax.set_yticks([])
-        fig.colorbar(sc, ax=ax, fraction=0.046, pad=0.02).ax.tick_params(labelsize=6)
-    for ax in axes.ravel()[len(types):]:
-        ax.axis("off")
-    fig.suptitle(label)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-def write_report(result: AnnData, out_dir, *, spots_path: str = "", reference_path: str = "") -> dict:
-    """Write ``result.h5ad``, ``figures/abundance_mean.png``, ``figures/abundance_interval_width.png``
-    (when the spots have coordinates), ``figures/elbo.png`` and ``report.md`` into ``out_dir``.
-    Returns a small summary dict (also written as ``summary.json``)."""
-    import json
-    from pathlib import Path
-
-    from pyrospatial.plotting import plot_elbo
-
-    out = Path(out_dir)
-    (out / "figures").mkdir(parents=True, exist_ok=True)
-    result.write_h5ad(out / "result.h5ad")
-    rec = result.uns[UNS_KEY]
-    types = list(rec["cell_types"])
-    figures = [str(plot_elbo(np.asarray(rec["elbo"]), out / "figures" / "elbo.png"))]
-    if "spatial" in result.obsm:
-        figures.append(str(plot_abundance_maps(result, out / "figures" / "abundance_mean.png", what="mean")))
-        figures.append(str(plot_abundance_maps(result, out / "figures" / "abundance_interval_width.png", what="width")))
-    prop = result.obsm["proportion_mean"][types]
-    width = (result.obsm["cell_count_q95"][types] - result.obsm["cell_count_q05"][types])
-    summary = {
-        "n_spots": int(result.n_obs),
-        "n_types": len(types),
-        "n_genes": int(len(rec["genes"])),
-        "fit_seconds": float(rec["fit_seconds"]),
-        "mean_proportion": {t: float(v) for t, v in prop.mean(0).items()},
-        "mean_count_interval_width": {t: float(v) for t, v in width.mean(0).items()},
-        "figures": [str(Path(f).relative_to(out)) for f in figures],
-    }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    lines = [
-        "# pyrospatial deconvolve",
-        "",
-        f"Spots: `{spots_path}` ({result.n_obs} spots); reference: `{reference_path}`; "
-        f"{len(types)} cell types, {len(rec['genes'])} shared genes; fit and posterior "
-        f"{rec['fit_seconds']:.1f} s.",
-        "",
-        "Results in `result.h5ad`: `obsm['abundance_{mean,sd,q05,q50,q95}']` (expected cells per type),",
-        "`obsm['cell_count_*']` (integer cell counts; `[q05, q95]` is the 90% interval),",
-        "`obsm['proportion_*']`, `uns['deconvolution']` (settings, globals, ELBO).",
-        "",
-        "| cell type | reference cells | mean proportion | mean 90% count-interval width |",
-        "|---|---|---|---|",
-    ]
-    for t, n in zip(types, rec["n_reference_cells"]):
-        lines.append(f"| {t} | {int(n)} | {summary['mean_proportion'][t]:.3f} | "
-                     f"{summary['mean_count_interval_width'][t]:.2f} |")
-    lines += [
-        "",
-        "How to read a wide interval: a spot whose 90% interval for a type spans several cells "
-        "(e.g. 0 to 4) is one whose counts are explained about equally well by different mixtures "
-        "(often similar types sharing marker genes); trust the sum over similar types more than "
-        "the split between them.",
-        "",
-        "Figures: " + ", ".join(f"`{f}`" for f in summary["figures"]),
-        "",
-    ]
-    (out / "report.md").write_text("\n".join(lines))
-    return summary

@@ -1,6 +1,6 @@
 """One training engine for every model/guide pair that honours the batch protocol.
 
-Any ``model(batch)`` / ``guide(batch)`` pair (see :mod:`pyrospatial.batch`), including
+Any ``model(batch)`` / ``guide(batch)`` pair (see :mod:`pyrospatial.engine.batch`), including
 ``pyro.infer.autoguide`` guides built with ``create_plates=batch_plates``, is trained by
 stochastic variational inference on spot-complete minibatches with :func:`fit`::
 
@@ -36,7 +36,7 @@ estimate (minibatch terms scaled by the batch protocol); Adam is invariant to it
 Reproducibility
 ---------------
 ``fit(seed=s)`` seeds Python, numpy and torch, the data partition of epoch ``e`` is a
-function of ``(s, e)`` (see :class:`~pyrospatial.data.SpotBatchSampler`), and before every
+function of ``(s, e)`` (see :class:`~pyrospatial.data.batching.SpotBatchSampler`), and before every
 training step torch's RNG is reseeded from ``(s, global_step, rank)``. The optimiser,
 scheduler, loop counters and ELBO history are in the checkpoint, so a fit killed after an epoch
 and resumed from ``last.ckpt`` reaches the same parameters as an uninterrupted fit (on the
@@ -67,7 +67,7 @@ from pyro.poutine.util import site_is_subsample
 
 from pyrospatial.errors import CheckpointError, FitError, InputError
 
-__all__ = ["SVIModule", "FitResult", "fit", "load_checkpoint", "find_nonfinite", "versions"]
+__all__ = ["STEP_METRIC", "EPOCH_METRIC", "CKPT_KEY", "versions", "initialise", "find_nonfinite", "SVIModule", "FitResult", "fit", "load_checkpoint"]
 
 pyro.settings.set(module_local_params=True)
 
@@ -522,7 +522,7 @@ def fit(
         Callables ``f(batch)`` honouring the batch protocol; the guide an ``nn.Module``.
         Trained in place (and also returned in the result).
     dataset
-        A :class:`~pyrospatial.data.SpatialDataset` (anything with ``dataloader``/``chunks``).
+        A :class:`~pyrospatial.data.dataset.SpatialDataset` (anything with ``dataloader``/``chunks``).
     max_epochs, max_steps
         Stopping budget; an epoch visits every spot (cell) once. With neither given,
         ``max_epochs=100``.

@@ -8,9 +8,9 @@ counts, ``obsm['spatial']``). It holds
 - library sizes ``l^y_i`` (cells) and ``l_j`` (spots),
 - the spatial cell graph as a torch-geometric ``edge_index`` (built with scipy's cKDTree),
 
-and yields :class:`~pyrospatial.batch.Batch` objects: spatially compact groups of spots with
+and yields :class:`~pyrospatial.engine.batch.Batch` objects: spatially compact groups of spots with
 all their member cells, the edges among those cells and sampled non-edges, scaled so the
-minibatch ELBO is an unbiased estimate of the full one (see :mod:`pyrospatial.batch`).
+minibatch ELBO is an unbiased estimate of the full one (see :mod:`pyrospatial.engine.batch`).
 
 Membership rules
 ----------------
@@ -25,12 +25,11 @@ from spots and each cell travels with its home spot, so one epoch visits every s
 cell exactly once.
 """
 
+
 from __future__ import annotations
 
 import copy
-import math
 import warnings
-from dataclasses import dataclass
 from typing import Iterator, Literal
 
 import numpy as np
@@ -38,12 +37,14 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 from anndata import AnnData
-from scipy.spatial import cKDTree
 
-from pyrospatial.batch import Batch
+from pyrospatial.engine.batch import Batch
 from pyrospatial.errors import AssignmentError, CoordinateError, CountsError, InputError
+from pyrospatial.data.batching import BatchSpec, SpotBatchSampler, _BatchBuilder, _identity
+from pyrospatial.data.graph import _unique_pairs, assign_cells_to_spots, knn_pairs, radius_pairs
 
-__all__ = ["SpatialDataset", "BatchSpec", "SpotBatchSampler"]
+
+__all__ = ["SpatialDataset"]
 
 
 # ------------------------------------------------------------------------------------------
@@ -105,181 +106,6 @@ def _check_overlap(cell_xy: np.ndarray, spot_xy: np.ndarray) -> None:
             "rescale one of them (e.g. multiply pixel coordinates by the pixel size in µm) "
             "or register the two first."
         )
-
-
-# ------------------------------------------------------------------------------------------
-# graph and membership builders (scipy cKDTree; no pyg-lib needed)
-# ------------------------------------------------------------------------------------------
-def knn_pairs(xy: np.ndarray, k: int) -> np.ndarray:
-    """Undirected kNN graph as unique pairs (2, E) with i < j (union of both directions)."""
-    n = xy.shape[0]
-    if n < 2 or k < 1:
-        return np.zeros((2, 0), dtype=np.int64)
-    kk = min(k + 1, n)
-    _, nbr = cKDTree(xy).query(xy, k=kk)
-    src = np.repeat(np.arange(n), kk - 1)
-    dst = nbr[:, 1:].reshape(-1)
-    return _unique_pairs(src, dst, n)
-
-
-def radius_pairs(xy: np.ndarray, radius: float) -> np.ndarray:
-    """Undirected radius graph as unique pairs (2, E) with i < j."""
-    pairs = cKDTree(xy).query_pairs(r=radius, output_type="ndarray")
-    if pairs.size == 0:
-        return np.zeros((2, 0), dtype=np.int64)
-    return _unique_pairs(pairs[:, 0], pairs[:, 1], xy.shape[0])
-
-
-def _unique_pairs(src: np.ndarray, dst: np.ndarray, n: int) -> np.ndarray:
-    lo, hi = np.minimum(src, dst), np.maximum(src, dst)
-    keep = lo != hi
-    key = np.unique(lo[keep].astype(np.int64) * n + hi[keep])
-    return np.stack([key // n, key % n]).astype(np.int64)
-
-
-def assign_cells_to_spots(
-    cell_xy: np.ndarray,
-    spot_xy: np.ndarray,
-    spot_diameter: float | None,
-    assignment: Literal["radius", "nearest"] = "radius",
-) -> tuple[np.ndarray, np.ndarray]:
-    """Spot of each cell (-1 when none) and home spot (nearest at any distance).
-
-    ``radius``: within ``spot_diameter / 2`` of the centre (nearest centre where spots overlap).
-    ``nearest``: the nearest spot.
-    """
-    distance, nearest = cKDTree(spot_xy).query(cell_xy, k=1)
-    nearest = nearest.astype(np.int64)
-    if assignment == "nearest":
-        return nearest.copy(), nearest
-    if assignment != "radius":
-        raise InputError(f"assignment must be 'radius' or 'nearest', got {assignment!r}.")
-    inside = distance <= spot_diameter / 2.0
-    return np.where(inside, nearest, -1), nearest
-
-
-# ------------------------------------------------------------------------------------------
-# minibatch partition
-# ------------------------------------------------------------------------------------------
-@dataclass
-class BatchSpec:
-    """One batch of an epoch's partition: which units (spots, or cells without spots) and
-    the scale factors of that partition."""
-
-    units: np.ndarray
-    n_batches: int
-    edge_scale: float
-    nonedge_factor: float  # n_nonedges_total / sum_b (non-adjacent pairs inside batch b)
-    seed: int
-
-
-def spatial_partition(
-    xy: np.ndarray, n_batches: int, rng: np.random.Generator | None
-) -> list[np.ndarray]:
-    """Split points into ``n_batches`` spatially compact groups of near-equal size.
-
-    Points are ordered along a boustrophedon path over strips of a randomly rotated and
-    shifted frame (``rng=None``: unrotated, unshifted) and the path is cut into equal pieces.
-    """
-    n = xy.shape[0]
-    if n_batches <= 1:
-        return [np.arange(n)]
-    theta = rng.uniform(0, 2 * np.pi) if rng is not None else 0.0
-    rot = np.array([[np.cos(theta), -np.sin(theta)], [np.sin(theta), np.cos(theta)]])
-    uv = (xy - xy.mean(0)) @ rot.T
-    span = np.ptp(uv, axis=0) + 1e-9
-    area_per_point = span[0] * span[1] / n
-    width = math.sqrt(area_per_point * n / n_batches)
-    offset = rng.uniform(0, width) if rng is not None else 0.0
-    strip = np.floor((uv[:, 1] - uv[:, 1].min() + offset) / width).astype(np.int64)
-    along = np.where(strip % 2 == 0, uv[:, 0], -uv[:, 0])
-    order = np.lexsort((along, strip))
-    return [np.sort(part) for part in np.array_split(order, n_batches)]
-
-
-class SpotBatchSampler(torch.utils.data.Sampler):
-    """Yields one :class:`BatchSpec` per minibatch; every unit once per epoch.
-
-    The partition of epoch ``e`` is a deterministic function of ``(seed, e)``. Under
-    ``torch.distributed`` each process takes batches ``rank, rank + world_size, ...`` of the
-    same partition (the number of batches is rounded up to a multiple of ``world_size``).
-    Lightning calls :meth:`set_epoch` at the start of each epoch.
-    """
-
-    def __init__(
-        self,
-        dataset: "SpatialDataset",
-        batch_size: int,
-        *,
-        seed: int = 0,
-        shuffle: bool = True,
-        rank: int | None = None,
-        world_size: int | None = None,
-    ) -> None:
-        if batch_size < 1:
-            raise InputError(f"batch_size must be >= 1, got {batch_size}.")
-        self.dataset = dataset
-        self.batch_size = int(batch_size)
-        self.seed = int(seed)
-        self.shuffle = shuffle
-        self._rank = rank
-        self._world_size = world_size
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
-    def _ranks(self) -> tuple[int, int]:
-        if self._rank is not None and self._world_size is not None:
-            return self._rank, self._world_size
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            return torch.distributed.get_rank(), torch.distributed.get_world_size()
-        return 0, 1
-
-    def n_batches(self) -> int:
-        _, world = self._ranks()
-        n = max(1, math.ceil(self.dataset.n_units / self.batch_size))
-        return int(math.ceil(n / world) * world)
-
-    def partition(self) -> list[BatchSpec]:
-        """This epoch's full partition (all ranks)."""
-        n_batches = min(self.n_batches(), self.dataset.n_units)
-        rng = np.random.default_rng([self.seed, self.epoch]) if self.shuffle else None
-        groups = spatial_partition(self.dataset.unit_coords, n_batches, rng)
-        return self.dataset.batch_specs(groups, seed=self.seed * 1_000_003 + self.epoch)
-
-    def __iter__(self) -> Iterator[BatchSpec]:
-        # a generator: the partition is drawn when the first batch is requested, i.e. after
-        # Lightning's set_epoch (it creates the iterator before calling set_epoch)
-        rank, world = self._ranks()
-        specs = self.partition()
-        order = np.arange(len(specs))
-        if self.shuffle:
-            np.random.default_rng([self.seed, self.epoch, 1]).shuffle(order)
-        for i in order[rank::world]:
-            yield specs[i]
-
-    def __len__(self) -> int:
-        _, world = self._ranks()
-        return min(self.n_batches(), self.dataset.n_units) // world
-
-
-class _BatchBuilder(torch.utils.data.Dataset):
-    """Map-style dataset whose 'index' is a BatchSpec (used with ``batch_size=None``)."""
-
-    def __init__(self, dataset: "SpatialDataset", nonedge_ratio: float):
-        self.dataset = dataset
-        self.nonedge_ratio = nonedge_ratio
-
-    def __getitem__(self, spec: BatchSpec) -> Batch:
-        return self.dataset.make_batch(spec, nonedge_ratio=self.nonedge_ratio)
-
-    def __len__(self) -> int:
-        return self.dataset.n_units
-
-
-def _identity(x):
-    return x
 
 
 # ------------------------------------------------------------------------------------------

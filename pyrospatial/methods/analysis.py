@@ -17,13 +17,7 @@ from sklearn.cluster import KMeans
 
 from pyrospatial.errors import InputError
 
-__all__ = [
-    "CountSplit",
-    "deconvolve_counts",
-    "interaction_matrix",
-    "spatial_domains",
-    "summarise_draws",
-]
+__all__ = ["QUANTILES", "summarise_draws", "CountSplit", "deconvolve_counts", "interaction_matrix", "spatial_domains"]
 
 QUANTILES = {"q05": 0.05, "q50": 0.5, "q95": 0.95}
 

@@ -6,13 +6,7 @@ import numpy as np
 from scipy.stats import spearmanr
 from sklearn.metrics import adjusted_rand_score, roc_auc_score
 
-__all__ = [
-    "gene_mean_pearson",
-    "interval_coverage",
-    "domain_ari",
-    "edge_auc",
-    "within_type_abs_spearman",
-]
+__all__ = ["gene_mean_pearson", "interval_coverage", "domain_ari", "edge_auc", "within_type_abs_spearman"]
 
 
 def gene_mean_pearson(predicted: np.ndarray, truth: np.ndarray) -> float:

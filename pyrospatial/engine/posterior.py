@@ -49,11 +49,11 @@ other quantiles):
   (``None`` is written as ``"None"``, mixed lists as strings).
 """
 
+
 from __future__ import annotations
 
 import warnings
 from collections import defaultdict
-from importlib import metadata
 from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
@@ -64,17 +64,13 @@ from pyro.poutine.util import site_is_subsample
 
 from pyrospatial.errors import InputError, PyrospatialError
 
-__all__ = [
-    "PosteriorSamples",
-    "PosteriorSummary",
-    "sample_posterior",
-    "summarise",
-    "summarise_posterior",
-    "export",
-    "site_plate",
-]
+
+__all__ = ["LOCAL_PLATES", "DEFAULT_QUANTILES", "PosteriorSamples", "PosteriorSummary", "site_plate", "sample_posterior"]
+
 
 LOCAL_PLATES = ("cells", "spots")
+
+
 DEFAULT_QUANTILES = (0.05, 0.5, 0.95)
 
 
@@ -418,244 +414,3 @@ def sample_posterior(
     out.update(globals_.values)
     out.plates.update(globals_.plates)
     return _ordered(out)
-
-
-def _qkey(q: float) -> str:
-    pct = 100.0 * float(q)
-    if not 0.0 <= pct <= 100.0:
-        raise InputError(f"quantiles must lie in [0, 1], got {q}.")
-    return f"q{int(round(pct)):02d}" if abs(pct - round(pct)) < 1e-9 else f"q{pct:g}"
-
-
-def _summary_stats(draws: np.ndarray, quantiles: Iterable[float]) -> dict[str, np.ndarray]:
-    """mean, sd (ddof=1; 0 for a single draw) and quantiles over axis 0."""
-    draws = np.asarray(draws)
-    as_float = draws.astype(np.float64) if draws.dtype.kind in "biu" else draws
-    out = {
-        "mean": as_float.mean(0),
-        "sd": as_float.std(0, ddof=1) if draws.shape[0] > 1 else np.zeros(draws.shape[1:], as_float.dtype),
-    }
-    quantiles = list(quantiles)
-    if quantiles:
-        values = np.quantile(as_float, quantiles, axis=0)
-        for q, v in zip(quantiles, values):
-            out[_qkey(q)] = v.astype(as_float.dtype, copy=False)
-    return out
-
-
-def summarise(
-    samples: dict[str, np.ndarray], quantiles: Iterable[float] = DEFAULT_QUANTILES
-) -> PosteriorSummary:
-    """Per-site ``{"mean", "sd", "q05", "q50", "q95"}`` over the draw axis (axis 0).
-
-    ``sd`` is the sample standard deviation (``ddof=1``); quantiles use numpy's linear
-    interpolation; ``q`` keys are ``q<percent>`` (``0.05 -> "q05"``, ``0.025 -> "q2.5"``).
-    """
-    quantiles = tuple(quantiles)
-    out = PosteriorSummary(plates=getattr(samples, "plates", {}))
-    for name, draws in samples.items():
-        out[name] = _summary_stats(draws, quantiles)
-    return out
-
-
-def summarise_posterior(
-    model: Callable,
-    guide: Callable,
-    dataset,
-    num_samples: int = 100,
-    sites: Iterable[str] | None = None,
-    *,
-    chunk_size: int | None = None,
-    seed: int = 0,
-    quantiles: Iterable[float] = DEFAULT_QUANTILES,
-    return_observed: bool = False,
-    device: str | torch.device | None = None,
-) -> PosteriorSummary:
-    """Streaming posterior summaries: the same draws as :func:`sample_posterior` (same
-    ``seed``/``chunk_size``), but never holding ``S x N x D``.
-
-    The ``S`` global draws are made first; then, chunk by chunk, all ``S`` local draws
-    conditioned on them are made and summarised, so working memory is ``O(S x chunk x D)``
-    plus the ``N x D`` summaries.
-    """
-    quantiles = tuple(quantiles)
-    totals = _totals(dataset)
-    out = PosteriorSummary()
-    seen = {plate: np.zeros(n, dtype=np.int64) for plate, n in totals.items()}
-    globals_ = _Globals()
-    for chunk, values, plates in _draw_chunks(
-        model, guide, dataset, num_samples, globals_, sites=sites, chunk_size=chunk_size, seed=seed,
-        return_observed=return_observed, device=device,
-    ):
-        for plate in ("cells", "spots"):
-            if totals[plate]:
-                np.add.at(seen[plate], _chunk_index(chunk, plate), 1)
-        for key, draws in values.items():
-            plate = plates[key]
-            out.plates[key] = plate
-            stats = _summary_stats(draws, quantiles)
-            if key not in out:
-                out[key] = {
-                    stat: np.zeros((totals[plate],) + v.shape[1:], dtype=v.dtype) for stat, v in stats.items()
-                }
-            rows = _chunk_index(chunk, plate)
-            for stat, v in stats.items():
-                out[key][stat][rows] = v
-    _check_coverage(seen)
-    for key, draws in globals_.values.items():
-        out[key] = _summary_stats(draws, quantiles)
-    out.plates.update(globals_.plates)
-    return _ordered(out)
-
-
-# ------------------------------------------------------------------------------------------
-# export into AnnData
-# ------------------------------------------------------------------------------------------
-def _versions() -> dict[str, str]:
-    from pyrospatial.infer import versions  # one list of the libraries that shape results
-
-    return versions()
-
-
-def _h5ad_safe(value: Any) -> Any:
-    """Convert settings to types anndata writes to h5ad: no None, no mixed tuples."""
-    if value is None:
-        return "None"
-    if isinstance(value, dict):
-        return {str(k): _h5ad_safe(v) for k, v in value.items()}
-    if isinstance(value, torch.Tensor):
-        value = _numpy(value)
-    if isinstance(value, np.ndarray):
-        if value.dtype.kind in "biufc":
-            return value
-        return value.astype(str)
-    if isinstance(value, (bool, np.bool_)):
-        return bool(value)
-    if isinstance(value, str):
-        return str(value)  # also str subclasses such as torch.__version__
-    if isinstance(value, (np.integer, np.floating)):
-        return value
-    if isinstance(value, int):
-        return int(value)
-    if isinstance(value, float):
-        return float(value)
-    if isinstance(value, (list, tuple)):
-        if len(value) == 0:
-            return np.zeros(0, dtype=np.float64)
-        if all(isinstance(v, (bool, np.bool_)) for v in value):
-            return np.asarray(value, dtype=bool)
-        if all(isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) for v in value):
-            return np.asarray(value, dtype=np.float64 if any(isinstance(v, (float, np.floating)) for v in value) else np.int64)
-        return np.asarray([str(v) for v in value], dtype=str)
-    return str(value)
-
-
-def _infer_plate(name: str, first: np.ndarray, n_cells: int | None, n_spots: int | None) -> str:
-    if first.ndim == 0:
-        return "global"
-    lead = first.shape[0]
-    is_cells = n_cells is not None and lead == n_cells
-    is_spots = n_spots is not None and lead == n_spots
-    if is_cells and is_spots:
-        raise InputError(
-            f"cannot tell whether site '{name}' (leading size {lead}) is per cell or per spot: pass "
-            "summaries from summarise/summarise_posterior (they carry .plates) or plates={site: 'cells'|'spots'|'global'}."
-        )
-    return "cells" if is_cells else "spots" if is_spots else "global"
-
-
-def export(
-    adata_cells,
-    adata_spots,
-    summaries: dict[str, dict[str, np.ndarray]],
-    *,
-    settings: dict | None = None,
-    prefix: str = "pyrospatial",
-    plates: dict[str, str] | None = None,
-    locations: dict[str, str] | None = None,
-):
-    """Write posterior summaries into copies of the cells and spots AnnData objects.
-
-    See the module docstring for the key scheme. ``plates`` overrides/extends
-    ``summaries.plates`` (site -> ``"cells"|"spots"|"global"``); without either, a site's plate
-    is inferred from its leading size. ``locations`` forces where a local site goes
-    (site -> ``"obs"|"obsm"|"layers"``), e.g. ``{"z": "obsm"}`` when a latent dimension happens
-    to equal ``n_vars``. Either AnnData may be ``None``. Inputs are not modified.
-
-    The AnnData rows must be in dataset order: a :class:`~pyrospatial.data.SpatialDataset`
-    keeps the cells' order but drops spots without counts or cells; pass
-    ``spots[dataset.spot_names]`` then.
-
-    Returns
-    -------
-    (cells, spots)
-        Modified copies (``None`` where the input was ``None``).
-    """
-    cells = adata_cells.copy() if adata_cells is not None else None
-    spots = adata_spots.copy() if adata_spots is not None else None
-    known = dict(getattr(summaries, "plates", {}) or {})
-    known.update(plates or {})
-    targets = {"cells": cells, "spots": spots}
-    info = {"cells": {}, "spots": {}}
-    globals_: dict[str, dict[str, np.ndarray]] = {}
-    for name, stats in summaries.items():
-        if not isinstance(stats, dict) or not stats:
-            raise InputError(f"summaries['{name}'] must be a dict of statistics (mean, sd, ...).")
-        first = np.asarray(next(iter(stats.values())))
-        plate = known.get(name) or _infer_plate(
-            name, first, None if cells is None else cells.n_obs, None if spots is None else spots.n_obs
-        )
-        if plate == "global":
-            globals_[name] = {stat: np.asarray(v) for stat, v in stats.items()}
-            continue
-        if plate not in targets:
-            raise InputError(f"site '{name}' has plate {plate!r}; expected 'cells', 'spots' or 'global'.")
-        adata = targets[plate]
-        if adata is None:
-            raise InputError(f"site '{name}' is per {plate[:-1]} but adata_{plate} is None.")
-        if first.ndim == 0 or first.shape[0] != adata.n_obs:
-            raise InputError(
-                f"site '{name}' has {first.shape[0] if first.ndim else 0} rows but adata_{plate} has "
-                f"{adata.n_obs} observations; export the summaries of the dataset built from these AnnData "
-                "(if the dataset dropped spots, pass spots[dataset.spot_names])."
-            )
-        location = (locations or {}).get(name)
-        if location is None:
-            if first.ndim == 1:
-                location = "obs"
-            elif first.ndim == 2 and first.shape[1] == adata.n_vars:
-                location = "layers"
-            else:
-                location = "obsm"
-        if location not in ("obs", "obsm", "layers"):
-            raise InputError(f"locations['{name}'] must be 'obs', 'obsm' or 'layers', got {location!r}.")
-        bad_obs = location == "obs" and first.ndim != 1
-        bad_layer = location == "layers" and (first.ndim != 2 or first.shape[1] != adata.n_vars)
-        if bad_obs or bad_layer:
-            raise InputError(
-                f"site '{name}' of per-{plate[:-1]} shape {first.shape[1:]} cannot go to {location} "
-                f"(obs needs a scalar per row, layers needs ({adata.n_obs}, {adata.n_vars}))."
-            )
-        keys = []
-        for stat, value in stats.items():
-            key = f"{name}_{stat}"
-            value = np.asarray(value)
-            if location == "obs":
-                adata.obs[key] = value
-            elif location == "layers":
-                adata.layers[key] = value
-            else:
-                adata.obsm[key] = value.reshape(-1, 1) if value.ndim == 1 else value
-            keys.append(key)
-        info[plate][name] = {"plate": plate, "location": location, "keys": np.asarray(keys, dtype=str)}
-    meta_settings = _h5ad_safe(dict(settings or {}))
-    for plate, adata in targets.items():
-        if adata is None:
-            continue
-        record = dict(adata.uns.get(prefix, {}))
-        record["globals"] = {name: dict(stats) for name, stats in globals_.items()}
-        record["sites"] = info[plate]
-        record["settings"] = meta_settings
-        record["versions"] = _versions()
-        adata.uns[prefix] = record
-    return cells, spots

@@ -27,6 +27,8 @@ from dataclasses import dataclass, fields, replace
 import pyro
 import torch
 
+__all__ = ["Batch", "ScaledPlate", "cell_plate", "spot_plate", "batch_plates"]
+
 
 @dataclass
 class Batch:

@@ -49,9 +49,9 @@ CORAL with a Bayesian decoder (``benchmarks/results/interaction_oracle*.md``, 40
 default run left every site's split-R-hat far above 1 (z 1.6-1.8, ``edge_weight`` 2.5-3.3 with
 ``thin=5``; 1.2-1.6 and 1.9-2.6 with ``thin=20``), and 13 times the work (40 steps, 400 warm-up
 transitions) still leaves z at 1.2-1.5; check ``diagnostics["rhat_max"]`` before trusting
-graph-conditioned intervals. :meth:`pyrospatial.coral.CORAL.interactions` widens the interaction
+graph-conditioned intervals. :meth:`pyrospatial.methods.coral.CORAL.interactions` widens the interaction
 matrix's intervals under this posterior by a factor fitted on held-apart simulations
-(:mod:`pyrospatial.recalibration`).
+(:mod:`pyrospatial.criticism.recalibration`).
 
 Monte Carlo EM
 --------------
@@ -105,14 +105,14 @@ model parameters between transitions; here ``C`` chains are one vectorised model
 transitions. The scheme itself (dual averaging, windowed diagonal mass) is the standard one
 of Stan and Pyro's HMC.
 
-The returned :class:`~pyrospatial.posterior.PosteriorSamples` has the layout of
-:func:`~pyrospatial.posterior.sample_posterior`: ``(S, N_cells, ...)`` rows in dataset
+The returned :class:`~pyrospatial.engine.posterior.PosteriorSamples` has the layout of
+:func:`~pyrospatial.engine.posterior.sample_posterior`: ``(S, N_cells, ...)`` rows in dataset
 order, ``(S, N_spots, ...)``, global sites ``(S, ...)``; deterministic sites (e.g.
 ``"expected_rna"``) are recomputed from the refined latents. Diagnostics are attached as
 ``samples.diagnostics`` (acceptance rates, step sizes, EM traces, seconds, and per returned
 site the largest split-R-hat over its coordinates ``"rhat_max"`` and the smallest bulk effective
 sample size ``"ess_bulk_min"``, by ArviZ across the chains' kept draws
-(:func:`~pyrospatial.diagnostics.chain_convergence`); R-hat above about 1.05 means the chains
+(:func:`~pyrospatial.criticism.convergence.chain_convergence`); R-hat above about 1.05 means the chains
 disagree: lengthen ``num_warmup`` or ``num_steps``). Judge it on the quantities used: CORAL's
 latents have symmetries (``z -> A z`` with the read-out ``W -> W A^-1`` leaves the expected RNA
 unchanged), so ``"rna_weight"`` or ``"z"`` can wander while ``"expected_rna"`` has converged.
@@ -147,12 +147,12 @@ from pyro.distributions.transforms import biject_to
 from pyro.infer.reparam import LocScaleReparam, TransformReparam
 from pyro.poutine.util import site_is_subsample
 
-from pyrospatial.batch import Batch
-from pyrospatial.diagnostics import chain_convergence
+from pyrospatial.engine.batch import Batch
+from pyrospatial.criticism.convergence import chain_convergence
 from pyrospatial.errors import InputError
-from pyrospatial.posterior import PosteriorSamples, _EvalMode, _module_device, site_plate
+from pyrospatial.engine.posterior import PosteriorSamples, _EvalMode, _module_device, site_plate
 
-__all__ = ["refine_posterior", "DEFAULT_EM_PARAMS", "GRAPH_EM_PARAMS"]
+__all__ = ["DEFAULT_EM_PARAMS", "GRAPH_EM_PARAMS", "refine_posterior"]
 
 #: CORAL's variance-type global parameters re-estimated by Monte Carlo EM by default.
 DEFAULT_EM_PARAMS = ("size_scale", "rna_inverse_dispersion")
@@ -548,7 +548,7 @@ def refine_posterior(
         A trained model/guide pair (e.g. ``CoralModel`` / ``CoralGuide``) following the batch
         protocol, with all model plates at ``dim=-1``.
     dataset
-        The :class:`~pyrospatial.data.SpatialDataset` it was trained on (evaluated as one
+        The :class:`~pyrospatial.data.dataset.SpatialDataset` it was trained on (evaluated as one
         batch: ``num_chains`` x cells x genes tensors must fit in memory).
     num_samples
         Draws returned: ``num_chains`` chains x ``ceil(num_samples / num_chains)`` kept
@@ -591,7 +591,7 @@ def refine_posterior(
     Returns
     -------
     PosteriorSamples
-        As :func:`~pyrospatial.posterior.sample_posterior` (``.plates``), plus
+        As :func:`~pyrospatial.engine.posterior.sample_posterior` (``.plates``), plus
         ``.diagnostics``: mean acceptance and step size per part, EM traces, seconds, and
         per returned site ``"rhat_max"`` (largest split-R-hat over its coordinates) and
         ``"ess_bulk_min"`` (smallest bulk ESS), by ArviZ over the chains' kept draws.

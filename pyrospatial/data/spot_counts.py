@@ -1,0 +1,157 @@
+"""Spot counts as a data source for spot-level models: spatially partitioned minibatches of spots.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import torch
+from scipy.spatial import cKDTree
+
+from pyrospatial.engine.batch import Batch
+from pyrospatial.data.batching import spatial_partition
+
+__all__ = ["SpotBatch", "SpotCounts"]
+
+
+# ------------------------------------------------------------------------------------------
+# spots as a dataset for the engine
+# ------------------------------------------------------------------------------------------
+@dataclass
+class SpotBatch(Batch):
+    """A :class:`~pyrospatial.engine.batch.Batch` of spots without cells, plus the spot graph."""
+
+    spot_edge_index: torch.Tensor | None = None  # (2, E) local, each undirected edge once
+
+
+class _Spec:
+    def __init__(self, units: np.ndarray, n_batches: int):
+        self.units, self.n_batches = units, n_batches
+
+
+class _Sampler(torch.utils.data.Sampler):
+    def __init__(self, data: "SpotCounts", batch_size: int, seed: int, shuffle: bool):
+        self.data, self.batch_size, self.seed, self.shuffle, self.epoch = data, batch_size, seed, shuffle, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return min(self.data.n_spots, max(1, math.ceil(self.data.n_spots / self.batch_size)))
+
+    def __iter__(self):
+        n = len(self)
+        rng = np.random.default_rng([self.seed, self.epoch]) if self.shuffle else None
+        groups = spatial_partition(self.data.coords, n, rng)
+        order = np.arange(n)
+        if self.shuffle:
+            np.random.default_rng([self.seed, self.epoch, 1]).shuffle(order)
+        for i in order:
+            yield _Spec(groups[i], n)
+
+
+class _Builder(torch.utils.data.Dataset):
+    def __init__(self, data: "SpotCounts"):
+        self.data = data
+
+    def __getitem__(self, spec: _Spec) -> SpotBatch:
+        return self.data.make_batch(spec.units, spec.n_batches)
+
+    def __len__(self) -> int:
+        return self.data.n_spots
+
+
+class SpotCounts:
+    """Validated spot counts (no cells) that the engine can batch: ``fit`` and
+    ``sample_posterior`` accept it like a :class:`~pyrospatial.data.dataset.SpatialDataset`.
+
+    Parameters
+    ----------
+    counts
+        ``(n_spots, G)`` raw counts.
+    coords
+        ``(n_spots, 2)`` coordinates (used for spatially compact minibatches and the spot
+        graph); ``None``: spots are batched in their order.
+    n_types
+        Number of cell types (recorded in every batch).
+    n_neighbours
+        Spot-graph degree (k nearest spots) for the smoothness term; 0 = no graph.
+    """
+
+    def __init__(self, counts: np.ndarray, coords: np.ndarray | None, n_types: int, *, n_neighbours: int = 6):
+        self.counts = np.asarray(counts, dtype=np.float32)
+        n = self.counts.shape[0]
+        self.coords = (
+            np.asarray(coords, dtype=np.float64) if coords is not None else np.stack([np.arange(n), np.zeros(n)], 1)
+        )
+        self.library = self.counts.sum(1)
+        self._n_types = int(n_types)
+        self.edges = np.zeros((2, 0), dtype=np.int64)
+        if n_neighbours > 0 and coords is not None and n > 1:
+            k = min(int(n_neighbours), n - 1)
+            _, nbr = cKDTree(self.coords).query(self.coords, k=k + 1)
+            src = np.repeat(np.arange(n), k)
+            dst = nbr[:, 1:].reshape(-1)
+            lo, hi = np.minimum(src, dst), np.maximum(src, dst)
+            self.edges = np.unique(np.stack([lo, hi]), axis=1)
+
+    n_cells = 0
+    n_edges = 0
+
+    @property
+    def n_spots(self) -> int:
+        return int(self.counts.shape[0])
+
+    @property
+    def n_types(self) -> int:
+        return self._n_types
+
+    def make_batch(self, units: np.ndarray, n_batches: int = 1) -> SpotBatch:
+        """The :class:`SpotBatch` of spots ``units`` (scaled by ``n_batches``)."""
+        units = np.sort(np.asarray(units, dtype=np.int64))
+        m = units.size
+        local = np.full(self.n_spots, -1, dtype=np.int64)
+        local[units] = np.arange(m)
+        e = local[self.edges]
+        e = e[:, (e >= 0).all(0)] if e.size else e
+        empty_f = torch.zeros(0)
+        return SpotBatch(
+            cell_index=torch.zeros(0, dtype=torch.long),
+            cell_type=torch.zeros(0, dtype=torch.long),
+            cell_features=torch.zeros(0, 0),
+            cell_library=empty_f,
+            cell_coords=torch.zeros(0, 2),
+            cell_spot=torch.zeros(0, dtype=torch.long),
+            spot_index=torch.from_numpy(units),
+            spot_counts=torch.from_numpy(self.counts[units]),
+            spot_library=torch.from_numpy(self.library[units]),
+            membership=torch.sparse_coo_tensor(torch.zeros(2, 0, dtype=torch.long), empty_f, size=(m, 0),
+                                               check_invariants=False),
+            edge_index=torch.zeros(2, 0, dtype=torch.long),
+            nonedge_index=torch.zeros(2, 0, dtype=torch.long),
+            n_types=self._n_types,
+            n_cells_total=0,
+            n_spots_total=self.n_spots,
+            n_edges_total=0,
+            n_batches=int(n_batches),
+            cell_scale=float(n_batches),
+            spot_scale=float(n_batches),
+            spot_edge_index=torch.from_numpy(np.ascontiguousarray(e)),
+        )
+
+    def dataloader(self, batch_size: int | None = None, *, seed: int = 0, nonedge_ratio: float = 1.0,
+                   shuffle: bool = True) -> torch.utils.data.DataLoader:
+        """Spatially compact minibatches of ``batch_size`` spots (``None``: all spots)."""
+        size = self.n_spots if batch_size is None else int(batch_size)
+        return torch.utils.data.DataLoader(
+            _Builder(self), sampler=_Sampler(self, size, seed, shuffle), batch_size=None, collate_fn=lambda x: x
+        )
+
+    def chunks(self, chunk_size: int | None = None, *, nonedge_ratio: float = 1.0) -> Iterator[SpotBatch]:
+        """A fixed partition of the spots into chunks (posterior sampling)."""
+        size = self.n_spots if chunk_size is None else int(chunk_size)
+        for spec in _Sampler(self, size, 0, False):
+            yield self.make_batch(spec.units, spec.n_batches)

@@ -1,0 +1,102 @@
+"""One summariser of posterior draws: mean, sd and quantiles of every site, for every method.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+import numpy as np
+import torch
+
+from pyrospatial.errors import InputError
+from pyrospatial.engine.posterior import DEFAULT_QUANTILES, PosteriorSummary, _Globals, _check_coverage, _chunk_index, _draw_chunks, _ordered, _totals
+
+__all__ = ["summarise", "summarise_posterior"]
+
+
+def _qkey(q: float) -> str:
+    pct = 100.0 * float(q)
+    if not 0.0 <= pct <= 100.0:
+        raise InputError(f"quantiles must lie in [0, 1], got {q}.")
+    return f"q{int(round(pct)):02d}" if abs(pct - round(pct)) < 1e-9 else f"q{pct:g}"
+
+
+def _summary_stats(draws: np.ndarray, quantiles: Iterable[float]) -> dict[str, np.ndarray]:
+    """mean, sd (ddof=1; 0 for a single draw) and quantiles over axis 0."""
+    draws = np.asarray(draws)
+    as_float = draws.astype(np.float64) if draws.dtype.kind in "biu" else draws
+    out = {
+        "mean": as_float.mean(0),
+        "sd": as_float.std(0, ddof=1) if draws.shape[0] > 1 else np.zeros(draws.shape[1:], as_float.dtype),
+    }
+    quantiles = list(quantiles)
+    if quantiles:
+        values = np.quantile(as_float, quantiles, axis=0)
+        for q, v in zip(quantiles, values):
+            out[_qkey(q)] = v.astype(as_float.dtype, copy=False)
+    return out
+
+
+def summarise(
+    samples: dict[str, np.ndarray], quantiles: Iterable[float] = DEFAULT_QUANTILES
+) -> PosteriorSummary:
+    """Per-site ``{"mean", "sd", "q05", "q50", "q95"}`` over the draw axis (axis 0).
+
+    ``sd`` is the sample standard deviation (``ddof=1``); quantiles use numpy's linear
+    interpolation; ``q`` keys are ``q<percent>`` (``0.05 -> "q05"``, ``0.025 -> "q2.5"``).
+    """
+    quantiles = tuple(quantiles)
+    out = PosteriorSummary(plates=getattr(samples, "plates", {}))
+    for name, draws in samples.items():
+        out[name] = _summary_stats(draws, quantiles)
+    return out
+
+
+def summarise_posterior(
+    model: Callable,
+    guide: Callable,
+    dataset,
+    num_samples: int = 100,
+    sites: Iterable[str] | None = None,
+    *,
+    chunk_size: int | None = None,
+    seed: int = 0,
+    quantiles: Iterable[float] = DEFAULT_QUANTILES,
+    return_observed: bool = False,
+    device: str | torch.device | None = None,
+) -> PosteriorSummary:
+    """Streaming posterior summaries: the same draws as :func:`sample_posterior` (same
+    ``seed``/``chunk_size``), but never holding ``S x N x D``.
+
+    The ``S`` global draws are made first; then, chunk by chunk, all ``S`` local draws
+    conditioned on them are made and summarised, so working memory is ``O(S x chunk x D)``
+    plus the ``N x D`` summaries.
+    """
+    quantiles = tuple(quantiles)
+    totals = _totals(dataset)
+    out = PosteriorSummary()
+    seen = {plate: np.zeros(n, dtype=np.int64) for plate, n in totals.items()}
+    globals_ = _Globals()
+    for chunk, values, plates in _draw_chunks(
+        model, guide, dataset, num_samples, globals_, sites=sites, chunk_size=chunk_size, seed=seed,
+        return_observed=return_observed, device=device,
+    ):
+        for plate in ("cells", "spots"):
+            if totals[plate]:
+                np.add.at(seen[plate], _chunk_index(chunk, plate), 1)
+        for key, draws in values.items():
+            plate = plates[key]
+            out.plates[key] = plate
+            stats = _summary_stats(draws, quantiles)
+            if key not in out:
+                out[key] = {
+                    stat: np.zeros((totals[plate],) + v.shape[1:], dtype=v.dtype) for stat, v in stats.items()
+                }
+            rows = _chunk_index(chunk, plate)
+            for stat, v in stats.items():
+                out[key][stat][rows] = v
+    _check_coverage(seen)
+    for key, draws in globals_.values.items():
+        out[key] = _summary_stats(draws, quantiles)
+    out.plates.update(globals_.plates)
+    return _ordered(out)
