@@ -38,7 +38,7 @@ def shared_data_dir() -> Path | None:
     if env:
         candidate = Path(env).expanduser()
     else:
-        repo_root = Path(__file__).resolve().parent.parent
+        repo_root = Path(__file__).resolve().parents[2]  # pyrospatial/data/datasets.py -> repository
         candidate = repo_root.parent / "shared" / "data"
     return candidate if candidate.is_dir() else None
 
