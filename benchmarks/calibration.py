@@ -61,7 +61,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import sbc_toy as sbc  # noqa: E402  (the SBC toy lives beside the benchmarks)
 from pyrospatial.methods.coral import CORAL
 from pyrospatial.demo import random_nonedges
-from pyrospatial.engine.refine import DEFAULT_EM_PARAMS
+from pyrospatial.models import CoralModel
 
 LEVELS = (0.5, 0.9)
 
@@ -128,7 +128,7 @@ def simulation_records(settings: dict, pool: _Pool) -> tuple[list[dict], list[fl
             suffix = "" if method == "refine" else "_guide"
             rna = post.samples["expected_rna"]
             record[f"expected_rna{suffix}"] = pool.add(f"expected_rna{suffix}", rna[:, inside], truth["expected_rna"][inside])
-            split = coral.deconvolve_counts(seed=seed, keep_draws=True)
+            split = coral.split_spot_counts(seed=seed, keep_draws=True)
             record[f"counts{suffix}"] = pool.add(f"counts{suffix}", split.draws[:, inside], truth["counts"][inside])
             v_true = truth["v"].reshape(len(inside), -1)
             v = dg.align_sign(post.samples["v"], v_true, coral.dataset.cell_type)
@@ -165,7 +165,7 @@ def osmfish_record(settings: dict, pool: _Pool) -> dict | None:
     coral = CORAL(cells, spots, dataset=dataset, model_cls=CoralCountPanelModel)
     coral.train(max_epochs=settings["osmfish_epochs"], batch_size=64, seed=0, progress=False)
     coral.sample(settings["osmfish_num_samples"], seed=0)
-    split = coral.deconvolve_counts(seed=0, keep_draws=True)
+    split = coral.split_spot_counts(seed=0, keep_draws=True)
     inside = dataset.cell_spot >= 0
     record = {"n_cells": int(dataset.n_cells), "n_spots": int(dataset.n_spots),
               "counts_osmfish": pool.add("counts_osmfish", split.draws[:, inside], truth[inside]),
@@ -423,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:
         "epochs": 60 if q else 150,
         "num_samples": 40 if q else 200,
         "posterior_default": "refine",
-        "em_params_default": list(DEFAULT_EM_PARAMS),
+        "em_params_default": list(CoralModel.contract.em_parameters),
         "osmfish_spot_um": 100.0, "osmfish_epochs": 40 if q else 60, "osmfish_num_samples": 40 if q else 200,
         "sbc_replicates": 100 if q else 300, "sbc_draws": 99,
         "nuts_cells": 30, "nuts_genes": 6, "nuts_epochs": 100 if q else 300,

@@ -5,7 +5,7 @@
 On simulated tissues (:func:`pyrospatial.data.sim.simulate_tissue`, 30 genes, 10 proteins, 3 types,
 the calibration benchmark's settings) CORAL is trained by SVI, then refined with a long
 warm-up during which Monte Carlo EM re-estimates ``--em-params`` (default: the refinement's
-default, :data:`pyrospatial.engine.refine.DEFAULT_EM_PARAMS`). Each global's value is recorded every 25 warm-up steps next to the
+default, ``CoralModel.contract.em_parameters``). Each global's value is recorded every 25 warm-up steps next to the
 simulator's truth where one exists (``size_scale`` vs ``size_factor_sd``,
 ``rna_inverse_dispersion`` and ``protein_concentration`` vs the median of the per-gene /
 per-protein truths). The default refinement warms up for 100 steps.
@@ -27,7 +27,7 @@ import torch
 import pyrospatial
 from pyrospatial import criticism as dg
 from pyrospatial.methods.coral import CORAL
-from pyrospatial.engine.refine import DEFAULT_EM_PARAMS
+from pyrospatial.models import CoralModel
 from _results import write_results  # noqa: E402  (benchmarks/ is on sys.path when a script runs)
 
 CASES = ((600, 0), (300, 1))
@@ -38,7 +38,7 @@ def _coverage(coral: CORAL, tissue) -> dict[str, float]:
     under the current posterior."""
     inside = coral.dataset.cell_spot >= 0
     rna = coral.posterior.samples["expected_rna"][:, inside]
-    counts = coral.deconvolve_counts(seed=0, keep_draws=True).draws[:, inside]
+    counts = coral.split_spot_counts(seed=0, keep_draws=True).draws[:, inside]
     return {
         "expected_rna": float(dg.pit_coverage_by_level(rna, tissue.truth["expected_rna"][inside], (0.9,))[0]),
         "counts": float(dg.pit_coverage_by_level(counts, tissue.truth["counts"][inside], (0.9,))[0]),
@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--warmup", type=int, default=400)
     parser.add_argument("--every", type=int, default=25)
-    parser.add_argument("--em-params", default=",".join(DEFAULT_EM_PARAMS),
+    parser.add_argument("--em-params", default=",".join(CoralModel.contract.em_parameters),
                         help="comma-separated model parameters re-estimated by EM")
     parser.add_argument("--tag", default="", help="suffix of the output files' names")
     parser.add_argument("--out", default="benchmarks/results")

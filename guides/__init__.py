@@ -1,5 +1,8 @@
-"""Explicit Pyro guides (installed as ``pyrospatial.guides``)."""
+"""Explicit Pyro guides (installed as ``pyrospatial.guides``), one per model of
+:mod:`pyrospatial.models`."""
 
+from .alignment import AlignmentGuide
+from .celltype_deconvolution import CellTypeDeconvolutionGuide
 from .coral import CoralGuide
 
-__all__ = ["CoralGuide"]
+__all__ = ["AlignmentGuide", "CellTypeDeconvolutionGuide", "CoralGuide"]

@@ -156,10 +156,13 @@ class AlignmentGuide(PyroModule):
     through the Sinkhorn iterations (memory O(n k) per step). The column potentials of the
     last plan warm-start the next one.
 
-    In training mode every call also performs the model's M-step of the match noise
-    (:meth:`~pyrospatial.models.alignment.AlignmentModel.update_noise`) from this draw's plan,
-    so each SVI step is one round of variational EM: the plan (E-step, exact in T), the noise
-    (M-step, closed form), and a gradient step on q(transform) and the encoders/decoders.
+    The guide only samples: it never writes the model. In training mode it keeps this draw's
+    plan and what the plan was computed from in :attr:`last_draw`, from which
+    :class:`~pyrospatial.methods.alignment_em.NoiseMStep` (a Lightning callback passed to
+    :func:`pyrospatial.fit`) runs the model's M-step of the match noise
+    (:meth:`~pyrospatial.models.alignment.AlignmentModel.update_noise`) after each SVI step, so
+    each step is one round of variational EM: the plan (E-step, exact in T), a gradient step
+    on q(transform) and the encoders/decoders, and the noise (M-step, closed form).
 
     The guide reads the model's noise scales and coupling settings; it holds the model by
     reference, not as a submodule (its parameters are the model's, trained once).
@@ -176,8 +179,6 @@ class AlignmentGuide(PyroModule):
         Initial sd of q(transform) per coordinate (1% of the prior sd by default: starting
         narrow, the first M-steps are not blurred by transform draws far from the mode; SVI
         widens q where the data allow).
-    update_noise
-        Run the M-step of the match noise at every training call (``False`` freezes it).
     n_iter
         Sinkhorn iterations per step (the first step runs ``5 n_iter``).
     """
@@ -192,7 +193,6 @@ class AlignmentGuide(PyroModule):
         transform_scale_init: torch.Tensor | None = None,
         n_iter: int = 20,
         embedding_scale_init: float = 0.1,
-        update_noise: bool = True,
     ) -> None:
         super().__init__()
         self.__dict__["_model"] = model  # a reference, not a submodule
@@ -205,8 +205,9 @@ class AlignmentGuide(PyroModule):
         self.transform_loc = PyroParam(loc)
         self.transform_scale_tril = PyroParam(torch.diag(scale.to(loc.dtype)), constraint=constraints.lower_cholesky)
         self.n_iter = int(n_iter)
-        self.update_noise = bool(update_noise)
         self.register_buffer("g_potential", torch.zeros(0), persistent=False)
+        #: the plan of the last training call and its inputs (the M-step's statistics), or None
+        self.last_draw: dict[str, torch.Tensor] | None = None
 
     @property
     def model(self) -> AlignmentModel:
@@ -235,9 +236,9 @@ class AlignmentGuide(PyroModule):
                                               g_init=warm)
             self.g_potential = g.detach()
             T = T.detach()
-            if self.training and self.update_noise:
-                # M-step of the match noise given this draw's q (see AlignmentModel.update_noise)
-                model.update_noise(T, moved, batch.coords_b, u_a.detach(), u_b.detach(), candidates, valid)
+            # kept for the M-step (NoiseMStep), which runs after the SVI step, outside the guide
+            self.last_draw = dict(T=T, moved=moved, coords_b=batch.coords_b, u_a=u_a.detach(), u_b=u_b.detach(),
+                                  candidates=candidates, valid=valid) if self.training else None
         pyro.sample("T", dist.Delta(T, log_density=torch.xlogy(T, T).sum(), event_dim=2))
         return {"transform": transform, "T": T, "candidates": candidates, "valid": valid, "moved": moved,
                 "u_a": u_a, "u_b": u_b}

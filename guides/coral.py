@@ -18,9 +18,14 @@ from torch.nn import functional as F
 from torch_geometric.nn import GATConv
 
 from pyrospatial.engine.batch import Batch, cell_plate, spot_plate
+from pyrospatial.errors import InputError
 from pyrospatial.models.blocks import MIN_SCALE
+from pyrospatial.models.coral import CoralConfig
 
-__all__ = ["CoralGuide"]
+__all__ = ["GUIDE_OPTIONS", "CoralGuide"]
+
+#: the guide's own options (everything else it reads from the shared :class:`CoralConfig`)
+GUIDE_OPTIONS = ("hidden", "heads", "weight_init_scale", "init_scale", "spot_norm", "name")
 
 
 def _mlp(n_in: int, hidden: int, n_out: int, out_bias: torch.Tensor | None = None, out_gain: float = 0.1) -> nn.Sequential:
@@ -85,28 +90,20 @@ class CoralGuide(PyroModule):
 
     Parameters
     ----------
-    n_types, n_features, n_genes
-        As in the model.
-    z_dim, v_dim, hidden
-        Must match the model's ``z_dim``, ``v_dim``; ``hidden`` is the encoder width.
+    config
+        The :class:`~pyrospatial.models.coral.CoralConfig` shared with the model
+        (``model.config``): sizes, ``z_dim``, ``v_dim``, ``capture`` (``capture_sd`` set),
+        ``bayesian_decoder`` and the read-out width ``rna_width`` (the shape of ``q(omega)``),
+        ``bayesian_edge_decoder`` (then ``q`` of the decoder's free entries and bias starts at
+        the model's prior means, with standard deviation 0.01), ``cell_library_mean``
+        (``lbar``; None uses the batch mean) and ``size_loc_init`` (``a0``, the log expected
+        RNA total of a cell). Nothing is copied: the guide keeps the config.
+    hidden
+        The encoder width (the guide's own; ``config.hidden`` is the model's networks').
     heads
         Attention heads of both GATConv layers.
-    capture
-        True when the model has a per-spot capture latent (``capture_sd`` set).
-    bayesian_decoder, decoder_hidden
-        Whether the model's RNA read-out is a latent, and its width ``K`` (the model's
-        ``rna_width``; None: ``z_dim + n_types``, the model's default). Both must match the
-        model: build the guide with ``from_dataset(dataset, model=model)``.
     weight_init_scale
         Initial standard deviation of ``q(omega)``.
-    bayesian_edge_decoder, edge_bias_init
-        Whether the model's edge decoder is a latent (then ``q`` of its free entries and bias
-        start at the model's prior means, ``edge_bias_init`` for the bias, with standard
-        deviation 0.01); must match the model.
-    cell_library_mean
-        ``lbar`` (mean protein library of the data set); None uses the batch mean.
-    size_loc_init
-        ``a0``: the log expected RNA total of a cell (see ``CoralModel``).
     init_scale
         Initial standard deviation of every ``q`` (log scale for ``s`` and ``l``).
     spot_norm
@@ -117,32 +114,24 @@ class CoralGuide(PyroModule):
 
     def __init__(
         self,
-        n_types: int,
-        n_features: int,
-        n_genes: int,
+        config: CoralConfig,
         *,
-        z_dim: int = 8,
-        v_dim: int = 1,
         hidden: int = 64,
         heads: int = 4,
-        capture: bool = False,
-        bayesian_decoder: bool = True,
-        decoder_hidden: int | None = None,
         weight_init_scale: float = 0.1,
-        bayesian_edge_decoder: bool = False,
-        edge_bias_init: float = 0.0,
-        cell_library_mean: float | None = None,
-        size_loc_init: float = 0.0,
         init_scale: float = 0.1,
         spot_norm: float = 1e4,
         name: str = "coral_guide",
     ) -> None:
         super().__init__(name=name)
-        self.n_types, self.n_features, self.n_genes = int(n_types), int(n_features), int(n_genes)
-        self.z_dim, self.v_dim, self.hidden, self.heads = int(z_dim), int(v_dim), int(hidden), int(heads)
-        self.capture = bool(capture)
-        self.cell_library_mean = None if cell_library_mean is None else float(cell_library_mean)
-        self.size_loc_init = float(size_loc_init)
+        if not isinstance(config, CoralConfig):
+            raise InputError(
+                f"CoralGuide(config, ...) takes the CoralConfig shared with the model (model.config), got "
+                f"{type(config).__name__}; build it with CoralGuide.from_dataset(data, model=model)."
+            )
+        self.config = config
+        self.n_types, self.n_features, self.n_genes = config.n_types, config.n_features, config.n_genes
+        self.z_dim, self.v_dim, self.hidden, self.heads = config.z_dim, config.v_dim, int(hidden), int(heads)
         self.spot_norm = float(spot_norm)
         self.init_raw = _raw(init_scale)
 
@@ -156,44 +145,79 @@ class CoralGuide(PyroModule):
         raw = torch.tensor([0.0, self.init_raw])
         self.v_net = _mlp(self.z_dim + self.n_types, self.hidden, 2 * self.v_dim, raw.repeat_interleave(self.v_dim))
         self.size_net = _mlp(self.z_dim + self.n_types + 3, self.hidden, 2, raw)
-        if self.capture:
+        if config.capture:
             self.capture_net = _mlp(self.n_genes + 1, self.hidden, 2, raw)
-        self.bayesian_decoder = bool(bayesian_decoder)
-        # the model's read-out width: by default z_dim + n_types (linear read-out + type offsets)
-        self.decoder_hidden = self.z_dim + self.n_types if decoder_hidden is None else int(decoder_hidden)
-        if self.bayesian_decoder:  # q(omega): small random loc (breaks the symmetry of hidden units)
-            self.rna_weight_loc = nn.Parameter(0.1 * torch.randn(self.n_genes, self.decoder_hidden))
+        if config.bayesian_decoder:  # q(omega): small random loc (breaks the symmetry of hidden units)
+            self.rna_weight_loc = nn.Parameter(0.1 * torch.randn(self.n_genes, config.rna_width))
             self.rna_weight_scale = PyroParam(
-                torch.full((self.n_genes, self.decoder_hidden), float(weight_init_scale)), constraint=constraints.positive
+                torch.full((self.n_genes, config.rna_width), float(weight_init_scale)), constraint=constraints.positive
             )
-        self.bayesian_edge_decoder = bool(bayesian_edge_decoder)
-        if self.bayesian_edge_decoder:  # q(W_e, b_e): mean-field Normal, starting at the prior means
-            rows, cols = torch.triu_indices(self.z_dim, self.z_dim)
-            self.edge_weight_loc = nn.Parameter((rows == cols).float() / math.sqrt(self.z_dim))
-            self.edge_weight_scale = PyroParam(torch.full((rows.numel(),), 0.01), constraint=constraints.positive)
-            self.edge_bias_loc = nn.Parameter(torch.tensor(float(edge_bias_init)))
+        if config.bayesian_edge_decoder:  # q(W_e, b_e): mean-field Normal, starting at the prior means
+            loc = config.edge_weight_prior_loc()
+            self.edge_weight_loc = nn.Parameter(loc)
+            self.edge_weight_scale = PyroParam(torch.full(loc.shape, 0.01), constraint=constraints.positive)
+            self.edge_bias_loc = nn.Parameter(torch.tensor(config.edge_bias_init))
             self.edge_bias_scale = PyroParam(torch.tensor(0.01), constraint=constraints.positive)
+
+    # -- the settings the guide reads from the shared config ---------------------------------
+    @property
+    def capture(self) -> bool:
+        """Whether the model has a per-spot capture latent (``config.capture_sd`` set)."""
+        return self.config.capture
+
+    @property
+    def bayesian_decoder(self) -> bool:
+        """Whether the model's RNA read-out is a latent (``q(omega)`` is then part of the guide)."""
+        return self.config.bayesian_decoder
+
+    @property
+    def bayesian_edge_decoder(self) -> bool:
+        """Whether the model's edge decoder is a latent."""
+        return self.config.bayesian_edge_decoder
+
+    @property
+    def cell_library_mean(self) -> float | None:
+        """``lbar`` of the config."""
+        return self.config.cell_library_mean
+
+    @property
+    def size_loc_init(self) -> float:
+        """``a0`` of the config."""
+        return self.config.size_loc_init
 
     # ------------------------------------------------------------------------------------
     @classmethod
-    def from_dataset(cls, dataset: Any, model: Any = None, **kwargs: Any) -> "CoralGuide":
-        """A guide sized for ``dataset``, with ``lbar`` and ``a0`` read from the data
-        (:func:`pyrospatial.models.coral.data_scales`); given the ``model``, its latent
-        structure (``z_dim``, ``v_dim``, ``capture``, ``bayesian_decoder``,
-        ``decoder_hidden``) is matched; ``kwargs`` override."""
-        from pyrospatial.models.coral import data_scales
+    def from_dataset(cls, dataset: Any, model: Any = None, **kwargs: Any) -> CoralGuide:
+        """A guide for ``dataset`` on the model's config (``model.config``), or without a
+        model on :meth:`CoralConfig.from_dataset(dataset, ...) <pyrospatial.models.coral.CoralConfig.from_dataset>`.
 
-        scales = data_scales(dataset)
-        init = {k: scales[k] for k in ("cell_library_mean", "size_loc_init")}
-        if model is not None:
-            init.update(
-                z_dim=model.z_dim, v_dim=model.v_dim, capture=model.capture_sd is not None,
-                bayesian_decoder=model.bayesian_decoder, decoder_hidden=model.rna_width,
-                bayesian_edge_decoder=getattr(model, "bayesian_edge_decoder", False),
-                edge_bias_init=getattr(model, "edge_bias_init", 0.0),
-            )
-        init.update(kwargs)
-        return cls(int(dataset.n_types), int(dataset.n_features), int(dataset.n_genes), **init)
+        ``kwargs``: the guide's own options (:data:`GUIDE_OPTIONS`: ``hidden``, ``heads``,
+        ``weight_init_scale``, ``init_scale``, ``spot_norm``, ``name``); config fields (e.g.
+        ``z_dim``), which build the config without a model and must equal the model's with
+        one; and, as before the shared config, ``capture`` and ``decoder_hidden``, checked
+        against ``config.capture`` and ``config.rna_width``. A disagreement is an
+        :class:`~pyrospatial.errors.InputError` naming the field.
+        """
+        options = {k: kwargs.pop(k) for k in GUIDE_OPTIONS if k in kwargs}
+        derived = {k: kwargs.pop(k) for k in ("capture", "decoder_hidden") if k in kwargs}
+        CoralConfig.check_names(kwargs, "CoralGuide.from_dataset")
+        if model is None:
+            config = CoralConfig.from_dataset(dataset, **kwargs)
+        else:
+            config = model.config
+            differ = config.mismatches(**kwargs)
+            if differ:
+                detail = ", ".join(f"{k}={given!r} (model: {own!r})" for k, (given, own) in differ.items())
+                raise InputError(f"CoralGuide.from_dataset: {detail}; the guide reads these from model.config: "
+                                 "drop the keyword, or build the model with it.")
+        if "capture" in derived and bool(derived["capture"]) != config.capture:
+            raise InputError(f"CoralGuide.from_dataset: capture={derived['capture']!r} but the config's capture_sd is "
+                             f"{config.capture_sd!r}; the guide has q(l_j) exactly when capture_sd is set: drop "
+                             "capture= and set capture_sd on the model (or here, without a model).")
+        if "decoder_hidden" in derived and int(derived["decoder_hidden"]) != config.rna_width:
+            raise InputError(f"CoralGuide.from_dataset: decoder_hidden={derived['decoder_hidden']!r} but the model's "
+                             f"read-out width (config.rna_width) is {config.rna_width}: drop decoder_hidden=.")
+        return cls(config, **options)
 
     # ------------------------------------------------------------------------------------
     def _lbar(self, batch: Batch) -> torch.Tensor | float:

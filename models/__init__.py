@@ -1,10 +1,22 @@
 """Explicit Pyro models (installed as ``pyrospatial.models``).
 
 Each model reads top to bottom as its generative story; the reusable pieces are in
-:mod:`pyrospatial.models.blocks`.
+:mod:`pyrospatial.models.blocks`. Every model here has its guide in
+:mod:`pyrospatial.guides`:
+
+=====================================  ==========================================
+model                                  guide
+=====================================  ==========================================
+:class:`CoralModel` and its variants   :class:`~pyrospatial.guides.CoralGuide`
+(:class:`CoralCountPanelModel`,        (both take one :class:`CoralConfig`)
+:class:`CoralArcsinhModel`)
+:class:`CellTypeDeconvolutionModel`    :class:`~pyrospatial.guides.CellTypeDeconvolutionGuide`
+:class:`AlignmentModel`                :class:`~pyrospatial.guides.AlignmentGuide`
+=====================================  ==========================================
 """
 
 from . import blocks
+from .alignment import AlignmentModel
 from .blocks import (
     EdgeDecoder,
     HierarchicalPrior,
@@ -15,14 +27,21 @@ from .blocks import (
     negative_binomial,
     spot_sum,
 )
-from .coral import CoralModel
+from .celltype_deconvolution import CellTypeDeconvolutionModel
+from .coral import CoralConfig, CoralModel
+from .coral_variants import CoralArcsinhModel, CoralCountPanelModel
 
 __all__ = [
-    "blocks",
+    "AlignmentModel",
+    "CellTypeDeconvolutionModel",
+    "CoralArcsinhModel",
+    "CoralConfig",
+    "CoralCountPanelModel",
     "CoralModel",
     "EdgeDecoder",
     "HierarchicalPrior",
     "bernoulli_edges",
+    "blocks",
     "contrastive_factor",
     "gamma_likelihood",
     "laplacian_factor",

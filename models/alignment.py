@@ -14,8 +14,6 @@ as an ``(n, k + 1)`` table over the candidate index ``(n, k)``: memory O(n k), n
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields, replace
-from typing import Any
 
 import numpy as np
 
@@ -25,6 +23,10 @@ import torch
 from pyro.distributions import constraints
 from pyro.nn import PyroModule, PyroParam
 from torch import nn
+
+from pyrospatial.protocols import ModelContract, ObservedSite
+
+from pyrospatial.data.alignment_data import AlignmentBatch  # the model's batch (re-exported here)
 
 __all__ = [
     "AlignmentBatch",
@@ -40,44 +42,6 @@ __all__ = [
 
 #: Order of the coordinates of the ``transform`` latent (``log_scale`` only with ``scale=True``).
 TRANSFORM_NAMES = ("angle", "tx", "ty", "log_scale")
-
-
-@dataclass
-class AlignmentBatch:
-    """Everything the alignment model and guide read (the whole pair; tensors on one device).
-
-    ``features_*`` are the per-modality inputs (standardised principal components, see
-    :func:`pyrospatial.methods.alignment.align`), ``coords_*`` the spatial coordinates in each slice's
-    own frame, ``centre_a`` the point of *a* about which the transform rotates (its centroid).
-    """
-
-    features_a: torch.Tensor  # (n, P_a)
-    features_b: torch.Tensor  # (m, P_b)
-    coords_a: torch.Tensor  # (n, 2)
-    coords_b: torch.Tensor  # (m, 2)
-    centre_a: torch.Tensor  # (2,)
-    log_area_b: float  # log of the area of b's bounding box (background density of positions)
-    tree_b: Any = field(default=None, repr=False)  # scipy cKDTree of coords_b (candidate search)
-
-    @property
-    def n_a(self) -> int:
-        return int(self.coords_a.shape[0])
-
-    @property
-    def n_b(self) -> int:
-        return int(self.coords_b.shape[0])
-
-    @property
-    def device(self) -> torch.device:
-        return self.coords_a.device
-
-    def to(self, device: torch.device | str) -> "AlignmentBatch":
-        """A copy with every tensor on ``device``."""
-        moved = {}
-        for f in fields(self):
-            value = getattr(self, f.name)
-            moved[f.name] = value.to(device) if isinstance(value, torch.Tensor) else value
-        return replace(self, **moved)
 
 
 def rigid_transform(coords: torch.Tensor, transform: torch.Tensor, centre: torch.Tensor) -> torch.Tensor:
@@ -340,10 +304,12 @@ class AlignmentModel(PyroModule):
     the uniform error of positions snapped to a grid in b's frame); ``slope``, ``tau``, ``nu``
     the per-dimension regression, scales and degrees of freedom of the embedding match;
     ``background_scale`` the embedding's marginal sd. These are point estimates fitted by
-    variational EM, not by gradient steps: at every SVI step the guide calls
-    :meth:`update_noise` (the closed-form / grid M-step of :func:`noise_update` given the
-    current q, damped over steps). No weight is hand-set: ``spatial_weight`` and
-    ``embedding_weight`` stay 1 (the plain likelihood) by default.
+    variational EM, not by gradient steps: after every SVI step a Lightning callback
+    (:class:`~pyrospatial.methods.alignment_em.NoiseMStep`) calls :meth:`update_noise` (the
+    closed-form / grid M-step of :func:`noise_update` given the guide's last plan, damped over
+    steps); neither the model nor the guide runs it inside its forward. No weight is
+    hand-set: ``spatial_weight`` and ``embedding_weight`` stay 1 (the plain likelihood) by
+    default.
 
     The shape is found by EM started from the sharpest shape of the grid (``power_init``):
     EM has a self-confirming fixed point at broad shapes (a diffuse T puts mass on wrong
@@ -395,6 +361,15 @@ class AlignmentModel(PyroModule):
         Use the features as the shared embedding (needs ``n_features_a == n_features_b ==
         embedding_dim``); no encoders, decoders or ``u`` sites.
     """
+
+    #: The sites the engine and criticism read (pyrospatial.protocols); the two slices' cells
+    #: are plates of their own ("a_cells", "b_cells"), whole in every batch.
+    contract = ModelContract(
+        observed=(ObservedSite("x_a", "global", ("a_cell", "feature_a")),
+                  ObservedSite("x_b", "global", ("b_cell", "feature_b"))),
+        global_sites=("transform", "T", "u_a", "u_b"),
+        dims={"u_a": ("a_cell",), "u_b": ("b_cell",)},
+    )
 
     def __init__(
         self,
@@ -458,8 +433,8 @@ class AlignmentModel(PyroModule):
         """One M-step of the match noise at the current spatial shape ``power`` (:func:`noise_update`),
         damped: the scales move a fraction ``1 - noise_damping`` of the way (on the log scale)
         towards the step's maximiser, which averages the noise of single posterior draws; ``nu``
-        jumps to its best grid value. ``power`` itself is chosen by the guide
-        (:func:`pyrospatial.guides.alignment.select_power`)."""
+        jumps to its best grid value, and ``power`` with ``sigma_xy`` to the best shape of the
+        running statistics (:func:`best_power`)."""
         new = noise_update(T, moved, coords_b, u_a, u_b, candidates, valid, self.tau, float(self.nu), self.slope)
         keep = self.noise_damping
         if float(self.stat_mass) > 0:

@@ -16,6 +16,7 @@ import torch
 from pyro.nn import PyroModule
 
 from pyrospatial.engine.batch import spot_plate
+from pyrospatial.protocols import ModelContract, ObservedSite
 
 __all__ = ["CellTypeDeconvolutionModel"]
 
@@ -115,6 +116,17 @@ class CellTypeDeconvolutionModel(PyroModule):
     record_expression
         Record the ``expected_expression`` deterministic site (memory: spots x T x G).
     """
+
+    #: The sites the engine and criticism read (pyrospatial.protocols).
+    contract = ModelContract(
+        observed=(ObservedSite("counts", "spots", ("spot", "gene")),),
+        local={"spots": ("abundance", "total_cells", "composition", "detection")},
+        global_sites=("signature", "type_frequency", "concentration", "platform_effect", "background",
+                      "inv_sqrt_dispersion"),
+        deterministic=("proportion", "expected_expression"),
+        dims={"signature": ("type", "gene"), "platform_effect": ("gene",), "background": ("gene",),
+              "inv_sqrt_dispersion": ("gene",)},
+    )
 
     def __init__(
         self,

@@ -7,6 +7,7 @@ story, line by line, built from :mod:`pyrospatial.models.blocks`.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 import numpy as np
@@ -19,6 +20,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from pyrospatial.engine.batch import Batch, cell_plate, spot_plate
+from pyrospatial.errors import InputError
+from pyrospatial.protocols import ModelContract, ObservedSite
 
 from .blocks import (
     EdgeDecoder,
@@ -32,8 +35,12 @@ from .blocks import (
     spot_sum_negative_binomial,
     symmetric_from_upper,
 )
+from .scales import data_scales
 
-__all__ = ["CoralModel", "data_scales"]
+__all__ = ["CoralConfig", "CoralModel", "data_scales"]
+
+#: prior sd of the bias ``b_e`` of a Bayesian edge decoder (its mean is ``edge_bias_init``)
+EDGE_BIAS_PRIOR_SCALE = 2.0
 
 
 def _decoder(z_dim: int, hidden: int, out: int, bias_init: torch.Tensor | None) -> nn.Sequential:
@@ -45,62 +52,205 @@ def _decoder(z_dim: int, hidden: int, out: int, bias_init: torch.Tensor | None) 
     return net
 
 
-def _as_2d_array(x: Any) -> Any:
-    """Dense or scipy-sparse matrix, unchanged; anything else through ``np.asarray``."""
-    return x if hasattr(x, "tocsr") else np.asarray(x, dtype=np.float64)
+def _same(a: Any, b: Any) -> bool:
+    """Equality that also compares tensors and arrays (element-wise, all equal)."""
+    if isinstance(a, (torch.Tensor, np.ndarray)) or isinstance(b, (torch.Tensor, np.ndarray)):
+        if a is None or b is None:
+            return a is b
+        a, b = torch.as_tensor(a), torch.as_tensor(b)
+        return a.shape == b.shape and bool(torch.equal(a.to(b.dtype), b))
+    return bool(a == b)
 
 
-def data_scales(dataset: Any) -> dict[str, Any]:
-    """Initial values of CORAL's scale parameters read from a ``SpatialDataset``-like object.
+@dataclass
+class CoralConfig:
+    r"""Every setting of CORAL's model/guide pair, written once and read by both.
 
-    Uses ``spot_counts`` (spots x genes), ``cell_library`` (cells), and, when present,
-    ``cell_features`` (cells x features), ``cell_spot`` (spot index per cell, -1 for none) and
-    the graph size (``n_edges_total`` / ``n_edges`` / ``edge_index``).
+    :class:`CoralModel` builds its sites from it and :class:`~pyrospatial.guides.CoralGuide`
+    reads from the same object the latent structure it must match (``z_dim``, ``v_dim``,
+    :attr:`capture`, ``bayesian_decoder`` with the read-out width :attr:`rna_width`,
+    ``bayesian_edge_decoder`` with its prior mean ``edge_bias_init``) and the data scales
+    (``cell_library_mean``, ``size_loc_init``). Build it with :meth:`from_dataset` (scales read
+    from the data) or directly; ``model.config`` is the model's.
 
-    Returns
-    -------
-    dict
-        ``size_loc_init = log(median spot library / median cells per spot)`` (the log expected
-        RNA total of one cell), ``cell_library_mean`` (mean protein library), ``gene_logits_init``
-        (log mean gene proportions in the spots), ``protein_logits_init`` (log mean feature
-        proportions, when features are available), ``edge_bias_init`` (logit of the graph's
-        edge density, when its size is available).
+    Fields
+    ------
+    n_types, n_features, n_genes
+        Cell types ``C``, per-cell features ``P`` (proteins), spot genes ``G``.
+    z_dim, v_dim, hidden
+        Latent sizes and the width of the model's decoder / prior networks.
+    bayesian_decoder
+        True (default): the RNA read-out ``W`` is a latent (site ``"rna_weight"``, plate
+        ``"genes"``, non-centred); False: a point estimate.
+    rna_weight_scale_init
+        Initial ``tau`` and ``tau_c``.
+    rna_readout
+        ``"linear"`` (default): state features ``e = z``; ``"mlp"``: standardised hidden
+        features of width ``hidden``.
+    rna_type_effects
+        Append ``onehot(c)`` to the read-out features (a per-type offset per gene).
+    rna_type_slopes
+        Also append ``onehot(c) (x) e``: a per-type read-out of the state, partially pooled
+        towards the shared one (prior scale ``tau_s``, site scale ``rna_slope_scale``). Off by
+        default.
+    spot_dispersion
+        ``"sum"`` (default): moment-matched NB of a sum of per-cell NB counts; ``"spot"``:
+        ``theta_g`` is the spot-level inverse dispersion.
+    laplacian_weight
+        Weight of the graph-Laplacian factor, per observed edge (0: off).
+    contrastive_weight, contrastive_margin
+        Weight (per cell) and margin of the contrastive cell-type factor (0: off). Pairs are
+        the batch's observed edges and sampled non-edges, weighted to estimate the mean over
+        all pairs of cells; the factor is ``-weight * n_cells_total * mean pair loss``.
+    size_loc_init
+        Initial ``a`` (log expected RNA total per cell); the guide's ``a0``.
+    size_scale_init
+        Initial ``sigma_s``.
+    cell_library_mean
+        ``lbar``; None uses each batch's mean protein library (model and guide alike).
+    protein_concentration_init, rna_inverse_dispersion_init
+        Initial ``k_p`` and ``theta_g``.
+    gene_logits_init, protein_logits_init
+        Optional ``(G,)`` / ``(P,)`` initial baselines ``beta`` of ``h_x`` / output biases of
+        ``h_y`` (log proportions); :meth:`from_dataset` fills them from the data.
+    edge_bias_init
+        Initial ``b`` of the edge decoder (e.g. the logit of the graph's edge density); with
+        ``bayesian_edge_decoder``, the prior mean of ``b_e`` and the start of its ``q``.
+    bayesian_edge_decoder
+        True: ``W_e, b_e`` are latents (sites ``"edge_weight"``, ``"edge_bias"``); False
+        (default): point estimates.
+    capture_sd
+        None: ``l_j = 1``. A float: ``log l_j ~ Normal(0, capture_sd)`` per spot (the guide
+        then has ``q(l_j)``).
     """
-    out: dict[str, Any] = {}
-    X = _as_2d_array(dataset.spot_counts)
-    spot_lib = np.asarray(X.sum(axis=1), dtype=np.float64).ravel()
-    gene_tot = np.asarray(X.sum(axis=0), dtype=np.float64).ravel()
-    lib_y = np.asarray(dataset.cell_library, dtype=np.float64).ravel()
-    n_cells, n_spots = len(lib_y), max(len(spot_lib), 1)
-    cell_spot = getattr(dataset, "cell_spot", None)
-    if cell_spot is not None:
-        cs = np.asarray(cell_spot).ravel()
-        per_spot = np.bincount(cs[cs >= 0], minlength=len(spot_lib))
-        per_spot = per_spot[per_spot > 0]
-        cells_per_spot = float(np.median(per_spot)) if len(per_spot) else 1.0
-    else:
-        cells_per_spot = max(n_cells / n_spots, 1.0)
-    med_lib = float(np.median(spot_lib)) if len(spot_lib) else 1.0
-    out["size_loc_init"] = math.log(max(med_lib, 1.0) / max(cells_per_spot, 1.0))
-    out["cell_library_mean"] = float(lib_y.mean()) if len(lib_y) else 1.0
-    out["gene_logits_init"] = torch.as_tensor(np.log((gene_tot + 0.5) / (gene_tot + 0.5).sum()), dtype=torch.float32)
-    feats = getattr(dataset, "cell_features", None)
-    if feats is not None:
-        Y = _as_2d_array(feats)
-        prop = np.asarray(Y.sum(axis=0), dtype=np.float64).ravel()
-        prop = prop / max(prop.sum(), 1e-12)
-        out["protein_logits_init"] = torch.as_tensor(np.log(prop + 1e-6), dtype=torch.float32)
-    n_edges = None
-    for key in ("n_edges_total", "n_edges"):
-        if getattr(dataset, key, None) is not None:
-            n_edges = int(getattr(dataset, key))
-            break
-    if n_edges is None and getattr(dataset, "edge_index", None) is not None:
-        n_edges = int(np.asarray(dataset.edge_index).shape[1]) // 2
-    if n_edges is not None and n_cells > 1:
-        density = min(max(n_edges / (n_cells * (n_cells - 1) / 2), 1e-6), 1 - 1e-6)
-        out["edge_bias_init"] = math.log(density / (1 - density))
-    return out
+
+    n_types: int
+    n_features: int
+    n_genes: int
+    z_dim: int = 8
+    v_dim: int = 1
+    hidden: int = 64
+    bayesian_decoder: bool = True
+    rna_weight_scale_init: float = 1.0
+    rna_readout: str = "linear"
+    rna_type_effects: bool = True
+    rna_type_slopes: bool = False
+    spot_dispersion: str = "sum"
+    laplacian_weight: float = 0.0
+    contrastive_weight: float = 0.0
+    contrastive_margin: float = 1.0
+    size_loc_init: float = 0.0
+    size_scale_init: float = 0.3
+    cell_library_mean: float | None = None
+    protein_concentration_init: float = 5.0
+    rna_inverse_dispersion_init: float = 5.0
+    gene_logits_init: torch.Tensor | None = field(default=None, repr=False, compare=False)
+    protein_logits_init: torch.Tensor | None = field(default=None, repr=False, compare=False)
+    edge_bias_init: float = 0.0
+    bayesian_edge_decoder: bool = False
+    capture_sd: float | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("n_types", "n_features", "n_genes", "z_dim", "v_dim", "hidden"):
+            value = int(getattr(self, name))
+            if value < 1:
+                raise InputError(f"CoralConfig.{name} must be a positive integer, got {getattr(self, name)!r}.")
+            setattr(self, name, value)
+        for name in ("bayesian_decoder", "rna_type_effects", "rna_type_slopes", "bayesian_edge_decoder"):
+            setattr(self, name, bool(getattr(self, name)))
+        for name in ("rna_weight_scale_init", "laplacian_weight", "contrastive_weight", "contrastive_margin",
+                     "size_loc_init", "size_scale_init", "protein_concentration_init",
+                     "rna_inverse_dispersion_init", "edge_bias_init"):
+            setattr(self, name, float(getattr(self, name)))
+        if self.rna_readout not in ("linear", "mlp"):
+            raise InputError(f"CoralConfig.rna_readout must be 'linear' or 'mlp', got {self.rna_readout!r}.")
+        if self.spot_dispersion not in ("sum", "spot"):
+            raise InputError(f"CoralConfig.spot_dispersion must be 'sum' or 'spot', got {self.spot_dispersion!r}.")
+        if self.capture_sd is not None:
+            self.capture_sd = float(self.capture_sd)
+            if not self.capture_sd > 0:
+                raise InputError(f"CoralConfig.capture_sd must be None or > 0 (e.g. 0.2), got {self.capture_sd!r}.")
+        if self.cell_library_mean is not None:
+            self.cell_library_mean = float(self.cell_library_mean)
+
+    # -- values derived from the fields (never stored twice) --------------------------------
+    @property
+    def capture(self) -> bool:
+        """Whether spots have a capture-efficiency latent ``l_j`` (``capture_sd`` set)."""
+        return self.capture_sd is not None
+
+    @property
+    def rna_state_width(self) -> int:
+        """Width of the read-out's state features: ``hidden`` (``"mlp"``) or ``z_dim``."""
+        return self.hidden if self.rna_readout == "mlp" else self.z_dim
+
+    @property
+    def rna_width(self) -> int:
+        """``K``, the columns of the RNA read-out ``W`` (state, per-type slopes, type offsets)."""
+        state = self.rna_state_width
+        return (state + (self.n_types * state if self.rna_type_slopes else 0)
+                + (self.n_types if self.rna_type_effects else 0))
+
+    def edge_weight_prior_loc(self, dtype: torch.dtype = torch.float32, device: Any = None) -> torch.Tensor:
+        """Prior mean of the free entries ``upper(W_e)`` of a Bayesian edge decoder
+        (row-major upper triangle, diagonal included): ``upper(I / sqrt(z_dim))``."""
+        rows, cols = torch.triu_indices(self.z_dim, self.z_dim, device=device)
+        return (rows == cols).to(dtype) / math.sqrt(self.z_dim)
+
+    @property
+    def edge_weight_prior_scale(self) -> float:
+        """Prior sd of each free entry of a Bayesian ``W_e``: ``1 / sqrt(z_dim)``."""
+        return 1.0 / math.sqrt(self.z_dim)
+
+    # -- construction ------------------------------------------------------------------------
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        """The names of the fields, in order."""
+        return tuple(f.name for f in fields(cls))
+
+    @classmethod
+    def check_names(cls, names: Any, where: str) -> None:
+        """Raise :class:`~pyrospatial.errors.InputError` naming any of ``names`` that is no field."""
+        unknown = sorted(set(names) - set(cls.field_names()))
+        if unknown:
+            raise InputError(f"{where}: unknown CoralConfig field(s) {unknown}; the fields are {list(cls.field_names())}.")
+
+    @classmethod
+    def from_dataset(cls, dataset: Any, **overrides: Any) -> CoralConfig:
+        """A config sized for ``dataset`` (``n_types``, ``n_features``, ``n_genes``), its scales
+        initialised from the data (:func:`data_scales`); ``overrides`` set any field."""
+        cls.check_names(overrides, "CoralConfig.from_dataset")
+        values: dict[str, Any] = {"n_types": int(dataset.n_types), "n_features": int(dataset.n_features),
+                                  "n_genes": int(dataset.n_genes)}
+        values.update(data_scales(dataset))
+        values.update(overrides)
+        return cls(**values)
+
+    @classmethod
+    def build(cls, config: CoralConfig | int, n_features: int | None = None, n_genes: int | None = None,
+              **settings: Any) -> CoralConfig:
+        """``config`` itself (``settings`` override its fields), or a new config from
+        ``n_types = config``, ``n_features``, ``n_genes`` and ``settings``."""
+        cls.check_names(settings, "CoralModel")
+        if isinstance(config, CoralConfig):
+            if n_features is not None or n_genes is not None:
+                raise InputError("CoralModel(config, ...): the sizes come from the config; pass either a CoralConfig "
+                                 "or n_types, n_features, n_genes.")
+            return config.replace(**settings) if settings else config
+        if n_features is None or n_genes is None:
+            raise InputError("CoralModel(n_types, n_features, n_genes, ...): all three sizes are needed "
+                             "(or pass a CoralConfig).")
+        return cls(int(config), int(n_features), int(n_genes), **settings)
+
+    def replace(self, **changes: Any) -> CoralConfig:
+        """A copy with ``changes`` (field names checked)."""
+        self.check_names(changes, "CoralConfig.replace")
+        return replace(self, **changes)
+
+    def mismatches(self, **values: Any) -> dict[str, tuple[Any, Any]]:
+        """``{name: (given, this config's)}`` for each of ``values`` that differs from the field."""
+        self.check_names(values, "CoralConfig.mismatches")
+        return {k: (v, getattr(self, k)) for k, v in values.items() if not _same(v, getattr(self, k))}
 
 
 class CoralModel(PyroModule):
@@ -168,10 +318,11 @@ class CoralModel(PyroModule):
       ``E[x_ig]`` and a spot's mean is the plain sum over its member cells.
     * ``l_j`` is a per-spot capture efficiency. By default ``l_j = 1`` (a spot's counts are the
       sum of its cells' counts, as in a simulation or pseudo-spots). On real data pass
-      ``capture_sd`` (e.g. 0.2) to make ``log l_j`` a local latent; the guide must then be
-      built with ``capture=True``.
+      ``capture_sd`` (e.g. 0.2) to make ``log l_j`` a local latent; the guide, built from the
+      same :class:`CoralConfig`, then has ``q(l_j)``.
     * ``f(z, z') = z^T W_e z' + b_e`` with symmetric ``W_e`` (:class:`~pyrospatial.models.blocks.EdgeDecoder`).
-      ``pyro.deterministic("edge_prob")`` holds ``sigmoid(f)`` for the batch's observed edges.
+      ``pyro.deterministic("edge_prob")`` holds ``sigmoid(f)`` for the batch's observed edges;
+      :meth:`edge_probability` evaluates it for any pairs and posterior draws.
       By default ``W_e, b_e`` are point estimates. With ``bayesian_edge_decoder`` they are
       latents: the ``K (K + 1) / 2`` free entries of ``W_e`` (site ``"edge_weight"``; prior
       centred on the scaled inner product ``I / sqrt(K)``, scale ``1 / sqrt(K)``) and ``b_e``
@@ -206,150 +357,108 @@ class CoralModel(PyroModule):
 
     Parameters
     ----------
-    n_types, n_features, n_genes
-        Cell types ``C``, per-cell features ``P`` (proteins), spot genes ``G``.
-    z_dim, v_dim, hidden
-        Latent sizes and the width of the decoder / prior networks.
-    bayesian_decoder
-        True (default): the RNA read-out ``W`` is a latent (site ``"rna_weight"``, plate
-        ``"genes"``, non-centred); False: a point estimate.
-    rna_weight_scale_init
-        Initial ``tau`` and ``tau_c``.
-    rna_readout
-        ``"linear"`` (default): state features ``e = z``; ``"mlp"``: standardised hidden
-        features of width ``hidden``.
-    rna_type_effects
-        Append ``onehot(c)`` to the read-out features (a per-type offset per gene).
-    rna_type_slopes
-        Also append ``onehot(c) (x) e``: a per-type read-out of the state, partially pooled
-        towards the shared one (prior scale ``tau_s``, site scale ``rna_slope_scale``). Off by
-        default.
-    spot_dispersion
-        ``"sum"`` (default): moment-matched NB of a sum of per-cell NB counts; ``"spot"``:
-        ``theta_g`` is the spot-level inverse dispersion.
-    laplacian_weight
-        Weight of the graph-Laplacian factor, per observed edge (0: off).
-    contrastive_weight, contrastive_margin
-        Weight (per cell) and margin of the contrastive cell-type factor (0: off). Pairs are
-        the batch's observed edges and sampled non-edges, weighted to estimate the mean over
-        all pairs of cells; the factor is ``-weight * n_cells_total * mean pair loss``.
-    size_loc_init
-        Initial ``a`` (log expected RNA total per cell).
-    size_scale_init
-        Initial ``sigma_s``.
-    cell_library_mean
-        ``lbar``; None uses each batch's mean protein library.
-    protein_concentration_init, rna_inverse_dispersion_init
-        Initial ``k_p`` and ``theta_g``.
-    gene_logits_init, protein_logits_init
-        Optional ``(G,)`` / ``(P,)`` initial baselines ``beta`` of ``h_x`` / output biases of
-        ``h_y`` (log proportions); :meth:`from_dataset` fills them from the data.
-    edge_bias_init
-        Initial ``b`` of the edge decoder (e.g. the logit of the graph's edge density); with
-        ``bayesian_edge_decoder``, the prior mean of ``b_e``.
-    bayesian_edge_decoder
-        True: ``W_e, b_e`` are latents (sites ``"edge_weight"``, ``"edge_bias"``); False
-        (default): point estimates.
-    capture_sd
-        None: ``l_j = 1``. A float: ``log l_j ~ Normal(0, capture_sd)`` per spot.
+    config
+        A :class:`CoralConfig` (every setting, shared with the guide), or ``n_types`` with
+        ``n_features``, ``n_genes`` and the other fields as keywords (``settings``), e.g.
+        ``CoralModel(3, 10, 50, z_dim=4)``; with a config, ``settings`` override its fields.
+        The fields are documented on :class:`CoralConfig`; ``model.config`` holds them.
     name
         Prefix of the parameters' names in Pyro's param store.
     """
 
+    #: The sites and parameters the engine and criticism read (pyrospatial.protocols).
+    contract = ModelContract(
+        observed=(
+            ObservedSite("proteins", "cells", ("cell", "protein")),
+            ObservedSite("spot_counts", "spots", ("spot", "gene")),
+            ObservedSite("edges", "edge", ("edge",), moments=("mean",), mean_name="edge_prob", pairs="edge_pairs"),
+            ObservedSite("nonedges", "edge", ("nonedge",), moments=("mean",), mean_name="nonedge_prob",
+                         pairs="nonedge_index"),
+        ),
+        local={"cells": ("v", "z", "cell_size"), "spots": ("spot_capture",)},
+        global_sites=("rna_weight", "edge_weight", "edge_bias"),
+        deterministic=("expected_rna", "edge_prob"),
+        # variance-type globals a mean-field guide biases (docs/refine.md, "Monte Carlo EM")
+        em_parameters=("size_scale", "rna_inverse_dispersion"),
+        # the point-estimated edge decoder, fitted under the guide, with graph=True
+        graph_em_parameters=("edge_decoder.weight", "edge_decoder.bias"),
+        graph_sites=("edge_weight", "edge_bias"),
+        noncentred=("cell_size",),
+        dims={"expected_rna": ("cell", "gene"), "rna_weight": ("gene",)},
+    )
+
     def __init__(
         self,
-        n_types: int,
-        n_features: int,
-        n_genes: int,
+        config: CoralConfig | int,
+        n_features: int | None = None,
+        n_genes: int | None = None,
         *,
-        z_dim: int = 8,
-        v_dim: int = 1,
-        hidden: int = 64,
-        bayesian_decoder: bool = True,
-        rna_weight_scale_init: float = 1.0,
-        rna_readout: str = "linear",
-        rna_type_effects: bool = True,
-        rna_type_slopes: bool = False,
-        spot_dispersion: str = "sum",
-        laplacian_weight: float = 0.0,
-        contrastive_weight: float = 0.0,
-        contrastive_margin: float = 1.0,
-        size_loc_init: float = 0.0,
-        size_scale_init: float = 0.3,
-        cell_library_mean: float | None = None,
-        protein_concentration_init: float = 5.0,
-        rna_inverse_dispersion_init: float = 5.0,
-        gene_logits_init: torch.Tensor | None = None,
-        protein_logits_init: torch.Tensor | None = None,
-        edge_bias_init: float = 0.0,
-        bayesian_edge_decoder: bool = False,
-        capture_sd: float | None = None,
         name: str = "coral_model",
+        **settings: Any,
     ) -> None:
         super().__init__(name=name)
-        self.n_types, self.n_features, self.n_genes = int(n_types), int(n_features), int(n_genes)
-        self.z_dim, self.v_dim, self.hidden = int(z_dim), int(v_dim), int(hidden)
-        self.laplacian_weight = float(laplacian_weight)
-        self.contrastive_weight = float(contrastive_weight)
-        self.contrastive_margin = float(contrastive_margin)
-        self.capture_sd = None if capture_sd is None else float(capture_sd)
-        if spot_dispersion not in ("sum", "spot"):
-            raise ValueError(f"spot_dispersion must be 'sum' or 'spot', got {spot_dispersion!r}")
-        self.spot_dispersion = str(spot_dispersion)
-        self.cell_library_mean = None if cell_library_mean is None else float(cell_library_mean)
+        cfg = CoralConfig.build(config, n_features, n_genes, **settings)
+        self.config = cfg
+        # plain attributes read from the config (the values are written once, in ``cfg``)
+        self.n_types, self.n_features, self.n_genes = cfg.n_types, cfg.n_features, cfg.n_genes
+        self.z_dim, self.v_dim, self.hidden = cfg.z_dim, cfg.v_dim, cfg.hidden
+        self.laplacian_weight = cfg.laplacian_weight
+        self.contrastive_weight = cfg.contrastive_weight
+        self.contrastive_margin = cfg.contrastive_margin
+        self.capture_sd = cfg.capture_sd
+        self.spot_dispersion = cfg.spot_dispersion
+        self.cell_library_mean = cfg.cell_library_mean
 
         # z | v, c : one head per cell type
         self.prior = HierarchicalPrior(self.n_types, self.v_dim, self.z_dim, hidden=max(self.hidden // 2, 8))
         # proteins: decoder h_y and concentrations k_p
-        self.protein_decoder = _decoder(self.z_dim, self.hidden, self.n_features, protein_logits_init)
+        self.protein_decoder = _decoder(self.z_dim, self.hidden, self.n_features, cfg.protein_logits_init)
         self.protein_concentration = PyroParam(
-            torch.full((self.n_features,), float(protein_concentration_init)), constraint=constraints.positive
+            torch.full((self.n_features,), cfg.protein_concentration_init), constraint=constraints.positive
         )
         # RNA: h_x(z, c) = softmax(beta + W e(z, c)); W latent (scales tau, tau_c) or a point
         # estimate; size prior (a, b, sigma_s); per-cell inverse dispersions theta_g
-        if rna_readout not in ("linear", "mlp"):
-            raise ValueError(f"rna_readout must be 'linear' or 'mlp', got {rna_readout!r}")
-        self.bayesian_decoder = bool(bayesian_decoder)
-        self.rna_readout = str(rna_readout)
-        self.rna_type_effects = bool(rna_type_effects)
-        self.rna_state_width = self.hidden if self.rna_readout == "mlp" else self.z_dim
-        self.rna_type_slopes = bool(rna_type_slopes)
-        self.rna_width = (
-            self.rna_state_width
-            + (self.n_types * self.rna_state_width if self.rna_type_slopes else 0)
-            + (self.n_types if self.rna_type_effects else 0)
-        )
+        self.bayesian_decoder = cfg.bayesian_decoder
+        self.rna_readout = cfg.rna_readout
+        self.rna_type_effects = cfg.rna_type_effects
+        self.rna_state_width = cfg.rna_state_width
+        self.rna_type_slopes = cfg.rna_type_slopes
+        self.rna_width = cfg.rna_width
         if self.rna_readout == "mlp":
             self.rna_hidden = nn.Sequential(nn.Linear(self.z_dim, self.hidden), nn.ELU())
-        bias = torch.zeros(self.n_genes) if gene_logits_init is None else torch.as_tensor(gene_logits_init, dtype=torch.float32)
+        gene_logits = cfg.gene_logits_init
+        bias = torch.zeros(self.n_genes) if gene_logits is None else torch.as_tensor(gene_logits, dtype=torch.float32)
         self.rna_bias = nn.Parameter(bias.clone().reshape(self.n_genes))
         if self.bayesian_decoder:
-            self.rna_weight_scale = PyroParam(torch.tensor(float(rna_weight_scale_init)), constraint=constraints.positive)
+            tau = cfg.rna_weight_scale_init
+            self.rna_weight_scale = PyroParam(torch.tensor(tau), constraint=constraints.positive)
             if self.rna_type_slopes:
-                self.rna_slope_scale = PyroParam(torch.tensor(0.5 * float(rna_weight_scale_init)), constraint=constraints.positive)
+                self.rna_slope_scale = PyroParam(torch.tensor(0.5 * tau), constraint=constraints.positive)
             if self.rna_type_effects:
-                self.rna_type_scale = PyroParam(torch.tensor(float(rna_weight_scale_init)), constraint=constraints.positive)
+                self.rna_type_scale = PyroParam(torch.tensor(tau), constraint=constraints.positive)
         else:
             self.rna_weight = nn.Parameter(0.1 * torch.randn(self.n_genes, self.rna_width))
-        self.size_intercept = nn.Parameter(torch.tensor(float(size_loc_init)))
+        self.size_intercept = nn.Parameter(torch.tensor(cfg.size_loc_init))
         self.size_slope = nn.Parameter(torch.tensor(0.0))
-        self.size_scale = PyroParam(torch.tensor(float(size_scale_init)), constraint=constraints.interval(0.01, 3.0))
+        self.size_scale = PyroParam(torch.tensor(cfg.size_scale_init), constraint=constraints.interval(0.01, 3.0))
         self.rna_inverse_dispersion = PyroParam(
-            torch.full((self.n_genes,), float(rna_inverse_dispersion_init)), constraint=constraints.positive
+            torch.full((self.n_genes,), cfg.rna_inverse_dispersion_init), constraint=constraints.positive
         )
         # edges: f(z, z') = z^T W_e z' + b_e, point estimates or latents
-        self.bayesian_edge_decoder = bool(bayesian_edge_decoder)
-        self.edge_bias_init = float(edge_bias_init)
-        self.edge_decoder = EdgeDecoder(self.z_dim, bias_init=edge_bias_init, point_estimates=not self.bayesian_edge_decoder)
+        self.bayesian_edge_decoder = cfg.bayesian_edge_decoder
+        self.edge_bias_init = cfg.edge_bias_init
+        self.edge_decoder = EdgeDecoder(self.z_dim, bias_init=self.edge_bias_init, point_estimates=not self.bayesian_edge_decoder)
 
     # ------------------------------------------------------------------------------------
     @classmethod
-    def from_dataset(cls, dataset: Any, **kwargs: Any) -> "CoralModel":
-        """A model sized for ``dataset`` (``n_types``, ``n_features``, ``n_genes``), with its
-        scales initialised from the data (:func:`data_scales`); ``kwargs`` override."""
-        init = data_scales(dataset)
-        init.update(kwargs)
-        return cls(int(dataset.n_types), int(dataset.n_features), int(dataset.n_genes), **init)
+    def from_dataset(cls, dataset: Any, **kwargs: Any) -> CoralModel:
+        """A model sized for ``dataset``, its config from :meth:`CoralConfig.from_dataset`
+        (scales initialised from the data): ``kwargs`` naming a :class:`CoralConfig` field
+        override it; any other keyword goes to the constructor (``name``, or a variant's own
+        option such as ``cofactor``)."""
+        names = CoralConfig.field_names()
+        config = CoralConfig.from_dataset(dataset, **{k: v for k, v in kwargs.items() if k in names})
+        return cls(config, **{k: v for k, v in kwargs.items() if k not in names})
 
     # ------------------------------------------------------------------------------------
     def forward(self, batch: Batch, predictive: bool = False) -> None:
@@ -449,14 +558,55 @@ class CoralModel(PyroModule):
         an outer plate); else ``(None, None)`` (the point estimates are used)."""
         if not self.bayesian_edge_decoder:
             return None, None
+        loc = self.config.edge_weight_prior_loc(z.dtype, z.device)
+        upper = pyro.sample("edge_weight", dist.Normal(loc, self.config.edge_weight_prior_scale).to_event(1))
+        bias = pyro.sample("edge_bias", dist.Normal(z.new_tensor(self.edge_bias_init), EDGE_BIAS_PRIOR_SCALE))
+        return self._edge_decoder_values(upper, bias, z.shape[:-2])
+
+    def _edge_decoder_values(
+        self, upper: torch.Tensor, bias: torch.Tensor, lead: torch.Size
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(W_e, b_e)`` as ``(*lead, K, K)`` and ``(*lead, 1)`` from the free entries
+        ``upper`` and the bias of a Bayesian edge decoder (any shapes holding ``lead``)."""
         K = self.z_dim
-        rows, cols = torch.triu_indices(K, K, device=z.device)
-        loc = (rows == cols).to(z.dtype) / math.sqrt(K)
-        upper = pyro.sample("edge_weight", dist.Normal(loc, 1.0 / math.sqrt(K)).to_event(1))
-        bias = pyro.sample("edge_bias", dist.Normal(z.new_tensor(self.edge_bias_init), 2.0))
-        lead = z.shape[:-2]
-        W = symmetric_from_upper(upper, K).reshape(lead + (K, K))
-        return W, bias.reshape(lead + (1,))
+        return symmetric_from_upper(upper, K).reshape(lead + (K, K)), bias.reshape(lead + (1,))
+
+    def edge_logits(
+        self,
+        z: torch.Tensor,
+        pairs: torch.Tensor,
+        edge_weight: torch.Tensor | None = None,
+        edge_bias: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``f(z_i, z_i')`` for the ``(2, K)`` index ``pairs`` into the cells of ``z (..., n,
+        z_dim)``: ``(..., K)`` logits of the model's edge decoder.
+
+        With ``bayesian_edge_decoder`` pass the decoder's draws matching ``z``'s leading dims
+        (one decoder per draw): ``edge_weight (..., z_dim (z_dim + 1) / 2)`` (site
+        ``"edge_weight"``) and ``edge_bias (...)`` (site ``"edge_bias"``); without it they
+        must be None (the point estimates are used).
+        """
+        if not self.bayesian_edge_decoder:
+            if edge_weight is not None or edge_bias is not None:
+                raise InputError("edge_weight/edge_bias draws were given, but this model's edge decoder is a point "
+                                 "estimate (bayesian_edge_decoder=False): call edge_logits(z, pairs) without them.")
+            return self.edge_decoder(z, pairs)
+        if edge_weight is None or edge_bias is None:
+            raise InputError("this model's edge decoder is Bayesian (bayesian_edge_decoder=True): pass the draws of "
+                             "the sites 'edge_weight' and 'edge_bias' that go with z.")
+        W, b = self._edge_decoder_values(edge_weight, edge_bias, z.shape[:-2])
+        return self.edge_decoder(z, pairs, W, b)
+
+    def edge_probability(
+        self,
+        z: torch.Tensor,
+        pairs: torch.Tensor,
+        edge_weight: torch.Tensor | None = None,
+        edge_bias: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``sigmoid(f(z_i, z_i'))``: the probability of an edge between each pair of cells
+        (see :meth:`edge_logits` for the arguments); ``(..., K)``."""
+        return torch.sigmoid(self.edge_logits(z, pairs, edge_weight, edge_bias))
 
     def rna_features(self, z: torch.Tensor, cell_type: torch.Tensor) -> torch.Tensor:
         """``e(z, c)``: the state features (``z`` itself, or ``standardise(ELU(A z + a)) /

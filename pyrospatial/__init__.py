@@ -34,7 +34,7 @@ from pyrospatial.engine import (
     summarise,
     summarise_posterior,
 )
-from pyrospatial.methods import CORAL, align, align_slices, analysis, baselines, deconvolve
+from pyrospatial.methods import CORAL, Alignment, Deconvolution, align, align_slices, analysis, baselines, deconvolve
 
 try:
     __version__ = version("pyrospatial")
@@ -48,6 +48,8 @@ __all__ = [
     "align",
     "align_slices",
     "CORAL",
+    "Alignment",
+    "Deconvolution",
     "analysis",
     "baselines",
     "batch_plates",

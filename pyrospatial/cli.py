@@ -1,25 +1,121 @@
-"""Command line: ``pyrospatial demo | fit | check | deconvolve | align`` (``pyrospatial -h``)."""
+"""Command line: one command per method, ``pyrospatial coral | deconvolve | align``, plus
+``demo`` and ``check`` (``pyrospatial -h``; ``pyrospatial COMMAND -h`` shows every default).
+
+Every method command (and ``demo``) takes the same shared options: ``--device
+{auto,cpu,cuda}`` (default ``auto``), ``--seed``, ``--out``, ``--max-epochs`` and
+``--progress/--no-progress``. ``fit`` is an alias of ``coral``. Earlier spellings of the
+training budget still work, hidden from the help: ``--epochs`` (``coral``/``fit``) and
+``--steps`` (``deconvolve``, ``align``).
+
+Heavy imports (torch, anndata, the methods) happen inside the command functions, so building
+the parser imports nothing beyond the standard library and :mod:`pyrospatial.errors`.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
 from pyrospatial.errors import PyrospatialError
 
+#: choices of ``--device`` (``auto``: a GPU when torch sees one, else the CPU)
+DEVICES = ("auto", "cpu", "cuda")
+#: the options every method command shares (dest names in the parsed namespace)
+SHARED_OPTIONS = ("device", "seed", "out", "max_epochs", "progress")
+#: what ``pyrospatial -h`` says above the commands
+DESCRIPTION = """Probabilistic spatial multi-omics on Pyro: one command per method (coral, deconvolve,
+align), a demo, and posterior predictive checks (check).
 
+Shared options of every method command (and demo): --device {auto,cpu,cuda} (default auto),
+--seed, --out, --max-epochs, --progress/--no-progress. `pyrospatial COMMAND -h` shows every
+default."""
+
+
+class DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's help ends with its default, except a required option's (it has none)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.required:
+            return action.help
+        return super()._get_help_string(action)
+
+
+#: how each command's help is formatted: defaults shown
+FORMATTER = DefaultsFormatter
+
+
+def shared_options(
+    *,
+    max_epochs: int | None,
+    max_epochs_help: str,
+    out_default: str | None = None,
+    hidden_spellings: tuple[str, ...] = (),
+) -> argparse.ArgumentParser:
+    """The parent parser of the shared options, for one command.
+
+    Parameters
+    ----------
+    max_epochs, max_epochs_help
+        Default and help of ``--max-epochs`` (what one epoch is depends on the method).
+    out_default
+        Default of ``--out``; None makes it required.
+    hidden_spellings
+        Earlier spellings of ``--max-epochs`` (e.g. ``"--epochs"``): accepted, not shown in
+        the help, and stored in ``max_epochs``.
+
+    A new parent per command, on purpose: argparse shares a parent's argument objects with
+    every child, so one child's own default (``--max-epochs`` differs by method) would
+    otherwise change the others'.
+    """
+    parent = argparse.ArgumentParser(add_help=False)
+    group = parent.add_argument_group("shared options (every method command)")
+    group.add_argument("--device", default="auto", choices=DEVICES,
+                       help="where to train: auto (a GPU when torch sees one, else the CPU), cpu or cuda")
+    group.add_argument("--seed", type=int, default=0, help="seed of the fit and of the posterior draws")
+    group.add_argument("--out", default=out_default, required=out_default is None, help="output folder")
+    group.add_argument("--max-epochs", type=int, default=max_epochs, help=max_epochs_help)
+    group.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                       help="show progress bars")
+    for spelling in hidden_spellings:
+        group.add_argument(spelling, dest="max_epochs", type=int, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    return parent
+
+
+# ------------------------------------------------------------------------------------------
+# pyrospatial demo --out DIR
+# ------------------------------------------------------------------------------------------
 def _demo(args: argparse.Namespace) -> int:
-    from pyrospatial.demo import run_demo
+    from dataclasses import replace
 
-    metrics = run_demo(args.out, quick=args.quick, device=args.device, seed=args.seed, progress=not args.no_progress)
+    from pyrospatial.demo import DemoConfig, run_demo
+
+    config = DemoConfig.quick() if args.quick else DemoConfig()
+    if args.max_epochs is not None:
+        config = replace(config, max_epochs=args.max_epochs)
+    metrics = run_demo(args.out, quick=args.quick, device=args.device, seed=args.seed, config=config,
+                       progress=args.progress)
     print(json.dumps(metrics, indent=2))
     print(f"results, figures and report.md written to {args.out}")
     return 0
 
 
-def _fit(args: argparse.Namespace) -> int:
+def _add_demo_parser(sub: argparse._SubParsersAction) -> None:
+    parent = shared_options(max_epochs=None, out_default="results/demo",
+                            max_epochs_help="training epochs (None: 300, or 150 with --quick)")
+    p = sub.add_parser("demo", parents=[parent], formatter_class=FORMATTER,
+                       help="CORAL on a simulated tissue with known truth",
+                       description="CORAL on a simulated tissue with known truth: results, figures and report.md.")
+    p.add_argument("--quick", action="store_true", help="a small tissue (< 2 min on 2 CPU cores)")
+    p.set_defaults(func=_demo)
+
+
+# ------------------------------------------------------------------------------------------
+# pyrospatial coral --cells C.h5ad --spots S.h5ad --cell-type-key KEY --out DIR   (alias: fit)
+# ------------------------------------------------------------------------------------------
+def _coral(args: argparse.Namespace) -> int:
     import anndata as ad
 
     from pyrospatial.methods.coral import CORAL
@@ -34,9 +130,9 @@ def _fit(args: argparse.Namespace) -> int:
         assignment=args.assignment, protein_layer=args.protein_layer, spot_layer=args.spot_layer,
         model_kwargs={"capture_sd": args.capture_sd} if args.capture_sd else None,
     )
-    result = coral.train(max_epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, device=args.device,
-                         seed=args.seed, progress=not args.no_progress)
-    coral.sample(args.num_samples, seed=args.seed, method=args.posterior, progress=not args.no_progress)
+    result = coral.train(max_epochs=args.max_epochs, batch_size=args.batch_size, lr=args.lr, device=args.device,
+                         seed=args.seed, progress=args.progress)
+    coral.sample(args.num_samples, seed=args.seed, method=args.posterior, progress=args.progress)
     cells_out, spots_out = coral.export(n_domains=args.n_domains, seed=args.seed)
     cells_out.write_h5ad(out / "cells.h5ad")
     spots_out.write_h5ad(out / "spots.h5ad")
@@ -50,43 +146,40 @@ def _fit(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pyrospatial", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+def _add_coral_parser(sub: argparse._SubParsersAction, name: str, help: str) -> None:
+    parent = shared_options(max_epochs=300, max_epochs_help="training epochs (passes over the spots)",
+                            hidden_spellings=("--epochs",))
+    p = sub.add_parser(name, parents=[parent], formatter_class=FORMATTER, help=help,
+                       description="CORAL on your cells (proteins) and spots (RNA counts): per-cell expression, "
+                                   "spot-consistent counts, interactions and domains, each with its uncertainty.")
+    p.add_argument("--cells", required=True, help="cells .h5ad: features in X, obs[cell-type-key], obsm['spatial']")
+    p.add_argument("--spots", required=True, help="spots .h5ad: raw counts in X, obsm['spatial']")
+    p.add_argument("--cell-type-key", required=True, help="column of the cells' obs with the cell types")
+    p.add_argument("--spot-diameter", type=float, default=None,
+                   help="in the coordinate unit (e.g. 55 for Visium in µm)")
+    p.add_argument("--assignment", default="radius", choices=["radius", "nearest"],
+                   help="how cells are assigned to spots")
+    p.add_argument("--protein-layer", default=None, help="layer of the cells with the features (None: X)")
+    p.add_argument("--spot-layer", default=None, help="layer of the spots with the counts (None: X)")
+    p.add_argument("--capture-sd", type=float, default=None,
+                   help="per-spot capture efficiency prior sd (real data, e.g. 0.2; None: no capture latent)")
+    p.add_argument("--batch-size", type=int, default=32, help="spots per minibatch")
+    p.add_argument("--lr", type=float, default=1e-2, help="learning rate")
+    p.add_argument("--num-samples", type=int, default=100, help="posterior draws")
+    p.add_argument("--posterior", default="refine", choices=["refine", "guide"],
+                   help="refine: HMC from the trained guide (calibrated); guide: the guide's draws (fast)")
+    p.add_argument("--n-domains", type=int, default=None, help="spatial domains to find (None: none)")
+    p.set_defaults(func=_coral)
 
-    demo = sub.add_parser("demo", help="CORAL on a simulated tissue with known truth")
-    demo.add_argument("--out", default="results/demo", help="output folder")
-    demo.add_argument("--quick", action="store_true", help="a small tissue (< 2 min on 2 CPU cores)")
-    demo.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--no-progress", action="store_true", help="no progress bar")
-    demo.set_defaults(func=_demo)
 
-    fit = sub.add_parser("fit", help="CORAL on your cells (proteins) and spots (RNA counts) h5ad files")
-    fit.add_argument("--cells", required=True, help="cells .h5ad: features in X, obs[cell-type-key], obsm['spatial']")
-    fit.add_argument("--spots", required=True, help="spots .h5ad: raw counts in X, obsm['spatial']")
-    fit.add_argument("--cell-type-key", required=True)
-    fit.add_argument("--spot-diameter", type=float, default=None, help="in the coordinate unit (e.g. 55 for Visium in µm)")
-    fit.add_argument("--assignment", default="radius", choices=["radius", "nearest"])
-    fit.add_argument("--protein-layer", default=None)
-    fit.add_argument("--spot-layer", default=None)
-    fit.add_argument("--capture-sd", type=float, default=None, help="per-spot capture efficiency prior sd (real data)")
-    fit.add_argument("--epochs", type=int, default=300)
-    fit.add_argument("--batch-size", type=int, default=32, help="spots per minibatch")
-    fit.add_argument("--lr", type=float, default=1e-2)
-    fit.add_argument("--num-samples", type=int, default=100)
-    fit.add_argument("--posterior", default="refine", choices=["refine", "guide"],
-                     help="refine: HMC from the trained guide (calibrated, default); guide: the guide's draws (fast)")
-    fit.add_argument("--n-domains", type=int, default=None)
-    fit.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    fit.add_argument("--seed", type=int, default=0)
-    fit.add_argument("--no-progress", action="store_true")
-    fit.add_argument("--out", required=True)
-    fit.set_defaults(func=_fit)
-    _add_deconvolve_parser(sub)
-    _add_align_parser(sub)
-    _add_check_parser(sub)
-    return parser
+# ------------------------------------------------------------------------------------------
+# pyrospatial deconvolve --spots S.h5ad --reference R.h5ad --cell-type-key KEY --out DIR
+# ------------------------------------------------------------------------------------------
+def deconvolve_steps(max_epochs: int, n_spots: int, batch_size: int | None) -> int:
+    """SVI steps of ``max_epochs`` passes over ``n_spots`` spots in minibatches of
+    ``batch_size`` (None: all spots, one step per epoch)."""
+    per_epoch = 1 if batch_size is None else math.ceil(n_spots / max(int(batch_size), 1))
+    return int(max_epochs) * max(per_epoch, 1)
 
 
 def _deconvolve(args: argparse.Namespace) -> int:
@@ -97,12 +190,14 @@ def _deconvolve(args: argparse.Namespace) -> int:
 
     spots = ad.read_h5ad(args.spots)
     reference = ad.read_h5ad(args.reference)
+    # --steps (the earlier spelling) counts SVI steps exactly as before; --max-epochs counts passes
+    steps = args.steps if args.steps is not None else deconvolve_steps(args.max_epochs, spots.n_obs, args.batch_size)
     result = deconvolve(
         spots, reference, args.cell_type_key, cells_per_spot=args.cells_per_spot, layer=args.spot_layer,
         reference_layer=args.reference_layer, min_cells_per_type=args.min_cells_per_type,
-        smoothness=args.smoothness, max_steps=args.steps, lr=args.lr, batch_size=args.batch_size,
+        smoothness=args.smoothness, max_steps=steps, lr=args.lr, batch_size=args.batch_size,
         num_samples=args.num_samples, return_expression=args.expression, seed=args.seed, device=args.device,
-        progress=not args.no_progress,
+        progress=args.progress,
     )
     summary = write_report(result, args.out, spots_path=args.spots, reference_path=args.reference)
     print(json.dumps({k: v for k, v in summary.items() if not isinstance(v, dict)}, indent=2))
@@ -110,27 +205,32 @@ def _deconvolve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_deconvolve_parser(sub) -> None:
-    dec = sub.add_parser("deconvolve", help="cell-type abundances of spots from a labelled single-cell reference")
-    dec.add_argument("--spots", required=True, help="spots .h5ad: raw counts in X, optional obsm['spatial']")
-    dec.add_argument("--reference", required=True, help="reference .h5ad: raw counts in X, obs[cell-type-key]")
-    dec.add_argument("--cell-type-key", required=True)
-    dec.add_argument("--out", required=True, help="output folder")
-    dec.add_argument("--cells-per-spot", type=float, default=None,
-                     help="expected cells per spot (default: estimated from library sizes)")
-    dec.add_argument("--spot-layer", default=None)
-    dec.add_argument("--reference-layer", default=None)
-    dec.add_argument("--min-cells-per-type", type=int, default=5)
-    dec.add_argument("--smoothness", type=float, default=0.0, help="spatial smoothness weight (0: off)")
-    dec.add_argument("--steps", type=int, default=250, help="SVI steps (default chosen by held-out-gene prediction, see deconvolve)")
-    dec.add_argument("--lr", type=float, default=0.02)
-    dec.add_argument("--batch-size", type=int, default=None, help="spots per minibatch (default: all)")
-    dec.add_argument("--num-samples", type=int, default=300)
-    dec.add_argument("--expression", action="store_true", help="also export per-spot per-type expression")
-    dec.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
-    dec.add_argument("--seed", type=int, default=0)
-    dec.add_argument("--no-progress", action="store_true")
-    dec.set_defaults(func=_deconvolve)
+def _add_deconvolve_parser(sub: argparse._SubParsersAction) -> None:
+    parent = shared_options(
+        max_epochs=250,
+        max_epochs_help="passes over the spots, one SVI step each with the full batch (the default); 250 was "
+                        "chosen by held-out-gene prediction (see pyrospatial.deconvolve)",
+    )
+    p = sub.add_parser("deconvolve", parents=[parent], formatter_class=FORMATTER,
+                       help="cell-type abundances of spots from a labelled single-cell reference",
+                       description="Cell-type abundances and proportions of every spot, with their uncertainty, "
+                                   "from a labelled single-cell reference.")
+    p.add_argument("--spots", required=True, help="spots .h5ad: raw counts in X, optional obsm['spatial']")
+    p.add_argument("--reference", required=True, help="reference .h5ad: raw counts in X, obs[cell-type-key]")
+    p.add_argument("--cell-type-key", required=True, help="column of the reference's obs with the cell types")
+    p.add_argument("--cells-per-spot", type=float, default=None,
+                   help="expected cells per spot (None: estimated from library sizes)")
+    p.add_argument("--spot-layer", default=None, help="layer of the spots with the counts (None: X)")
+    p.add_argument("--reference-layer", default=None, help="layer of the reference with the counts (None: X)")
+    p.add_argument("--min-cells-per-type", type=int, default=5, help="reference types with fewer cells are an error")
+    p.add_argument("--smoothness", type=float, default=0.0, help="spatial smoothness weight (0: off)")
+    # the earlier spelling: exactly that many SVI steps, whatever the batch size
+    p.add_argument("--steps", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--lr", type=float, default=0.02, help="learning rate")
+    p.add_argument("--batch-size", type=int, default=None, help="spots per minibatch (None: all)")
+    p.add_argument("--num-samples", type=int, default=300, help="posterior draws")
+    p.add_argument("--expression", action="store_true", help="also export per-spot per-type expression")
+    p.set_defaults(func=_deconvolve)
 
 
 # ------------------------------------------------------------------------------------------
@@ -151,8 +251,8 @@ def _align(args: argparse.Namespace) -> int:
     res = align(
         a, b, spatial_key=args.spatial_key, features=args.features, layer_a=args.layer_a, layer_b=args.layer_b,
         n_components=args.n_components, label_keys=args.label_key, scale=args.scale, init=init, k=args.k,
-        radius=args.radius, rho=args.rho, lam=args.lam, steps=args.steps, lr=args.lr, num_samples=args.num_samples,
-        seed=args.seed, device=args.device, progress=not args.no_progress,
+        radius=args.radius, rho=args.rho, lam=args.lam, steps=args.max_epochs, lr=args.lr,
+        num_samples=args.num_samples, seed=args.seed, device=args.device, progress=args.progress,
     )
     res.adata.write_h5ad(out / "aligned_a.h5ad")
     figures = plot_alignment(res, a, b, out / "figures", spatial_key=args.spatial_key)
@@ -169,45 +269,44 @@ def _align(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_align_parser(sub) -> None:
-    p = sub.add_parser("align", help="align slice/modality A onto B: match probabilities, transform posterior")
+def _add_align_parser(sub: argparse._SubParsersAction) -> None:
+    parent = shared_options(
+        max_epochs=60, hidden_spellings=("--steps",),
+        max_epochs_help="SVI steps for q(transform), each over all cells (the noise parameters have closed-form "
+                        "updates)",
+    )
+    p = sub.add_parser("align", parents=[parent], formatter_class=FORMATTER,
+                       help="align slice/modality A onto B: match probabilities, transform posterior",
+                       description="Align slice/modality A onto B: match probabilities, a posterior over the "
+                                   "transform, and label transfer.")
     p.add_argument("a", help="A.h5ad: features in X, obsm['spatial'] (its cells are matched and moved)")
     p.add_argument("b", help="B.h5ad: features in X, obsm['spatial'] (the target frame)")
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--spatial-key", default="spatial")
-    p.add_argument("--features", default="auto", choices=["auto", "shared", "separate"])
-    p.add_argument("--layer-a", default=None)
-    p.add_argument("--layer-b", default=None)
-    p.add_argument("--n-components", type=int, default=20)
+    p.add_argument("--spatial-key", default="spatial", help="obsm key of the coordinates")
+    p.add_argument("--features", default="auto", choices=["auto", "shared", "separate"],
+                   help="shared: one joint PCA of the shared features; separate: one PCA per panel and learned "
+                        "encoders; auto: shared when >= 2 features are shared")
+    p.add_argument("--layer-a", default=None, help="layer of A with the features (None: X)")
+    p.add_argument("--layer-b", default=None, help="layer of B with the features (None: X)")
+    p.add_argument("--n-components", type=int, default=20, help="principal components per modality (the embedding)")
     p.add_argument("--label-key", action="append", default=None, help="b.obs column to transfer (repeatable)")
     p.add_argument("--scale", action="store_true", help="also infer an isotropic scale")
     p.add_argument("--init-angle", type=float, default=None, help="radians; skips the automatic pre-registration")
-    p.add_argument("--init-translation", type=float, nargs=2, default=None)
+    p.add_argument("--init-translation", type=float, nargs=2, default=None, help="with --init-angle: x y")
     p.add_argument("--k", type=int, default=12, help="candidate partners per cell")
     p.add_argument("--radius", type=float, default=3.0, help="candidate radius in units of B's cell spacing")
     p.add_argument("--rho", type=float, default=0.1, help="prior probability of no partner")
     p.add_argument("--lam", type=float, default=10.0, help="strength of the soft one-to-one constraint")
-    p.add_argument("--steps", type=int, default=60, help="SVI steps for q(transform) (the noise parameters have closed-form updates)")
-    p.add_argument("--lr", type=float, default=0.02)
-    p.add_argument("--num-samples", type=int, default=50)
-    p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--lr", type=float, default=0.02, help="learning rate")
+    p.add_argument("--num-samples", type=int, default=50, help="posterior draws of the transform")
     p.set_defaults(func=_align)
 
 
 # ------------------------------------------------------------------------------------------
-# pyrospatial check --results DIR  (posterior predictive checks of a demo / fit output)
+# pyrospatial check --results DIR  (posterior predictive checks of a demo / coral output)
 # ------------------------------------------------------------------------------------------
 def _write_inference_data(coral, out: Path, seed: int) -> None:
-    """``out/inference_data.nc`` under the fit's posterior draws (see pyrospatial.criticism)."""
-    from pyrospatial.criticism.arviz import to_inference_data
-    from pyrospatial.engine.posterior import PosteriorSamples
-
-    post = coral.posterior
-    to_inference_data(coral, coral.dataset, post.num_samples, samples=PosteriorSamples(post.samples, plates=post.plates),
-                      method=post.method, seed=seed, prior_sites=("rna_weight",), mixed_sites=("z",),
-                      path=out / "inference_data.nc")
+    """``out/inference_data.nc`` under the fit's posterior draws (:meth:`CORAL.to_inference_data`)."""
+    coral.to_inference_data(path=out / "inference_data.nc", seed=seed)
 
 
 def _check(args: argparse.Namespace) -> int:
@@ -219,16 +318,35 @@ def _check(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_check_parser(sub) -> None:
-    p = sub.add_parser("check", help="posterior predictive checks of a demo/fit output folder (inference_data.nc)")
-    p.add_argument("--results", required=True, help="folder written by `pyrospatial demo` or `pyrospatial fit`")
-    p.add_argument("--out", default=None, help="where to write check.md and figures/ (default: --results)")
+def _add_check_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("check", formatter_class=FORMATTER,
+                       help="posterior predictive checks of a demo/coral output folder (inference_data.nc)",
+                       description="Posterior predictive checks of a folder written by `pyrospatial demo` or "
+                                   "`pyrospatial coral`.")
+    p.add_argument("--results", required=True, help="folder written by `pyrospatial demo` or `pyrospatial coral`")
+    p.add_argument("--out", default=None, help="where to write check.md and figures/ (None: --results)")
     p.add_argument("--n-features", type=int, default=3, help="genes/proteins shown in the PPC plots")
     p.add_argument("--alpha", type=float, default=0.05, help="two-sided level of an extreme p-value")
     p.set_defaults(func=_check)
 
 
+# ------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    """The ``pyrospatial`` parser: one sub-command per method, plus ``demo`` and ``check``."""
+    parser = argparse.ArgumentParser(prog="pyrospatial", description=DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_coral_parser(sub, "coral", help="CORAL on your cells (proteins) and spots (RNA counts) h5ad files")
+    _add_coral_parser(sub, "fit", help="alias of `coral`")
+    _add_deconvolve_parser(sub)
+    _add_align_parser(sub)
+    _add_demo_parser(sub)
+    _add_check_parser(sub)
+    return parser
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; a documented error becomes a message on stderr and exit status 2."""
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

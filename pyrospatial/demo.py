@@ -216,13 +216,8 @@ def _model_check(out: Path, coral: CORAL, dataset: SpatialDataset, seed: int) ->
     the global ``rna_weight``, so replicating under them needs no further sampling.
     """
     from pyrospatial.criticism.report import check_results
-    from pyrospatial.criticism.arviz import to_inference_data
-    from pyrospatial.engine.posterior import PosteriorSamples
 
-    posterior = coral.posterior
-    samples = PosteriorSamples(posterior.samples, plates=posterior.plates)
-    to_inference_data(coral, dataset, posterior.num_samples, samples=samples, method=posterior.method, seed=seed,
-                      prior_sites=("rna_weight",), mixed_sites=("z",), path=out / "inference_data.nc")
+    coral.to_inference_data(path=out / "inference_data.nc", seed=seed)
     return check_results(out)
 
 
@@ -245,7 +240,7 @@ def coverage_by_quantity(coral: CORAL, dataset: SpatialDataset, truth: dict, *, 
     inside = dataset.cell_spot >= 0
     out = {"expected_rna": score(samples["expected_rna"][:, inside], np.asarray(truth["expected_rna"])[inside], [level])[0]}
     if "counts" in truth:
-        split = coral.deconvolve_counts(seed=seed, keep_draws=True)
+        split = coral.split_spot_counts(seed=seed, keep_draws=True)
         out["counts"] = score(split.draws[:, inside], np.asarray(truth["counts"])[inside], [level])[0]
     if "v" in truth:
         v_true = np.asarray(truth["v"]).reshape(dataset.n_cells, -1)

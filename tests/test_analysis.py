@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pyrospatial.methods.analysis import deconvolve_counts, interaction_matrix, spatial_domains, summarise_draws
+from pyrospatial.methods.analysis import split_spot_counts, interaction_matrix, spatial_domains, summarise_draws
 from pyrospatial.methods.baselines import spot_broadcast, type_signatures_nnls, type_split
 from pyrospatial.criticism.metrics import domain_ari, edge_auc, gene_mean_pearson, interval_coverage, within_type_abs_spearman
 
@@ -24,7 +24,7 @@ def split_problem():
 @pytest.mark.parametrize("method", ["multinomial", "dirichlet_multinomial"])
 def test_split_counts_add_up_exactly_in_every_draw(split_problem, method):
     counts, cell_spot, rates = split_problem
-    result = deconvolve_counts(counts, cell_spot, rates, method=method,
+    result = split_spot_counts(counts, cell_spot, rates, method=method,
                                inverse_dispersion=np.full(counts.shape[1], 3.0), keep_draws=True)
     assert result.max_abs_spot_error == 0.0
     for s in range(rates.shape[0]):
@@ -37,6 +37,16 @@ def test_split_counts_add_up_exactly_in_every_draw(split_problem, method):
     assert (result.q50[~outside] <= result.q95[~outside]).all()
 
 
+def test_deconvolve_counts_is_a_deprecated_alias_of_split_spot_counts(split_problem):
+    from pyrospatial.methods.analysis import deconvolve_counts
+
+    counts, cell_spot, rates = split_problem
+    new = split_spot_counts(counts, cell_spot, rates, method="multinomial", seed=3, keep_draws=True)
+    with pytest.warns(DeprecationWarning, match="split_spot_counts"):
+        old = deconvolve_counts(counts, cell_spot, rates, method="multinomial", seed=3, keep_draws=True)
+    np.testing.assert_array_equal(old.draws, new.draws)
+
+
 def test_multinomial_split_has_the_right_mean_and_dm_the_right_overdispersion():
     """One spot, two cells with rates 1:3, X = 40, many draws with identical rates:
     multinomial mean 10 and variance n p (1-p) = 7.5; Dirichlet-multinomial with theta = 4
@@ -45,12 +55,12 @@ def test_multinomial_split_has_the_right_mean_and_dm_the_right_overdispersion():
     rates = np.tile(np.array([[1.0], [3.0]]), (n_draws, 1, 1))
     counts = np.array([[40]])
     cell_spot = np.array([0, 0])
-    multi = deconvolve_counts(counts, cell_spot, rates, method="multinomial", keep_draws=True, seed=1)
+    multi = split_spot_counts(counts, cell_spot, rates, method="multinomial", keep_draws=True, seed=1)
     first = multi.draws[:, 0, 0]
     # standard errors: mean 7.5/sqrt(4000)=0.04; variance ~ 7.5*sqrt(2/4000)=0.17
     assert first.mean() == pytest.approx(10.0, abs=0.2)
     assert first.var() == pytest.approx(7.5, abs=0.8)
-    dm = deconvolve_counts(counts, cell_spot, rates, method="dirichlet_multinomial",
+    dm = split_spot_counts(counts, cell_spot, rates, method="dirichlet_multinomial",
                            inverse_dispersion=np.array([4.0]), keep_draws=True, seed=2)
     first = dm.draws[:, 0, 0]
     assert first.mean() == pytest.approx(10.0, abs=0.6)  # sd 8.1/sqrt(4000) = 0.13
@@ -66,7 +76,7 @@ def test_dm_split_matches_gamma_poisson_conditional_by_rejection():
     lam = rng.gamma(theta * mu / M, M / theta, size=(400_000, 3))
     x = rng.poisson(lam)
     exact = x[x.sum(1) == total, 0]
-    dm = deconvolve_counts(np.array([[total]]), np.zeros(3, dtype=int),
+    dm = split_spot_counts(np.array([[total]]), np.zeros(3, dtype=int),
                            np.tile(mu[None, :, None], (6000, 1, 1)), inverse_dispersion=np.array([theta]),
                            keep_draws=True, seed=4).draws[:, 0, 0]
     assert dm.mean() == pytest.approx(exact.mean(), abs=0.2)
@@ -85,9 +95,9 @@ def test_cell_dispersion_split_matches_per_cell_negative_binomials_by_rejection(
     exact = x[x.sum(1) == total, 0]
     rates = np.tile(mu[None, :, None], (6000, 1, 1))
     args = (np.array([[total]]), np.zeros(4, dtype=int), rates)
-    cell = deconvolve_counts(*args, inverse_dispersion=np.array([theta]), dispersion="cell",
+    cell = split_spot_counts(*args, inverse_dispersion=np.array([theta]), dispersion="cell",
                              keep_draws=True, seed=6).draws[:, 0, 0]
-    spot = deconvolve_counts(*args, inverse_dispersion=np.array([theta]), dispersion="spot",
+    spot = split_spot_counts(*args, inverse_dispersion=np.array([theta]), dispersion="spot",
                              keep_draws=True, seed=6).draws[:, 0, 0]
     # DM(3,3,3,3), n = 10: Var = 10 (1/4)(3/4)(10 + 12) / 13 = 3.17; the spot form DM(0.75, ...) gives 6.1
     assert exact.var() == pytest.approx(10 * 3 / 16 * 22 / 13, rel=0.05)
@@ -98,7 +108,7 @@ def test_cell_dispersion_split_matches_per_cell_negative_binomials_by_rejection(
 
 def test_split_rejects_an_unknown_dispersion():
     with pytest.raises(ValueError, match="dispersion must be 'spot'"):
-        deconvolve_counts(np.array([[3]]), np.zeros(2, dtype=int), np.ones((2, 2, 1)),
+        split_spot_counts(np.array([[3]]), np.zeros(2, dtype=int), np.ones((2, 2, 1)),
                           inverse_dispersion=np.array([1.0]), dispersion="cells")
 
 

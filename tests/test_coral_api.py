@@ -73,7 +73,7 @@ def test_interactions_report_the_split_rhat_of_their_entries(trained):
 
 
 def test_deconvolved_counts_add_up_exactly_to_every_spot(trained):
-    split = trained.deconvolve_counts(keep_draws=True, seed=5)
+    split = trained.split_spot_counts(keep_draws=True, seed=5)
     ds = trained.dataset
     counts = ds.spot_counts.toarray()
     inside = ds.cell_spot >= 0
@@ -82,6 +82,27 @@ def test_deconvolved_counts_add_up_exactly_to_every_spot(trained):
         np.add.at(summed, ds.cell_spot[inside], draw[inside])
         np.testing.assert_array_equal(summed, counts)
     assert split.max_abs_spot_error == 0.0
+
+
+def test_deconvolve_counts_is_a_deprecated_alias_of_split_spot_counts(trained):
+    with pytest.warns(DeprecationWarning, match="split_spot_counts"):
+        old = trained.deconvolve_counts(keep_draws=True, seed=5)
+    new = trained.split_spot_counts(keep_draws=True, seed=5)
+    np.testing.assert_array_equal(old.draws, new.draws)
+
+
+def test_edge_probabilities_are_the_models_decoder_on_each_draw(trained):
+    """CORAL's per-edge probabilities come from CoralModel.edge_probability: sigmoid(z_i^T W z_j + b)
+    with the model's symmetric W, draw by draw (the numbers of the earlier re-implementation)."""
+    posterior, ds = trained.posterior, trained.dataset
+    decoder = trained.model.edge_decoder
+    W = (0.5 * (decoder.weight + decoder.weight.T)).detach().cpu().numpy()
+    b = float(decoder.bias.detach())
+    z = posterior.samples["z"]
+    i, j = ds.edges
+    by_hand = 1.0 / (1.0 + np.exp(-(np.einsum("snk,kl,snl->sn", z[:, i], W, z[:, j]) + b)))
+    np.testing.assert_allclose(posterior.edge_prob, by_hand, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(trained.edge_probabilities(ds.edges[:, :7]), by_hand[:, :7], rtol=1e-4, atol=1e-6)
 
 
 def test_save_load_gives_identical_posterior_summaries(trained, tissue, tmp_path):
@@ -172,3 +193,23 @@ def test_interactions_widen_only_the_posterior_the_recalibration_was_fitted_for(
     for q in ("q05", "q95"):  # no entry is near 0 or 1 here, so nothing is clipped
         np.testing.assert_allclose(wide[q] - wide["mean"], factor * (off[q] - off["mean"]), rtol=1e-8, atol=1e-12)
     np.testing.assert_allclose(wide["rhat_max"], off["rhat_max"], equal_nan=True)
+
+
+def test_to_inference_data_holds_the_sampled_draws_and_the_contracts_observations(trained, tmp_path):
+    """CORAL has the method shape of every method: its InferenceData carries the very draws
+    of ``sample`` (criticism draws nothing new for the posterior group) and one replicate per
+    draw of each observed site the model declares."""
+    import arviz as az
+
+    idata = trained.to_inference_data(path=tmp_path / "idata.nc")
+    S = trained.posterior.num_samples
+    z = idata.posterior["z"]
+    assert z.dims[:3] == ("chain", "draw", "cell") and z.shape[1] == S
+    np.testing.assert_array_equal(z.values[0], trained.posterior.samples["z"])
+    observed = [site.name for site in trained.model.contract.observed]
+    for name in observed:
+        assert idata.posterior_predictive[name].shape[:2] == (1, S), name
+        assert name in idata.observed_data
+    proteins = np.asarray(trained.cells.X.toarray() if hasattr(trained.cells.X, "toarray") else trained.cells.X)
+    np.testing.assert_allclose(idata.observed_data["proteins"].values, proteins, rtol=1e-6)
+    assert az.from_netcdf(tmp_path / "idata.nc").posterior["z"].shape == z.shape

@@ -18,8 +18,9 @@ from pyro.poutine.util import site_is_subsample
 from scipy.spatial import cKDTree
 
 from pyrospatial.engine.batch import Batch
+from pyrospatial.errors import InputError
 from pyrospatial.guides import CoralGuide
-from pyrospatial.models import CoralModel
+from pyrospatial.models import CoralArcsinhModel, CoralConfig, CoralModel
 from pyrospatial.models.blocks import (
     EdgeDecoder,
     HierarchicalPrior,
@@ -127,10 +128,7 @@ def model_guide(batch: Batch, **kw):
     P, G = batch.cell_features.shape[1], batch.spot_counts.shape[1]
     model_kw = {k: kw.pop(k) for k in list(kw) if k in ("laplacian_weight", "contrastive_weight", "capture_sd")}
     model = CoralModel(batch.n_types, P, G, z_dim=4, hidden=16, size_loc_init=1.0, **model_kw, **kw)
-    guide = CoralGuide(
-        batch.n_types, P, G, z_dim=4, hidden=16, heads=2, size_loc_init=1.0,
-        capture=model.capture_sd is not None, **kw,
-    )
+    guide = CoralGuide(model.config, hidden=16, heads=2)  # one config: sizes, capture, size_loc_init
     return model, guide
 
 
@@ -205,7 +203,7 @@ def test_read_out_options_and_vectorised_chains():
     n, G, C = b.n_cells, 12, 3
     # mlp read-out without type offsets: W is (G, hidden); point-estimate read-out: no site
     model = CoralModel(3, 5, G, z_dim=4, hidden=16, rna_readout="mlp", rna_type_effects=False)
-    guide = CoralGuide(3, 5, G, z_dim=4, hidden=16, heads=2, decoder_hidden=model.rna_width)
+    guide = CoralGuide(model.config, hidden=16, heads=2)  # q(omega) sized by config.rna_width
     tr = poutine.trace(poutine.replay(model, trace=poutine.trace(guide).get_trace(b))).get_trace(b)
     assert tr.nodes["rna_weight"]["value"].shape == (G, 16)
     # per-type slopes (partial pooling): features [z, onehot(c) (x) z, onehot(c)]
@@ -457,6 +455,112 @@ def test_edge_decoder_dense_path_matches_pairwise_formula():
     torch.testing.assert_close(decoder(z, few_pairs), by_hand[:, :4])
 
 
+def test_model_edge_probability_is_the_decoder_of_the_trace_and_of_posterior_draws():
+    """CoralModel.edge_probability gives the trace's "edge_prob" and, for stacked draws of z
+    (and of a Bayesian decoder), sigmoid(z_i^T W z_j + b) draw by draw."""
+    b = random_batch()
+    pairs = b.edge_pairs
+    model, guide = model_guide(b)
+    tr = poutine.trace(poutine.replay(model, trace=poutine.trace(guide).get_trace(b))).get_trace(b)
+    z = tr.nodes["z"]["value"]
+    torch.testing.assert_close(model.edge_probability(z, pairs), tr.nodes["edge_prob"]["value"])
+    W = 0.5 * (model.edge_decoder.weight + model.edge_decoder.weight.T)
+    by_hand = torch.sigmoid(((z[pairs[0]] @ W) * z[pairs[1]]).sum(-1) + model.edge_decoder.bias)
+    torch.testing.assert_close(model.edge_probability(z, pairs), by_hand)
+    with pytest.raises(InputError, match="point estimate"):
+        model.edge_probability(z, pairs, edge_weight=torch.zeros(10), edge_bias=torch.zeros(()))
+
+    bayes = CoralModel(b.n_types, 5, 12, z_dim=4, hidden=16, bayesian_edge_decoder=True)
+    bguide = CoralGuide(bayes.config, hidden=16, heads=2)
+    tr = poutine.trace(poutine.replay(bayes, trace=poutine.trace(bguide).get_trace(b))).get_trace(b)
+    z, upper, bias = (tr.nodes[k]["value"] for k in ("z", "edge_weight", "edge_bias"))
+    torch.testing.assert_close(bayes.edge_probability(z, pairs, upper, bias), tr.nodes["edge_prob"]["value"])
+    with pytest.raises(InputError, match="edge_weight"):
+        bayes.edge_probability(z, pairs)
+    # three posterior draws, each with its own decoder: (S, n, K), (S, K (K + 1) / 2), (S,)
+    torch.manual_seed(1)
+    zs, uppers, biases = torch.randn(3, b.n_cells, 4), torch.randn(3, 10), torch.randn(3)
+    got = bayes.edge_probability(zs, pairs, uppers, biases)
+    assert got.shape == (3, pairs.shape[1])
+    rows, cols = torch.triu_indices(4, 4)
+    for s in range(3):
+        Ws = torch.zeros(4, 4)
+        Ws[rows, cols] = uppers[s]
+        Ws[cols, rows] = uppers[s]
+        expected = torch.sigmoid(((zs[s, pairs[0]] @ Ws) * zs[s, pairs[1]]).sum(-1) + biases[s])
+        torch.testing.assert_close(got[s], expected)
+
+
+# ----------------------------------------------------------------------------- one config
+
+
+def small_dataset(seed: int = 0):
+    """A stand-in for SpatialDataset with the fields data_scales reads."""
+    from types import SimpleNamespace
+
+    rng = np.random.default_rng(seed)
+    n, m, P, G = 40, 6, 5, 12
+    return SimpleNamespace(
+        n_types=3, n_features=P, n_genes=G, spot_counts=rng.poisson(20.0, (m, G)).astype(float),
+        cell_library=rng.gamma(5.0, 2.0, n), cell_spot=np.where(np.arange(n) < 34, np.arange(n) % m, -1),
+        cell_features=rng.gamma(3.0, 1.0, (n, P)), n_edges_total=80,
+    )
+
+
+def test_model_and_guide_share_one_config_and_every_value_is_written_once():
+    cfg = CoralConfig(3, 5, 12, z_dim=4, rna_type_slopes=True, bayesian_edge_decoder=True, edge_bias_init=-2.0,
+                      capture_sd=0.2, size_loc_init=1.5)
+    model, guide = CoralModel(cfg), CoralGuide(cfg, hidden=16, heads=2)
+    assert model.config is cfg and guide.config is cfg
+    assert model.rna_width == cfg.rna_width == 4 + 3 * 4 + 3
+    assert guide.rna_weight_loc.shape == (12, cfg.rna_width)  # q(omega) shaped by the model's read-out
+    assert guide.capture and guide.size_loc_init == 1.5 and float(model.size_intercept.detach()) == 1.5
+    # the edge decoder's prior mean, once: the model's prior and the start of the guide's q
+    b = random_batch()
+    mtr = poutine.trace(model).get_trace(b)
+    torch.testing.assert_close(mtr.nodes["edge_weight"]["fn"].base_dist.loc, cfg.edge_weight_prior_loc())
+    torch.testing.assert_close(guide.edge_weight_loc.detach(), cfg.edge_weight_prior_loc())
+    assert float(mtr.nodes["edge_bias"]["fn"].loc) == float(guide.edge_bias_loc.detach()) == -2.0
+    # the positional form builds the same config; keywords override a given config (a copy)
+    assert CoralModel(3, 5, 12, z_dim=4).config == CoralConfig(3, 5, 12, z_dim=4)
+    assert CoralModel(cfg, z_dim=2).z_dim == 2 and cfg.z_dim == 4
+    with pytest.raises(InputError, match="z_dimm"):
+        CoralModel(3, 5, 12, z_dimm=4)
+    with pytest.raises(InputError, match="sizes come from the config"):
+        CoralModel(cfg, 5, 12)
+    with pytest.raises(InputError, match="CoralConfig"):
+        CoralGuide(3)
+    with pytest.raises(InputError, match="capture_sd"):
+        CoralConfig(3, 5, 12, capture_sd=0.0)
+
+
+def test_from_dataset_keywords_build_the_config_and_are_checked_against_the_model():
+    from pyrospatial.models.coral import data_scales
+
+    ds = small_dataset()
+    model = CoralModel.from_dataset(ds, z_dim=4, hidden=16, capture_sd=0.2)
+    assert model.config.size_loc_init == pytest.approx(data_scales(ds)["size_loc_init"])
+    assert model.config.edge_bias_init == pytest.approx(data_scales(ds)["edge_bias_init"])
+    # today's keywords keep working: guide options, and matching config fields / capture / decoder_hidden
+    guide = CoralGuide.from_dataset(ds, model=model, hidden=16, heads=2, z_dim=4, capture=True,
+                                    decoder_hidden=model.rna_width)
+    assert guide.config is model.config and guide.hidden == 16 and guide.heads == 2
+    with pytest.raises(InputError, match="z_dim=8"):
+        CoralGuide.from_dataset(ds, model=model, z_dim=8)
+    with pytest.raises(InputError, match="capture"):
+        CoralGuide.from_dataset(ds, model=CoralModel.from_dataset(ds), capture=True)
+    with pytest.raises(InputError, match="decoder_hidden"):
+        CoralGuide.from_dataset(ds, model=model, decoder_hidden=99)
+    with pytest.raises(InputError, match="unknown CoralConfig field"):
+        CoralGuide.from_dataset(ds, model=model, hiddenn=3)
+    # without a model the keywords build the config from the data
+    alone = CoralGuide.from_dataset(ds, z_dim=4, hidden=16, heads=2)
+    assert alone.config == CoralConfig.from_dataset(ds, z_dim=4) and alone.config.hidden == 64
+    # a variant's own option goes to its constructor, the rest to the config
+    arcsinh = CoralArcsinhModel.from_dataset(ds, z_dim=4, cofactor=2.0)
+    assert arcsinh.cofactor == 2.0 and arcsinh.config.z_dim == 4
+
+
 # ----------------------------------------------------------------------------- predictive
 
 
@@ -537,7 +641,7 @@ def test_svi_learns_per_cell_expression_better_than_spot_means():
     a0 = math.log(np.median(spot_counts.sum(1)) / 5)
     gene_logits = torch.as_tensor(np.log(spot_counts.sum(0) + 0.5) - np.log(spot_counts.sum() + 0.5 * G), dtype=torch.float32)
     model = CoralModel(3, 6, G, z_dim=4, hidden=32, size_loc_init=a0, gene_logits_init=gene_logits)
-    guide = CoralGuide(3, 6, G, z_dim=4, hidden=32, heads=2, size_loc_init=a0)
+    guide = CoralGuide(model.config, hidden=32, heads=2)
     losses = np.array(train(model, guide, b, steps=250)) / n
     assert np.all(np.isfinite(losses))
     assert losses[-20:].mean() < losses[:20].mean() - 2.0

@@ -323,7 +323,7 @@ def test_batches_are_spatially_compact(dataset):
 
 
 def test_scale_factors_reconstruct_full_graph_counts(dataset):
-    batches = _epoch(dataset, 8, 2, nonedge_ratio=2.0)
+    batches = _epoch(dataset.with_nonedge_ratio(2.0), 8, 2)
     n_batches = len(batches)
     for b in batches:
         assert b.cell_scale == b.spot_scale == n_batches == b.n_batches

@@ -39,7 +39,8 @@ def fitted():
 def idata(fitted, tmp_path_factory):
     _, coral = fitted
     path = tmp_path_factory.mktemp("idata") / "inference_data.nc"
-    data = dg.to_inference_data(coral, coral.dataset, 12, method="guide", seed=0, path=path)
+    draws = ps.sample_posterior(coral.model, coral.guide, coral.dataset, 12, seed=0)
+    data = dg.to_inference_data(coral, coral.dataset, draws, method="guide", seed=0, path=path)
     data.path = path  # remembered for the round-trip test
     return data
 
@@ -107,7 +108,8 @@ def test_mixed_replication_redraws_z_for_proteins_and_keeps_spots(idata, fitted)
     posterior z), spot counts keep posterior replication (same seed: identical draws), and the
     dispersion check, undefined for mixed replicates, is NaN for the proteins only."""
     _, coral = fitted
-    mixed = dg.to_inference_data(coral, coral.dataset, 12, method="guide", seed=0, mixed_sites=("z",))
+    draws = ps.sample_posterior(coral.model, coral.guide, coral.dataset, 12, seed=0)
+    mixed = dg.to_inference_data(coral, coral.dataset, draws, method="guide", seed=0, mixed_sites=("z",))
     assert set(mixed.posterior_predictive.attrs["mixed_replicates"].split(",")) == {"proteins", "edges", "nonedges"}
     np.testing.assert_array_equal(mixed.posterior_predictive["spot_counts"].values,
                                   idata.posterior_predictive["spot_counts"].values)
@@ -206,7 +208,7 @@ def test_to_inference_data_names_a_missing_latent(fitted):
     _, coral = fitted
     draws = ps.sample_posterior(coral.model, coral.guide, coral.dataset, 3, sites=["z"], seed=0)
     with pytest.raises(InputError, match="lack the latent site"):
-        dg.to_inference_data(coral, coral.dataset, 3, samples=draws)
+        dg.to_inference_data(coral, coral.dataset, draws)
 
 
 def test_check_results_writes_figures_and_report(idata, tmp_path):

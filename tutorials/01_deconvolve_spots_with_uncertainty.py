@@ -152,7 +152,7 @@ print({k: round(float(v[-1]), 3) for k, v in coverage.items()}, "covered by the 
 # uncertainty of the split.
 
 # %%
-split = coral.deconvolve_counts(seed=0)
+split = coral.split_spot_counts(seed=0)
 print("largest |sum of cell counts - spot count| over draws:", split.max_abs_spot_error)
 summary = {
     "quick": bool(args.quick),

@@ -75,13 +75,13 @@ for name, cls in (("negative binomial (correct)", None), ("Poisson (misspecified
 # compares, per gene and protein, the observed mean, variance, zero fraction and dispersion
 # (squared residual over the likelihood's variance) with their replicates (Bayesian p-values).
 # Here we check the guide's draws (fast); `pyrospatial check --results DIR` does the same on
-# the output of `pyrospatial demo` or `pyrospatial fit`.
+# the output of `pyrospatial demo` or `pyrospatial coral`.
 
 # %%
 summaries, idatas = {}, {}
 for name, coral in fits.items():
     post = coral.sample(n_draws, method="guide", seed=0)
-    idata = dg.to_inference_data(coral, coral.dataset, n_draws, samples=PosteriorSamples(post.samples, plates=post.plates),
+    idata = dg.to_inference_data(coral, coral.dataset, PosteriorSamples(post.samples, plates=post.plates),
                                  method="guide", prior_sites=("rna_weight",), seed=0)
     idatas[name], summaries[name] = idata, dg.ppc_summary(idata)
     spots_table = summaries[name].table.query("group == 'spot_counts'")
@@ -138,7 +138,7 @@ for method in ("guide", "refine"):
     post = coral.sample(n_draws, method=method, seed=0, **kwargs)
     coverage[f"expected RNA ({method})"] = dg.interval_coverage_by_level(
         post.samples["expected_rna"][:, inside], truth["expected_rna"][inside], levels)
-    split = coral.deconvolve_counts(seed=0, keep_draws=True)
+    split = coral.split_spot_counts(seed=0, keep_draws=True)
     coverage[f"per-cell counts ({method})"] = dg.interval_coverage_by_level(split.draws[:, inside], truth["counts"][inside], levels)
     v_true = truth["v"].reshape(coral.dataset.n_cells, -1)
     coverage[f"v ({method})"] = dg.interval_coverage_by_level(dg.align_sign(post.samples["v"], v_true, coral.dataset.cell_type),
@@ -146,9 +146,8 @@ for method in ("guide", "refine"):
     for key in [k for k in coverage if k.endswith(f"({method})")]:
         coverage_90[key] = float(coverage[key][-1])
     if method == "refine":
-        idata_refined = dg.to_inference_data(coral, coral.dataset, n_draws,
-                                             samples=PosteriorSamples(post.samples, plates=post.plates), method="refine",
-                                             prior_sites=("rna_weight",), seed=0)
+        idata_refined = dg.to_inference_data(coral, coral.dataset, PosteriorSamples(post.samples, plates=post.plates),
+                                             method="refine", prior_sites=("rna_weight",), seed=0)
 dg.plot_coverage(levels, coverage, out / "coverage.png", title="coverage of the truth (correct model)")
 print(json.dumps(coverage_90, indent=2))
 

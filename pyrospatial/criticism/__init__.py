@@ -22,13 +22,13 @@ from pyrospatial.criticism.calibration import (
 )
 from pyrospatial.criticism.convergence import chain_convergence
 from pyrospatial.criticism.plots import edge_reliability_inputs, plot_coverage, plot_ppc, plot_pvalues, plot_reliability
-from pyrospatial.criticism.ppc import OBSERVED_SITES, STATISTICS, PPCSummary, bayesian_pvalue, posterior_predictive, ppc_summary
+from pyrospatial.criticism.ppc import STATISTICS, PPCSummary, bayesian_pvalue, observed_data, posterior_predictive, ppc_summary
 from pyrospatial.criticism.report import check_results
 
 __all__ = [
-    "OBSERVED_SITES", "STATISTICS", "PPCSummary", "align_sign", "bayesian_pvalue", "chain_convergence",
+    "STATISTICS", "PPCSummary", "align_sign", "bayesian_pvalue", "chain_convergence",
     "check_results", "edge_reliability_inputs", "expected_calibration_error", "interval_coverage_by_level",
-    "load_inference_data", "pit_coverage_by_level", "plot_coverage", "plot_ppc", "plot_pvalues",
+    "load_inference_data", "observed_data", "pit_coverage_by_level", "plot_coverage", "plot_ppc", "plot_pvalues",
     "plot_reliability", "posterior_predictive", "ppc_summary", "reliability_curve", "sbc_ks_pvalue",
     "sbc_ranks", "to_inference_data",
 ]

@@ -1,38 +1,44 @@
-"""Model criticism: posterior predictive checks in ArviZ, calibration, and their figures.
+"""Model criticism in ArviZ: posterior draws, replicated and observed data as ``InferenceData``.
 
-The question this module answers is "could the fitted model have produced the data, and how
-far can each number be trusted?". It works for any model/guide pair that follows the batch
-protocol and accepts ``model(batch, predictive=True)`` (every observation dropped, so the
-observed sites are *drawn*), e.g. :class:`~pyrospatial.models.CoralModel` and its variants.
+:func:`to_inference_data` takes posterior draws (it never makes them: pass the output of
+:func:`~pyrospatial.engine.posterior.sample_posterior` or
+:func:`~pyrospatial.engine.refine.refine_posterior`) and works for any model/guide pair that
+follows the batch protocol, accepts ``model(batch, predictive=True)`` (every observation
+dropped, so the observed sites are *drawn*) and declares its sites in a ``contract``
+(:class:`~pyrospatial.protocols.ModelContract`), e.g. :class:`~pyrospatial.models.CoralModel`.
 
 InferenceData layout (:func:`to_inference_data`)
 ------------------------------------------------
-Dimensions: ``chain`` (1), ``draw`` (S), ``cell``, ``spot``, ``gene``, ``protein``, ``edge``
-(observed undirected edges of the dataset's graph, ``i < j``), ``nonedge`` (a fixed, seeded
-sample of non-adjacent pairs), ``svi_step``; other trailing axes are named ``{site}_dim_{k}``.
+Dimensions: ``chain`` (1), ``draw`` (S), ``cell`` / ``spot`` for the local plates, the
+observed sites' declared ``dims`` (CORAL: ``protein``, ``gene``, ``edge`` for the graph's
+observed edges ``i < j``, ``nonedge`` for a fixed, seeded sample of non-adjacent pairs), the
+contract's ``dims`` of latent sites, ``svi_step``; other trailing axes are named
+``{site}_dim_{k}``. A dimension ``d`` is labelled by the data source's ``{d}_names`` when it
+has them.
 
-- ``posterior``: every latent site of the model, global and local (CORAL: ``rna_weight``
-  ``(gene, rna_weight_dim_1)``, ``z`` ``(cell, z_dim_1)``, ``v``, ``cell_size`` ``(cell,)``),
-  the per-cell deterministic ``expected_rna`` ``(cell, gene)``, and the Bernoulli means
-  ``edge_prob`` ``(edge,)`` / ``nonedge_prob`` ``(nonedge,)``, and the likelihood's moments
-  ``spot_counts_lik_mean`` / ``spot_counts_lik_variance`` ``(spot, gene)`` and
-  ``proteins_lik_mean`` / ``proteins_lik_variance`` ``(cell, protein)``; coherent joint draws.
-- ``posterior_predictive``: ``proteins`` ``(cell, protein)``, ``spot_counts`` ``(spot, gene)``,
-  ``edges`` ``(edge,)`` and ``nonedges`` ``(nonedge,)``, drawn by running the model with
+- ``posterior``: every site of the draws (latent, global and local, and deterministic), and
+  for each observed site its likelihood moments under each draw, ``{site}_lik_mean`` /
+  ``{site}_lik_variance`` (or the declared ``mean_name``, e.g. CORAL's ``edge_prob`` /
+  ``nonedge_prob``: the Bernoulli means of the edges and sampled non-edges).
+- ``posterior_predictive``: each observed site, drawn by running the model with
   ``predictive=True`` under each posterior draw; with ``mixed_sites`` (the demo and
-  ``pyrospatial fit`` use ``("z",)`` for CORAL) the variables that depend on those sites are
-  replicated with them redrawn from their prior (attribute ``mixed_replicates``).
-- ``observed_data``: the same four variables as observed (edges are 1, non-edges 0).
+  ``pyrospatial coral`` use ``("z",)`` for CORAL) the sites whose likelihood depends on those
+  sites are replicated with them redrawn from their prior (attribute ``mixed_replicates``).
+- ``observed_data``: each observed site as the model conditions on it (read off its trace);
+  attribute ``likelihood_means`` maps a site to its posterior mean variable.
 - ``sample_stats``: ``loss`` ``(svi_step,)`` -- the training loss (negative ELBO, full-data
   scale) per optimiser step -- and ``elbo = -loss``. (SVI has no per-draw statistics; the
   history has its own dimension.)
-- ``constant_data``: ``cell_type`` ``(cell,)``, ``cell_spot`` ``(cell,)``, ``edge_pairs``
-  ``(edge, pair_end)``, ``nonedge_pairs`` ``(nonedge, pair_end)``, ``nonedge_weight`` (how
-  many non-adjacent pairs of the full graph each sampled one stands for).
-- ``attrs``: ``method`` ("refine" or "guide"), ``seed``, ``n_nonedges_total``.
+- ``constant_data``: ``cell_type`` / ``cell_spot`` ``(cell,)`` when the data source has them;
+  for each pair-level observed site with row dimension ``d``: ``{d}_pairs`` ``(d, pair_end)``
+  in dataset cell indices (when the batch holds them, see ``ObservedSite.pairs``) and, when
+  one sampled pair stands for several, ``{d}_weight`` (the site's likelihood scale, e.g.
+  ``nonedge_weight``).
+- ``attrs``: ``method`` ("refine", "guide", ...), ``seed``, ``num_samples``, and
+  ``n_nonedges_total`` for a data source with a graph.
 
-Bayesian p-values (:func:`ppc_summary`)
----------------------------------------
+Bayesian p-values (:func:`~pyrospatial.criticism.ppc.ppc_summary`)
+-----------------------------------------------------------------
 For a feature (a gene over spots, a protein over cells) and a statistic ``T`` (mean,
 variance, zero fraction across rows, and the *dispersion* ``mean_rows (y - E[y|theta])^2 /
 Var[y|theta]``, a discrepancy that depends on the draw ``theta`` and is about 1 under the
@@ -47,103 +53,110 @@ misfit (e.g. ``p(variance) ~ 1`` for a Poisson model of over-dispersed counts).
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 import numpy as np
-import torch
 
+from pyrospatial.criticism.ppc import _pairs, observed_data, posterior_predictive
+from pyrospatial.engine.device import module_device
 from pyrospatial.errors import InputError
-from pyrospatial.criticism.ppc import OBSERVED_SITES, _observed, _pairs, posterior_predictive
+from pyrospatial.protocols import PLATE_DIMS, ModelContract, require_contract
 
 __all__ = ["to_inference_data", "load_inference_data"]
 
 
-
-
-def _dims(name: str, value: np.ndarray, plate: str, dataset) -> list[str]:
-    """ArviZ dims (after chain, draw) for a posterior site."""
+def _dims(name: str, value: np.ndarray, plate: str, contract: ModelContract) -> list[str]:
+    """ArviZ dims (after chain, draw) of a posterior site: the contract's ``dims`` for it
+    (else the plate's dimension for a local site), then ``{name}_dim_{k}``."""
     trailing = value.ndim - 2  # minus (chain, draw)
-    dims: list[str] = []
-    if plate == "cells":
-        dims.append("cell")
-    elif plate == "spots":
-        dims.append("spot")
-    rest = trailing - len(dims)
-    for k in range(rest):
-        axis = len(dims)
-        size = value.shape[2 + axis]
-        if name in ("expected_rna",) and size == dataset.n_genes:
-            dims.append("gene")
-        elif name == "rna_weight" and axis == 0 and size == dataset.n_genes:
-            dims.append("gene")
-        else:
-            dims.append(f"{name}_dim_{axis}")
-    return dims
+    declared = list(contract.dims.get(name, ()))
+    if not declared and plate in PLATE_DIMS:
+        declared = [PLATE_DIMS[plate]]
+    return declared[:trailing] + [f"{name}_dim_{k}" for k in range(len(declared), trailing)]
 
 
-def _names(index: Any, n: int, prefix: str) -> list[str]:
-    if index is None or len(index) != n:
-        return [f"{prefix}{i}" for i in range(n)]
+def _labels(dataset: Any, dim: str, n: int) -> list[str] | None:
+    """The data source's labels of dimension ``dim`` (``{dim}_names``), ``{dim}{i}`` when they
+    do not match its size, None when it has none."""
+    index = getattr(dataset, f"{dim}_names", None)
+    if index is None:
+        return None
+    if len(index) != n:
+        return [f"{dim}{i}" for i in range(n)]
     return [str(x) for x in index]
+
+
+def _coords(dataset: Any, *groups: Mapping[str, tuple]) -> dict[str, list[str]]:
+    """Coordinates of every dimension used by ``groups`` that the data source labels."""
+    sizes: dict[str, int] = {}
+    for variables in groups:
+        for dims, value in variables.values():
+            for d, size in zip(dims, np.shape(value)):
+                sizes.setdefault(d, int(size))
+    coords = {}
+    for d, n in sizes.items():
+        labels = _labels(dataset, d, n)
+        if labels is not None:
+            coords[d] = labels
+    return coords
+
+
+def _coords_for(coords: dict[str, Any], variables: Mapping[str, tuple]) -> dict[str, Any]:
+    used = {d for dims, _ in variables.values() for d in dims}
+    return {k: v for k, v in coords.items() if k in used}
 
 
 def to_inference_data(
     fit_result: Any,
     dataset: Any,
-    num_samples: int = 100,
+    samples: Mapping[str, np.ndarray],
     *,
-    method: str = "guide",
-    samples: Mapping[str, np.ndarray] | None = None,
+    method: str | None = None,
     seed: int = 0,
-    nonedge_ratio: float = 1.0,
     prior_sites: Iterable[str] = (),
     mixed_sites: Iterable[str] = (),
     path: str | Path | None = None,
     progress: bool = False,
-    **refine_kwargs: Any,
 ):
-    """Posterior, posterior predictive, observed data and ELBO history as ``arviz.InferenceData``.
+    """Posterior draws, posterior predictive, observed data and ELBO history as ``arviz.InferenceData``.
 
     Parameters
     ----------
     fit_result
         What :func:`pyrospatial.fit` returned (``model``, ``guide``, ``elbo_history``), or a
-        :class:`~pyrospatial.CORAL` object after training (its ``fit_result`` is used).
+        trained method object with ``model`` and ``fit_result`` (e.g. :class:`~pyrospatial.CORAL`).
+        The model must declare a ``contract`` with its observed sites.
     dataset
-        The :class:`~pyrospatial.SpatialDataset` the model was trained on.
-    num_samples
-        Posterior draws ``S``.
-    method
-        ``"guide"`` (default here: the guide's coherent draws,
-        :func:`~pyrospatial.engine.posterior.sample_posterior`) or ``"refine"`` (HMC refinement,
-        :func:`~pyrospatial.engine.refine.refine_posterior`, calibrated but slower; ``refine_kwargs``
-        pass through). Ignored when ``samples`` is given.
+        The data source the model was trained on; its ``full_batch()`` is replicated (with its
+        own settings, e.g. :attr:`~pyrospatial.data.dataset.SpatialDataset.nonedge_ratio` for
+        the ``nonedge`` dimension).
     samples
-        Precomputed draws (a ``PosteriorSamples`` or any dict with ``.plates``) of every latent
-        site, e.g. ``refine_posterior(..., sites=None)``. Deterministic sites among them are
-        conditioned on as well.
+        Posterior draws of every latent site (a
+        :class:`~pyrospatial.engine.posterior.PosteriorSamples` or any dict with ``.plates``),
+        at least 2, e.g. ``sample_posterior(model, guide, dataset, 100)`` or
+        ``refine_posterior(...)``. Deterministic sites among them are conditioned on as well.
+    method
+        Label of how the draws were made (``"guide"``, ``"refine"``), recorded in ``attrs``;
+        default: ``samples.method`` when set, else ``"unknown"``.
+    seed
+        Seeds the replicates.
     prior_sites
         Latent sites that may be absent from ``samples`` because the model uses them only
         through a deterministic site that ``samples`` holds (CORAL: ``("rna_weight",)`` with
-        ``expected_rna``, as in ``CORAL.posterior.samples``); they are then drawn from the prior
-        and do not enter the replicates.
+        ``expected_rna``); they are then drawn from the prior and do not enter the replicates.
     mixed_sites
         Local latent sites redrawn from their prior (given the other draws) for the replicates
         of the observed sites that depend on them ("mixed" replication; CORAL: ``("z",)``).
-        Posterior replication conditions on each cell's own ``z``, which was fitted to that
-        cell's proteins (8 state dimensions for 10-20 proteins), so replicated proteins scatter
-        around a mean already pulled towards the observation and the checks flag a
-        well-specified model; mixed replicates ask instead whether the population of cells
-        could come from the model. Which observed sites are replicated this way is found by
-        comparing their likelihood means with and without the redraw, and listed in the
-        ``posterior_predictive`` attribute ``mixed_replicates`` (comma-separated). The
-        ``posterior`` group (``edge_prob``, likelihood moments) always comes from posterior
-        replication.
-    seed
-        Seeds the posterior draws, the replicates and the fixed non-edge sample.
-    nonedge_ratio
-        Non-adjacent pairs sampled per observed edge for the ``nonedge`` dimension.
+        Posterior replication conditions on each cell's own state, which was fitted to that
+        cell's observations, so replicates scatter around a mean already pulled towards the
+        observation and the checks flag a well-specified model; mixed replicates ask instead
+        whether the population could come from the model. Which observed sites are replicated
+        this way is found by comparing their likelihood means with and without the redraw,
+        and listed in the ``posterior_predictive`` attribute ``mixed_replicates``
+        (comma-separated). The ``posterior`` group (likelihood moments) always comes from
+        posterior replication.
     path
         If given, the InferenceData is also written there as netcdf.
     progress
@@ -157,82 +170,87 @@ def to_inference_data(
     import arviz as az
     import xarray as xr
 
-    model, guide, history = _unpack(fit_result)
-    if int(num_samples) < 2:
-        raise InputError(f"num_samples must be >= 2 for posterior predictive checks, got {num_samples}.")
-    if samples is None:
-        samples = _draw(model, guide, dataset, int(num_samples), method, seed, progress, refine_kwargs)
+    model, _, history = _unpack(fit_result)
+    contract = require_contract(model, "to_inference_data")
+    if not isinstance(samples, Mapping) or not samples:
+        raise InputError(
+            "samples must be posterior draws ({site: (S, ...)} with .plates), e.g. from "
+            "pyrospatial.sample_posterior(...) or pyrospatial.refine_posterior(...)."
+        )
+    S = int(np.shape(next(iter(samples.values())))[0])
+    if S < 2:
+        raise InputError(f"posterior predictive checks need at least 2 draws, got {S}.")
     plates = dict(getattr(samples, "plates", {}) or {})
-    batch = dataset.full_batch(nonedge_ratio=nonedge_ratio)
-    batch = batch.to(_device(model))
+    batch = dataset.full_batch().to(module_device(model))
     reps = posterior_predictive(model, batch, samples, plates, seed=seed, prior_sites=prior_sites, progress=progress)
     mixed_replicates: list[str] = []
     if tuple(mixed_sites):
         mixed = posterior_predictive(model, batch, samples, plates, seed=seed + 1, prior_sites=prior_sites,
                                      mixed_sites=mixed_sites, progress=progress)
-        for name in OBSERVED_SITES:
+        for name in contract.observed_names:
             key = f"{name}_mean"
             if name in reps and key in reps and key in mixed and not np.allclose(reps[key], mixed[key]):
                 reps[name] = mixed[name]
                 mixed_replicates.append(name)
-
-    cell_names = _names(getattr(dataset, "cell_names", None), dataset.n_cells, "cell")
-    coords: dict[str, Any] = {"cell": cell_names}
-    if dataset.n_spots > 0:
-        coords["spot"] = _names(getattr(dataset, "spot_names", None), dataset.n_spots, "spot")
-        coords["gene"] = _names(getattr(dataset, "gene_names", None), dataset.n_genes, "gene")
-    coords["protein"] = _names(getattr(dataset, "feature_names", None), dataset.n_features, "protein")
+    observed_values, scales = observed_data(model, batch, samples, plates, prior_sites=prior_sites)
 
     posterior: dict[str, Any] = {}
     for name, value in samples.items():
         value = np.asarray(value)[None]
-        dims = _dims(name, value, plates.get(name, "global"), dataset)
-        posterior[name] = (("chain", "draw", *dims), value)
-    edge_pairs = _pairs(batch.edge_pairs, batch)
-    nonedge_pairs = _pairs(batch.nonedge_index, batch)
-    if "edges_mean" in reps:
-        posterior["edge_prob"] = (("chain", "draw", "edge"), reps.pop("edges_mean")[None])
-    if "nonedges_mean" in reps:
-        posterior["nonedge_prob"] = (("chain", "draw", "nonedge"), reps.pop("nonedges_mean")[None])
-
-    for name in ("proteins", "spot_counts"):  # the likelihood's moments under each draw
-        for moment in ("mean", "variance"):
-            key = f"{name}_{moment}"
+        posterior[name] = (("chain", "draw", *_dims(name, value, plates.get(name, "global"), contract)), value)
+    means: dict[str, str] = {}
+    for site in contract.observed:  # the likelihood's moments under each draw
+        for moment in site.moments:
+            key = f"{site.name}_{moment}"
             if key in reps:
-                posterior[f"{name}_lik_{moment}"] = (("chain", "draw", *OBSERVED_SITES[name]), reps.pop(key)[None])
-
-    observed = _observed(dataset, batch)
-    predictive = {k: (("chain", "draw", *OBSERVED_SITES[k]), v[None]) for k, v in reps.items()}
-    observed = {k: (OBSERVED_SITES[k], v) for k, v in observed.items() if k in reps}
+                posterior[site.moment_name(moment)] = (("chain", "draw", *site.dims), reps.pop(key)[None])
+                if moment == "mean":
+                    means[site.name] = site.moment_name(moment)
+    predictive = {k: (("chain", "draw", *contract.observed_site(k).dims), v[None]) for k, v in reps.items()}
+    observed = {k: (contract.observed_site(k).dims, v) for k, v in observed_values.items() if k in reps}
+    constants = _constants(dataset, batch, contract, scales, observed)
+    coords = _coords(dataset, posterior, predictive, observed, constants)
 
     history = np.asarray(history if history is not None else [], dtype=np.float64)
-    n_pairs = dataset.n_cells * (dataset.n_cells - 1) // 2 - dataset.n_edges
-    k = nonedge_pairs.shape[0]
-    attrs = {"method": str(getattr(samples, "method", method)), "seed": int(seed),
-             "n_nonedges_total": int(n_pairs), "num_samples": int(next(iter(samples.values())).shape[0])}
+    attrs: dict[str, Any] = {"method": str(method or getattr(samples, "method", None) or "unknown"), "seed": int(seed),
+                             "num_samples": S}
+    if getattr(dataset, "n_nonedges", None) is not None:
+        attrs["n_nonedges_total"] = int(dataset.n_nonedges)
     predictive_attrs = dict(attrs, mixed_sites=",".join(mixed_sites), mixed_replicates=",".join(mixed_replicates))
+    observed_attrs = dict(attrs, likelihood_means=",".join(f"{k}:{v}" for k, v in means.items()))
     groups = {
         "posterior": xr.Dataset(posterior, coords=_coords_for(coords, posterior), attrs=attrs),
         "posterior_predictive": xr.Dataset(predictive, coords=_coords_for(coords, predictive), attrs=predictive_attrs),
-        "observed_data": xr.Dataset(observed, coords=_coords_for(coords, observed), attrs=attrs),
+        "observed_data": xr.Dataset(observed, coords=_coords_for(coords, observed), attrs=observed_attrs),
         "sample_stats": xr.Dataset({"loss": (("svi_step",), history), "elbo": (("svi_step",), -history)}, attrs=attrs),
-        "constant_data": xr.Dataset(
-            {
-                "cell_type": (("cell",), np.asarray(dataset.cell_type)),
-                "cell_spot": (("cell",), np.asarray(dataset.cell_spot)),
-                "edge_pairs": (("edge", "pair_end"), edge_pairs),
-                "nonedge_pairs": (("nonedge", "pair_end"), nonedge_pairs),
-                "nonedge_weight": ((), float(n_pairs / k) if k else 0.0),
-            },
-            coords={"cell": cell_names},
-            attrs=attrs,
-        ),
+        "constant_data": xr.Dataset(constants, coords=_coords_for(coords, constants), attrs=attrs),
     }
     idata = az.InferenceData(**groups)
     if path is not None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         idata.to_netcdf(str(path))
     return idata
+
+
+def _constants(dataset: Any, batch: Any, contract: ModelContract, scales: Mapping[str, float],
+               observed: Mapping[str, tuple]) -> dict[str, tuple]:
+    """``constant_data``: per-cell labels of the data source, and the pairs and weights of
+    the pair-level observed sites (see the module docstring)."""
+    out: dict[str, tuple] = {}
+    for attr in ("cell_type", "cell_spot"):
+        value = getattr(dataset, attr, None)
+        if value is not None and len(value) == batch.n_cells:
+            out[attr] = (("cell",), np.asarray(value))
+    for site in contract.observed:
+        if site.plate != "edge" or site.name not in observed:
+            continue
+        row = site.dims[0]
+        pairs = getattr(batch, site.pairs, None) if site.pairs else None
+        if pairs is not None:
+            out[f"{row}_pairs"] = ((row, "pair_end"), _pairs(pairs, batch))
+        if scales.get(site.name, 1.0) != 1.0:
+            out[f"{row}_weight"] = ((), float(scales[site.name]))
+    return out
 
 
 def load_inference_data(path: str | Path):
@@ -243,11 +261,6 @@ def load_inference_data(path: str | Path):
     if not path.exists():
         raise InputError(f"no InferenceData at {path}; write it with to_inference_data(..., path=...).")
     return az.from_netcdf(str(path))
-
-
-def _coords_for(coords: dict[str, Any], variables: Mapping[str, tuple]) -> dict[str, Any]:
-    used = {d for dims, _ in variables.values() for d in dims}
-    return {k: v for k, v in coords.items() if k in used}
 
 
 def _unpack(fit_result: Any) -> tuple[Any, Any, np.ndarray | None]:
@@ -261,26 +274,3 @@ def _unpack(fit_result: Any) -> tuple[Any, Any, np.ndarray | None]:
                 f"fit_result has no '{attr}'; pass what pyrospatial.fit(...) returned (a FitResult) or a trained CORAL."
             )
     return fit_result.model, fit_result.guide, getattr(fit_result, "elbo_history", None)
-
-
-def _device(model: Any) -> torch.device:
-    if isinstance(model, torch.nn.Module):
-        for p in model.parameters():
-            return p.device
-    return torch.device("cpu")
-
-
-def _draw(model, guide, dataset, num_samples: int, method: str, seed: int, progress: bool, refine_kwargs: dict):
-    """Coherent draws of every latent site (and ``expected_rna`` when the model has it)."""
-    if method == "guide":
-        from pyrospatial.engine.posterior import sample_posterior
-
-        draws = sample_posterior(model, guide, dataset, num_samples, seed=seed)
-    elif method == "refine":
-        from pyrospatial.engine.refine import refine_posterior
-
-        draws = refine_posterior(model, guide, dataset, num_samples, seed=seed, progress=progress, **refine_kwargs)
-    else:
-        raise InputError(f"method must be 'guide' or 'refine', got {method!r}.")
-    draws.method = method
-    return draws

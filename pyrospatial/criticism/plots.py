@@ -129,17 +129,23 @@ def plot_coverage(levels: Sequence[float], coverage: Mapping[str, np.ndarray], p
 # a check of a results directory (used by ``pyrospatial check``)
 # ------------------------------------------------------------------------------------------
 def edge_reliability_inputs(idata) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(posterior-mean probability, outcome, weight) over the graph's edges and the sampled
-    non-edges; each sampled non-edge weighs as many non-adjacent pairs as it stands for."""
-    post = idata.posterior
+    """(posterior-mean probability, outcome, weight) over the pair-level binary observed sites
+    (e.g. a graph's edges and its sampled non-edges): every one-dimensional 0/1 variable of
+    ``observed_data`` whose likelihood mean is in the posterior (``observed_data.attrs
+    ["likelihood_means"]``, written by :func:`~pyrospatial.criticism.arviz.to_inference_data`).
+    Each entry weighs ``constant_data[f"{dim}_weight"]`` (the pairs it stands for), else 1."""
+    post, obs = idata.posterior, idata.observed_data
+    means = dict(item.split(":", 1) for item in str(obs.attrs.get("likelihood_means", "")).split(",") if ":" in item)
+    constants = idata.constant_data if "constant_data" in idata.groups() else {}
     probs, outcomes, weights = [], [], []
-    if "edge_prob" in post:
-        p = post["edge_prob"].mean(("chain", "draw")).to_numpy()
-        probs.append(p), outcomes.append(np.ones_like(p)), weights.append(np.ones_like(p))
-    if "nonedge_prob" in post:
-        p = post["nonedge_prob"].mean(("chain", "draw")).to_numpy()
-        w = float(idata.constant_data["nonedge_weight"]) if "constant_data" in idata.groups() else 1.0
-        probs.append(p), outcomes.append(np.zeros_like(p)), weights.append(np.full_like(p, w))
+    for name, var in obs.data_vars.items():
+        outcome = var.to_numpy()
+        if var.ndim != 1 or means.get(name) not in post or not np.isin(outcome, (0.0, 1.0)).all():
+            continue
+        p = post[means[name]].mean(("chain", "draw")).to_numpy()
+        key = f"{var.dims[0]}_weight"
+        w = float(constants[key]) if key in constants else 1.0
+        probs.append(p), outcomes.append(outcome.astype(p.dtype)), weights.append(np.full_like(p, w))
     if not probs:
-        raise InputError("idata.posterior has neither 'edge_prob' nor 'nonedge_prob' (a model without edges).")
+        raise InputError("idata has no pair-level binary observed site with its likelihood mean (a model without edges).")
     return np.concatenate(probs), np.concatenate(outcomes), np.concatenate(weights)

@@ -21,17 +21,9 @@ import torch
 from tqdm.auto import tqdm
 
 from pyrospatial.errors import InputError
+from pyrospatial.protocols import require_contract
 
-__all__ = ["OBSERVED_SITES", "STATISTICS", "posterior_predictive", "bayesian_pvalue", "PPCSummary", "ppc_summary"]
-
-
-#: observed sites of CORAL-family models and the row/feature dimensions they take
-OBSERVED_SITES: dict[str, tuple[str, ...]] = {
-    "proteins": ("cell", "protein"),
-    "spot_counts": ("spot", "gene"),
-    "edges": ("edge",),
-    "nonedges": ("nonedge",),
-}
+__all__ = ["STATISTICS", "posterior_predictive", "observed_data", "bayesian_pvalue", "PPCSummary", "ppc_summary"]
 
 
 #: ppc statistics, in table order
@@ -57,20 +49,27 @@ def _row_values(draws: Mapping[str, np.ndarray], plates: Mapping[str, str], s: i
     return out
 
 
+def _row_orders(batch) -> dict[str, np.ndarray]:
+    """Per local plate, the permutation that puts the batch's rows into dataset order."""
+    return {"cells": np.argsort(batch.cell_index.cpu().numpy()), "spots": np.argsort(batch.spot_index.cpu().numpy())}
+
+
 def _conditioned_names(model: Callable, batch, draws: Mapping[str, np.ndarray],
-                       prior_sites: Iterable[str] = ()) -> list[str]:
+                       prior_sites: Iterable[str] = (), observed: Iterable[str] = ()) -> list[str]:
     """Sites of ``model`` to condition on: its latent sites and the deterministic sites that
     ``draws`` holds (conditioning a ``pyro.deterministic`` site replaces its value downstream).
 
     A latent site without draws is an error unless it is named in ``prior_sites`` (it is then
     drawn from its prior, which is exact when the model uses it only through a deterministic
-    site that is conditioned, e.g. CORAL's ``rna_weight`` through ``expected_rna``).
+    site that is conditioned, e.g. a read-out used only through the expected expression).
+    ``observed``: the model's observed sites (drawn, not conditioned, under ``predictive=True``).
     """
+    observed = set(observed)
     with torch.no_grad():
         trace = poutine.trace(model).get_trace(batch, predictive=True)
     names, missing = [], []
     for name, site in trace.nodes.items():
-        if site["type"] != "sample" or name in OBSERVED_SITES or site_is_subsample(site):
+        if site["type"] != "sample" or name in observed or site_is_subsample(site):
             continue
         if site["infer"].get("is_auxiliary"):
             continue
@@ -109,7 +108,8 @@ def posterior_predictive(
     Parameters
     ----------
     model
-        A model following the batch protocol with a ``predictive`` flag.
+        A model following the batch protocol with a ``predictive`` flag and a ``contract``
+        (:class:`~pyrospatial.protocols.ModelContract`) naming its observed sites.
     batch
         The full-data batch (``dataset.full_batch()``); its fixed non-edges are used.
     draws, plates
@@ -121,22 +121,23 @@ def posterior_predictive(
         Latent sites allowed to be missing from ``draws`` (see :func:`_conditioned_names`).
     mixed_sites
         Latent sites *not* conditioned on: redrawn from their prior given the other draws
-        ("mixed" replication, Gelman, Meng & Stern 1996), e.g. CORAL's per-cell ``z`` given
-        ``v`` and the cell type.
+        ("mixed" replication, Gelman, Meng & Stern 1996), e.g. a per-cell state given its
+        own prior's inputs.
 
     Returns
     -------
     dict
-        ``{site: (S, ...)}`` for each observed site present (``proteins`` ``(S, N, P)``,
-        ``spot_counts`` ``(S, M, G)``, ``edges`` ``(S, E)``, ``nonedges`` ``(S, K)``) with rows
-        in *dataset* order; ``{site}_mean`` and ``{site}_variance`` of the likelihood under
-        each draw (edge sites: ``{site}_mean`` only, the Bernoulli probabilities).
+        ``{site: (S, ...)}`` for each declared observed site present in the trace, with rows
+        of ``"cells"`` / ``"spots"`` sites in *dataset* order (pair and global sites in the
+        batch's order); ``{site}_{moment}`` for each of the site's declared ``moments`` of the
+        likelihood under each draw.
     """
+    contract = require_contract(model, "posterior_predictive")
     mixed = set(mixed_sites)
-    latent = [name for name in _conditioned_names(model, batch, draws, tuple(prior_sites) + tuple(mixed)) if name not in mixed]
+    conditioned = _conditioned_names(model, batch, draws, tuple(prior_sites) + tuple(mixed), contract.observed_names)
+    latent = [name for name in conditioned if name not in mixed]
     S = int(next(iter(draws.values())).shape[0])
-    cell_order = np.argsort(batch.cell_index.cpu().numpy())
-    spot_order = np.argsort(batch.spot_index.cpu().numpy())
+    orders = _row_orders(batch)
     out: dict[str, list[np.ndarray]] = {}
     torch.manual_seed(int(seed))
     iterator = tqdm(range(S), desc="posterior predictive", disable=not progress, leave=False)
@@ -145,25 +146,59 @@ def posterior_predictive(
             values = _row_values({k: draws[k] for k in latent}, plates, s, batch)
             conditioned = poutine.condition(model, data=values)
             trace = poutine.trace(conditioned).get_trace(batch, predictive=True)
-            for name in OBSERVED_SITES:
-                if name not in trace.nodes:
+            for declared in contract.observed:
+                if declared.name not in trace.nodes:
                     continue
-                site = trace.nodes[name]
+                site = trace.nodes[declared.name]
+                order = orders.get(declared.plate)  # None: pair or global rows, kept as they are
                 value = site["value"].detach().cpu().numpy()
-                if name == "proteins":
-                    value = value[cell_order]
-                elif name == "spot_counts":
-                    value = value[spot_order]
-                out.setdefault(name, []).append(value)
-                if name in ("edges", "nonedges"):
-                    out.setdefault(f"{name}_mean", []).append(site["fn"].mean.detach().cpu().numpy())
-                    continue
-                for moment in ("mean", "variance"):  # of the likelihood under this draw
-                    m = getattr(site["fn"], moment).detach().cpu().numpy()
-                    m = np.broadcast_to(m, value.shape)
-                    m = m[cell_order] if name == "proteins" else m[spot_order]
-                    out.setdefault(f"{name}_{moment}", []).append(np.ascontiguousarray(m))
+                value = value if order is None else value[order]
+                out.setdefault(declared.name, []).append(value)
+                for moment in declared.moments:  # of the likelihood under this draw
+                    m = np.broadcast_to(getattr(site["fn"], moment).detach().cpu().numpy(), value.shape)
+                    m = m if order is None else m[order]
+                    out.setdefault(f"{declared.name}_{moment}", []).append(np.ascontiguousarray(m))
     return {k: np.stack(v) for k, v in out.items()}
+
+
+def observed_data(
+    model: Callable,
+    batch,
+    draws: Mapping[str, np.ndarray],
+    plates: Mapping[str, str],
+    *,
+    prior_sites: Iterable[str] = (),
+) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    """The observations of the model's declared observed sites, read off its own trace.
+
+    The model runs once on ``batch`` (observations kept) under the first posterior draw, so
+    each observed site holds exactly what the model conditions on (e.g. transformed
+    intensities, or 1 / 0 for observed edges / sampled non-edges).
+
+    Returns
+    -------
+    values, scales
+        ``{site: array}`` with rows of ``"cells"`` / ``"spots"`` sites in dataset order, and
+        ``{site: scale}``: the log-likelihood scale of each site, i.e. how many units of the
+        full data one entry stands for (e.g. the non-adjacent pairs a sampled non-edge
+        represents).
+    """
+    contract = require_contract(model, "observed_data")
+    names = _conditioned_names(model, batch, draws, prior_sites, contract.observed_names)
+    orders = _row_orders(batch)
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        values = _row_values({k: draws[k] for k in names}, plates, 0, batch)
+        trace = poutine.trace(poutine.condition(model, data=values)).get_trace(batch)
+    out, scales = {}, {}
+    for declared in contract.observed:
+        site = trace.nodes.get(declared.name)
+        if site is None or not site["is_observed"]:
+            continue
+        value = torch.as_tensor(site["value"]).detach().cpu().numpy().astype(np.float32)
+        order = orders.get(declared.plate)
+        out[declared.name] = value if order is None else value[order]
+        scales[declared.name] = float(site["scale"])
+    return out, scales
 
 
 def _pairs(pairs: torch.Tensor, batch) -> np.ndarray:
@@ -171,17 +206,6 @@ def _pairs(pairs: torch.Tensor, batch) -> np.ndarray:
     cell_index = batch.cell_index.cpu().numpy()
     p = pairs.cpu().numpy()
     return np.stack([cell_index[p[0]], cell_index[p[1]]], axis=1).astype(np.int64) if p.size else np.zeros((0, 2), np.int64)
-
-
-def _observed(dataset, batch) -> dict[str, np.ndarray]:
-    X = dataset.spot_counts
-    X = X.toarray() if hasattr(X, "toarray") else np.asarray(X)
-    return {
-        "proteins": np.asarray(dataset.cell_features, dtype=np.float32),
-        "spot_counts": np.asarray(X, dtype=np.float32),
-        "edges": np.ones(batch.edge_pairs.shape[1], dtype=np.float32),
-        "nonedges": np.zeros(batch.nonedge_index.shape[1], dtype=np.float32),
-    }
 
 
 # ------------------------------------------------------------------------------------------
@@ -232,7 +256,7 @@ class PPCSummary:
 def ppc_summary(
     idata,
     *,
-    groups: Sequence[str] = ("spot_counts", "proteins"),
+    groups: Sequence[str] | None = None,
     alpha: float = 0.05,
     statistics: Sequence[str] = STATISTICS,
 ) -> PPCSummary:
@@ -244,7 +268,8 @@ def ppc_summary(
         From :func:`to_inference_data` (or any InferenceData whose ``posterior_predictive``
         and ``observed_data`` hold ``groups`` with dims ``(chain, draw, row, feature)``).
     groups
-        Observed variables to check; absent ones are skipped.
+        Observed variables to check; absent ones are skipped. None: every variable of
+        ``observed_data`` with a feature dimension (``(row, feature)``), in its order.
     alpha
         A feature is *extreme* when any of its p-values is below ``alpha/2`` or above
         ``1 - alpha/2``.
@@ -266,6 +291,8 @@ def ppc_summary(
     for group in ("posterior_predictive", "observed_data"):
         if group not in idata.groups():
             raise InputError(f"idata has no '{group}' group; build it with pyrospatial.criticism.arviz.to_inference_data.")
+    if groups is None:
+        groups = [name for name, var in idata.observed_data.data_vars.items() if var.ndim >= 2]
     frames = []
     for name in groups:
         if name not in idata.posterior_predictive or name not in idata.observed_data:

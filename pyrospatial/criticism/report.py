@@ -31,8 +31,9 @@ def check_results(results: str | Path, *, out: str | Path | None = None, n_featu
                   alpha: float = 0.05) -> dict[str, Any]:
     """Criticise a demo / fit output directory holding ``inference_data.nc``.
 
-    Writes ``figures/ppc_{spot_counts,proteins}.png``, ``figures/ppc_pvalues.png``,
-    ``figures/edge_reliability.png`` (when the model has edges), ``ppc_summary.csv`` and
+    Writes ``figures/ppc_{group}.png`` for every checked observed site (CORAL:
+    ``ppc_spot_counts.png``, ``ppc_proteins.png``), ``figures/ppc_pvalues.png``,
+    ``figures/edge_reliability.png`` (when the model has pair-level sites), ``ppc_summary.csv`` and
     ``check.md`` into ``out`` (default: ``results``); returns the headline numbers
     (``ppc_extreme_pvalue_fraction``, per-group fractions, ``edge_ece``).
     """
@@ -49,7 +50,7 @@ def check_results(results: str | Path, *, out: str | Path | None = None, n_featu
     summary = ppc_summary(idata, alpha=alpha)
     summary.table.to_csv(out / "ppc_summary.csv", index=False)
     written = {"pvalues": plot_pvalues(summary, figures / "ppc_pvalues.png")}
-    for group in ("spot_counts", "proteins"):
+    for group in summary.by_group:
         feats = _top_features(summary, group, n_features)
         if feats:
             written[group] = plot_ppc(idata, group, feats, figures / f"ppc_{group}.png")
@@ -61,7 +62,7 @@ def check_results(results: str | Path, *, out: str | Path | None = None, n_featu
     try:
         prob, outcome, weight = edge_reliability_inputs(idata)
         result["edge_ece"] = expected_calibration_error(prob, outcome, weights=weight)
-        written["edges"] = plot_reliability(prob, outcome, figures / "edge_reliability.png", weights=weight)
+        written["edge_reliability"] = plot_reliability(prob, outcome, figures / "edge_reliability.png", weights=weight)
     except InputError:
         pass
     _check_report(out / "check.md", idata, summary, result, written, out)

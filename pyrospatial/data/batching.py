@@ -130,12 +130,11 @@ class SpotBatchSampler(torch.utils.data.Sampler):
 class _BatchBuilder(torch.utils.data.Dataset):
     """Map-style dataset whose 'index' is a BatchSpec (used with ``batch_size=None``)."""
 
-    def __init__(self, dataset: "SpatialDataset", nonedge_ratio: float):
+    def __init__(self, dataset: "SpatialDataset"):
         self.dataset = dataset
-        self.nonedge_ratio = nonedge_ratio
 
     def __getitem__(self, spec: BatchSpec) -> Batch:
-        return self.dataset.make_batch(spec, nonedge_ratio=self.nonedge_ratio)
+        return self.dataset.make_batch(spec)
 
     def __len__(self) -> int:
         return self.dataset.n_units

@@ -137,6 +137,8 @@ class SpatialDataset:
     edges : (2, E) int64
         Undirected cell-graph edges, each once with ``i < j``; :attr:`edge_index` gives both
         directions as a torch tensor (torch-geometric convention).
+    nonedge_ratio : float
+        Non-adjacent pairs sampled per observed edge in every batch (default 1.0).
     """
 
     def __init__(
@@ -156,8 +158,10 @@ class SpatialDataset:
         cell_spot: np.ndarray | None = None,
         cell_home: np.ndarray | None = None,
         settings: dict | None = None,
+        nonedge_ratio: float = 1.0,
     ) -> None:
         n = cell_features.shape[0]
+        self.nonedge_ratio = _checked_ratio(nonedge_ratio)
         self.cell_features = cell_features.astype(np.float32)
         self.cell_library = _floored_library(self.cell_features)
         self.cell_type = cell_type.astype(np.int64)
@@ -210,6 +214,12 @@ class SpatialDataset:
         new.settings = {**self.settings, "graph": "precomputed"}
         return new
 
+    def with_nonedge_ratio(self, nonedge_ratio: float) -> "SpatialDataset":
+        """A copy that shares every array but samples ``nonedge_ratio`` non-edges per edge."""
+        new = copy.copy(self)
+        new.nonedge_ratio = _checked_ratio(nonedge_ratio)
+        return new
+
     # ---- sizes --------------------------------------------------------------------------
     @property
     def n_cells(self) -> int:
@@ -238,6 +248,11 @@ class SpatialDataset:
     @property
     def n_nonedges(self) -> int:
         return self.n_cells * (self.n_cells - 1) // 2 - self.n_edges
+
+    @property
+    def protein_names(self) -> pd.Index:
+        """Labels of the ``protein`` dimension in criticism (the per-cell feature names)."""
+        return self.feature_names
 
     @property
     def n_units(self) -> int:
@@ -277,6 +292,7 @@ class SpatialDataset:
         k: int = 6,
         graph_radius: float | None = None,
         spatial_key: str = "spatial",
+        nonedge_ratio: float = 1.0,
     ) -> "SpatialDataset":
         """Validate AnnData inputs and build the dataset.
 
@@ -295,6 +311,8 @@ class SpatialDataset:
         graph, k, graph_radius
             Cell graph: kNN with ``k`` neighbours (symmetrised) or all pairs within
             ``graph_radius``.
+        nonedge_ratio
+            Non-adjacent pairs sampled per observed edge in each batch (:attr:`nonedge_ratio`).
 
         Raises
         ------
@@ -382,6 +400,7 @@ class SpatialDataset:
             cell_names=cells.obs_names.copy(),
             feature_names=cells.var_names.copy(),
             edges=edges,
+            nonedge_ratio=nonedge_ratio,
         )
         if spots is None:
             return cls(**common, settings=settings)
@@ -472,15 +491,17 @@ class SpatialDataset:
             for b, units in enumerate(groups)
         ]
 
-    def make_batch(self, spec: BatchSpec, nonedge_ratio: float = 1.0) -> Batch:
+    def make_batch(self, spec: BatchSpec, nonedge_ratio: float | None = None) -> Batch:
         """Build the :class:`Batch` of one partition element.
 
-        ``nonedge_ratio`` non-edges are sampled per observed edge of the batch (at least one
-        when the batch has a non-adjacent pair), uniformly among its non-adjacent pairs.
+        ``nonedge_ratio`` (default :attr:`nonedge_ratio`) non-edges are sampled per observed
+        edge of the batch (at least one when the batch has a non-adjacent pair), uniformly
+        among its non-adjacent pairs.
         """
+        nonedge_ratio = self.nonedge_ratio if nonedge_ratio is None else _checked_ratio(nonedge_ratio)
         units = np.sort(np.asarray(spec.units, dtype=np.int64))
         static = self._static_batch_part(units)
-        n, sub, n_within_edges = static["n"], static["sub"], static["n_within_edges"]
+        n, n_within_edges = static["n"], static["n_within_edges"]
         n_pairs = n * (n - 1) // 2 - n_within_edges
         rng = np.random.default_rng(spec.seed)
         n_nonedges = min(n_pairs, max(1, int(round(nonedge_ratio * n_within_edges)))) if n_pairs > 0 else 0
@@ -557,29 +578,31 @@ class SpatialDataset:
         batch_size: int | None = None,
         *,
         seed: int = 0,
-        nonedge_ratio: float = 1.0,
         shuffle: bool = True,
     ) -> torch.utils.data.DataLoader:
         """A DataLoader of :class:`Batch` objects; ``batch_size`` counts spots (cells when there
-        are no spots); ``None`` means one batch with everything."""
+        are no spots); ``None`` means one batch with everything. Each batch samples
+        :attr:`nonedge_ratio` non-edges per edge."""
         batch_size = self.n_units if batch_size is None else int(batch_size)
         return torch.utils.data.DataLoader(
-            _BatchBuilder(self, nonedge_ratio),
+            _BatchBuilder(self),
             sampler=self.sampler(batch_size, seed=seed, shuffle=shuffle),
             batch_size=None,
             collate_fn=_identity,
         )
 
-    def chunks(self, chunk_size: int | None = None, *, nonedge_ratio: float = 1.0) -> Iterator[Batch]:
+    def chunks(self, chunk_size: int | None = None, *, nonedge_ratio: float | None = None) -> Iterator[Batch]:
         """A fixed, deterministic spatial partition covering every cell once (for posterior
-        sampling); ``chunk_size`` counts spots (cells when there are no spots), ``None`` = all."""
+        sampling); ``chunk_size`` counts spots (cells when there are no spots), ``None`` = all;
+        ``nonedge_ratio`` overrides :attr:`nonedge_ratio`."""
         size = self.n_units if chunk_size is None else int(chunk_size)
         sampler = SpotBatchSampler(self, size, seed=0, shuffle=False, rank=0, world_size=1)
         for spec in sampler.partition():
             yield self.make_batch(spec, nonedge_ratio=nonedge_ratio)
 
-    def full_batch(self, *, nonedge_ratio: float = 1.0) -> Batch:
-        """Everything in one batch (scales 1 for cells, spots and edges)."""
+    def full_batch(self, *, nonedge_ratio: float | None = None) -> Batch:
+        """Everything in one batch (scales 1 for cells, spots and edges); ``nonedge_ratio``
+        overrides :attr:`nonedge_ratio` (e.g. every non-adjacent pair for a graph check)."""
         return next(self.chunks(None, nonedge_ratio=nonedge_ratio))
 
 
@@ -605,6 +628,13 @@ def _validated_counts(matrix, field: str) -> sp.csr_matrix:
         )
     csr.data = np.round(data)
     return csr.astype(np.float32)
+
+
+def _checked_ratio(nonedge_ratio: float) -> float:
+    ratio = float(nonedge_ratio)
+    if not ratio >= 0.0:
+        raise InputError(f"nonedge_ratio must be a number >= 0 (non-edges sampled per edge), got {nonedge_ratio!r}.")
+    return ratio
 
 
 def _floored_library(features: np.ndarray) -> np.ndarray:

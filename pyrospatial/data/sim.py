@@ -3,7 +3,7 @@
 Two simulators live here:
 
 * :func:`simulate_tissue` draws a whole tissue from the generative model family that
-  CORAL fits (DESIGN.md): cell types arranged in layers, a hierarchical latent
+  CORAL fits (models/coral.py): cell types arranged in layers, a hierarchical latent
   ``v -> z`` per cell, a Gamma protein panel per cell, negative-binomial RNA per cell
   that is summed into spots, and a cell graph.  Everything the model would infer is
   returned as truth.
@@ -215,7 +215,7 @@ def simulate_tissue(
 ) -> SimulatedTissue:
     """Simulate a layered tissue from the CORAL generative model family, with truth.
 
-    Generative story (symbols as in DESIGN.md; ``i`` cells, ``p`` proteins, ``g`` genes,
+    Generative story (symbols as in models/coral.py; ``i`` cells, ``p`` proteins, ``g`` genes,
     ``j`` spots, ``c`` cell types):
 
     1. A square tissue of side ``S`` µm; cells uniform at random, with a density such that

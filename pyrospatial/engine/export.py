@@ -11,7 +11,7 @@ import torch
 from pyrospatial.errors import InputError
 from pyrospatial.engine.posterior import _numpy
 
-__all__ = ["export"]
+__all__ = ["NONE", "export", "h5ad_safe"]
 
 
 # ------------------------------------------------------------------------------------------
@@ -23,12 +23,24 @@ def _versions() -> dict[str, str]:
     return versions()
 
 
-def _h5ad_safe(value: Any) -> Any:
-    """Convert settings to types anndata writes to h5ad: no None, no mixed tuples."""
+#: What :func:`h5ad_safe` writes for ``None`` (h5ad has no null): the string ``"None"``.
+NONE = "None"
+
+
+def h5ad_safe(value: Any) -> Any:
+    """``value`` (settings, run records, nested dicts) as types anndata writes to h5ad.
+
+    The one sanitiser of every method's ``uns`` record. Rules: ``None`` becomes the string
+    ``"None"`` (:data:`NONE`; h5ad has no null), dict keys become strings (values converted
+    recursively), tensors become arrays, arrays of non-numeric dtype become string arrays,
+    lists/tuples become arrays (bool, int64, float64 when all entries are numbers; strings
+    otherwise; an empty one a float64 array of length 0), numpy scalars stay, and anything
+    else becomes its ``str``.
+    """
     if value is None:
-        return "None"
+        return NONE
     if isinstance(value, dict):
-        return {str(k): _h5ad_safe(v) for k, v in value.items()}
+        return {str(k): h5ad_safe(v) for k, v in value.items()}
     if isinstance(value, torch.Tensor):
         value = _numpy(value)
     if isinstance(value, np.ndarray):
@@ -154,7 +166,7 @@ def export(
                 adata.obsm[key] = value.reshape(-1, 1) if value.ndim == 1 else value
             keys.append(key)
         info[plate][name] = {"plate": plate, "location": location, "keys": np.asarray(keys, dtype=str)}
-    meta_settings = _h5ad_safe(dict(settings or {}))
+    meta_settings = h5ad_safe(dict(settings or {}))
     for plate, adata in targets.items():
         if adata is None:
             continue

@@ -65,6 +65,7 @@ from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from pyro.infer import Trace_ELBO
 from pyro.poutine.util import site_is_subsample
 
+from pyrospatial.engine.device import module_device
 from pyrospatial.errors import CheckpointError, FitError, InputError
 
 __all__ = ["STEP_METRIC", "EPOCH_METRIC", "CKPT_KEY", "versions", "initialise", "find_nonfinite", "SVIModule", "FitResult", "fit", "load_checkpoint"]
@@ -81,14 +82,8 @@ CKPT_KEY = "pyrospatial"
 def versions() -> dict[str, str]:
     """Versions of pyrospatial and the libraries that shape its results (strings)."""
     out = {}
-    for name, dist in [
-        ("pyrospatial", "pyrospatial"),
-        ("torch", "torch"),
-        ("pyro", "pyro-ppl"),
-        ("lightning", "lightning"),
-        ("anndata", "anndata"),
-        ("numpy", "numpy"),
-    ]:
+    for name, dist in [("pyrospatial", "pyrospatial"), ("torch", "torch"), ("pyro", "pyro-ppl"),
+                       ("lightning", "lightning"), ("anndata", "anndata"), ("numpy", "numpy")]:
         try:
             out[name] = metadata.version(dist)
         except metadata.PackageNotFoundError:  # pragma: no cover - source checkout
@@ -108,16 +103,6 @@ def _reseed(seed: int) -> None:
     torch.default_generator.manual_seed(seed)
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.manual_seed_all(seed)
-
-
-def _module_device(*modules: Any) -> torch.device:
-    for m in modules:
-        if isinstance(m, torch.nn.Module):
-            for p in m.parameters():
-                return p.device
-            for b in m.buffers():
-                return b.device
-    return torch.device("cpu")
 
 
 def _check_callables(model: Any, guide: Any) -> None:
@@ -149,7 +134,7 @@ def initialise(model: Any, guide: Any, batch) -> None:
     """Run the guide and the model once on ``batch`` so lazily created parameters (e.g. an
     AutoGuide's) exist; reject parameters created in Pyro's global param store."""
     _check_callables(model, guide)
-    batch = batch.to(_module_device(model, guide))
+    batch = batch.to(module_device(model, guide))
     before = _global_param_names()
     try:
         with torch.no_grad():
@@ -493,6 +478,16 @@ def _quiet_lightning(enabled: bool):
                 lg.setLevel(level)
 
 
+def _deprecated_nonedge_ratio(dataset, nonedge_ratio: float | None):
+    """``fit(nonedge_ratio=...)``, kept for one release: a copy of ``dataset`` with it set."""
+    if nonedge_ratio is not None:
+        warnings.warn("fit(nonedge_ratio=...) is deprecated: set it on the data set, e.g. "
+                      "SpatialDataset.from_anndata(..., nonedge_ratio=...).", DeprecationWarning, stacklevel=3)
+        if hasattr(dataset, "with_nonedge_ratio"):
+            dataset = dataset.with_nonedge_ratio(nonedge_ratio)
+    return dataset
+
+
 def fit(
     model: Callable,
     guide: torch.nn.Module,
@@ -511,7 +506,7 @@ def fit(
     resume: str | os.PathLike | None = None,
     progress: bool = True,
     gradient_clip_val: float | None = 10.0,
-    nonedge_ratio: float = 1.0,
+    nonedge_ratio: float | None = None,
     **trainer_kwargs: Any,
 ) -> FitResult:
     """Train ``model``/``guide`` on ``dataset`` by minibatch SVI with a Lightning ``Trainer``.
@@ -551,7 +546,8 @@ def fit(
     gradient_clip_val
         Element-wise gradient clip (``None``/0 turns it off).
     nonedge_ratio
-        Non-edges sampled per observed edge in each batch (passed to the dataloader).
+        Deprecated: set it on the data set (``SpatialDataset(nonedge_ratio=...)``). Given,
+        it is set on a copy of ``dataset`` (``with_nonedge_ratio``) with a ``DeprecationWarning``.
     trainer_kwargs
         Passed to ``lightning.Trainer`` (e.g. ``strategy="ddp"``, ``devices=2``,
         ``precision``, ``logger=...``, ``accumulate_grad_batches``). Lightning's logger is off
@@ -589,6 +585,7 @@ def fit(
         else:
             ckpt_path = Path(resume)
 
+    dataset = _deprecated_nonedge_ratio(dataset, nonedge_ratio)
     _check_callables(model, guide)
     L.seed_everything(seed, workers=True, verbose=False)
     # lazily created parameters (AutoGuides) must exist before the optimiser is built
@@ -634,7 +631,7 @@ def fit(
     if kwargs.get("default_root_dir") is None:
         kwargs.pop("default_root_dir")
 
-    loader = _lazy_loader(dataset.dataloader(batch_size, seed=seed, nonedge_ratio=nonedge_ratio, shuffle=True))
+    loader = _lazy_loader(dataset.dataloader(batch_size, seed=seed, shuffle=True))
     start = time.perf_counter()
     with _quiet_lightning(progress):
         trainer = L.Trainer(callbacks=callbacks, **kwargs)
@@ -655,7 +652,7 @@ def fit(
         "lr_decay": float(lr_decay),
         "batch_size": batch_size,
         "num_particles": int(num_particles),
-        "nonedge_ratio": float(nonedge_ratio),
+        "nonedge_ratio": float(getattr(dataset, "nonedge_ratio", 0.0)),
         "max_epochs": -1 if max_epochs is None else int(max_epochs),
         "max_steps": -1 if max_steps is None else int(max_steps),
         "steps": int(trainer.global_step),

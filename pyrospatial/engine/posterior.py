@@ -62,6 +62,7 @@ import torch
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 
+from pyrospatial.engine.device import module_device
 from pyrospatial.errors import InputError, PyrospatialError
 
 
@@ -127,14 +128,6 @@ class _FixValues(Messenger):
     def _pyro_sample(self, msg) -> None:
         if msg["name"] in self.values and not msg["is_observed"]:
             msg["value"] = self.values[msg["name"]]
-
-
-def _module_device(*modules: Any) -> torch.device:
-    for m in modules:
-        if isinstance(m, torch.nn.Module):
-            for p in m.parameters():
-                return p.device
-    return torch.device("cpu")
 
 
 class _EvalMode:
@@ -250,7 +243,7 @@ def _draw_chunks(
     if int(num_samples) < 1:
         raise InputError(f"num_samples must be >= 1, got {num_samples}.")
     keep = None if sites is None else set([sites] if isinstance(sites, str) else sites)
-    device = torch.device(device) if device is not None else _module_device(model, guide)
+    device = torch.device(device) if device is not None else module_device(model, guide)
     S = int(num_samples)
     with torch.no_grad(), _EvalMode(model, guide):
         first = next(iter(dataset.chunks(chunk_size))).to(device)

@@ -1,132 +1,29 @@
 """Refine an amortised posterior by MCMC: calibrated per-cell uncertainty for spot models.
 
-Why
----
-A mean-field (amortised) guide is over-confident exactly where CORAL needs it most: the
-cells of one spot share its counts, so their latents are strongly coupled (raise one cell's
-expression of a gene and another's must fall), and a factorised ``q`` sets each marginal to
-the *conditional* spread along those constraints -- the more cells per spot, the narrower.
-Global point estimates learned with such a ``q`` are biased the same way (e.g. the spread of
-cell sizes shrinks). :func:`refine_posterior` starts from the trained guide and runs MCMC
-on the model's own joint density, so the draws it returns follow the model's posterior.
+:func:`refine_posterior` starts ``C`` chains from guide draws and runs Hamiltonian Monte Carlo
+on the model's own joint density ``log p(x, theta)`` (latents in their unconstrained space,
+with the log-Jacobian), so the draws follow the model's posterior where a mean-field guide is
+over-confident (coupled latents, e.g. the cells of one spot).
 
-What is sampled
----------------
-Given the model's global point estimates (decoders, prior networks, ...), the joint density
-of the latents splits into independent parts once the cell graph is left out:
+The target splits into independent parts when the graph is left out: the *spot part* (cells
+inside spots, the spots' latents and the global latents; one accept/reject per chain) and
+the *outside part* (each cell outside every spot on its own; one accept/reject per cell).
+With ``graph=True`` every latent forms one part, with the edge and non-edge terms. Chains are
+a leading batch dimension (an outer plate at ``dim=-2``); the step size is adapted by dual
+averaging, a diagonal mass matrix in doubling windows. During warm-up, the model's
+``contract.em_parameters`` (:class:`~pyrospatial.protocols.ModelContract`) are re-estimated
+by stochastic-approximation Monte Carlo EM: one Adam step on
+``mean_chains log p(x, theta_c; phi)`` after each transition (Fisher's identity), in place.
+Latents in ``contract.graph_sites`` are held at the guide's draws when the graph is left out;
+``contract.noncentred`` sites are sampled in coordinates ``(x - loc) / scale``.
 
-- **spot part**: the latents of every cell inside a spot, the spots' own latents (e.g. a
-  capture efficiency) and the global latents of the model (e.g. CORAL's RNA read-out
-  ``"rna_weight"``, which all spots share). These are sampled jointly by Hamiltonian Monte
-  Carlo, one accept/reject per chain;
-- **outside part**: each cell outside every spot is independent of everything else; its
-  latents are sampled by HMC with one accept/reject per cell (``refine_outside``).
-
-The graph terms of the model (edge likelihood, Laplacian / contrastive factors) couple all
-cells and are *not* part of the default target: the guide's graph-informed draws are the
-starting point, and the refined posterior conditions on each cell's own features and its
-spot. (In the default simulation the graph carries no information about the cell states.)
-
-With ``graph=True`` they are: every cell, spot and global latent forms one part, sampled
-jointly on the full batch with the graph's edges and its non-adjacent pairs (all of them up
-to ``max_nonedges``, else a fixed uniform sample of that many, weighted to stand for all).
-Quantities that are read *on the graph* need this: an interaction-matrix entry averages the
-edge probability over the observed edges, which were drawn because their probability was
-high; a posterior that ignores the edges reports those probabilities too low (5-6% on the
-all-pair simulations of ``benchmarks/interaction_calibration.py``). A point-estimated edge
-decoder is then re-estimated by EM with the other parameters (:data:`GRAPH_EM_PARAMS`); a
-Bayesian one (CORAL's ``bayesian_edge_decoder``) is sampled jointly with the cells. Latents that
-only the graph informs (the model's ``graph_sites``, e.g. that decoder) are held at the guide's
-draws, one per chain, when the graph is left out: otherwise nothing in the target would hold
-them and they would drift to their prior.
-Cost: each leapfrog step evaluates ``num_chains x`` (edges + non-edges) pairs, a dense
-``num_chains x n^2`` product while the pairs are many. Measured for the pair terms alone (20
-chains, one CPU core, forward and gradient; ``benchmarks/results/graph_cost.md``): 0.03 s at 400
-cells, 0.8 s at 1500 and 2.3 s at 3000 (2M sampled non-edges), times
-``num_steps x (num_warmup + kept x thin)`` evaluations (about two hours at 3000 cells with the
-defaults); beyond a few hundred cells, use a GPU. Convergence is the harder limit: on data drawn from a trained
-CORAL with a Bayesian decoder (``benchmarks/results/interaction_oracle*.md``, 400 cells), the
-default run left every site's split-R-hat far above 1 (z 1.6-1.8, ``edge_weight`` 2.5-3.3 with
-``thin=5``; 1.2-1.6 and 1.9-2.6 with ``thin=20``), and 13 times the work (40 steps, 400 warm-up
-transitions) still leaves z at 1.2-1.5; check ``diagnostics["rhat_max"]`` before trusting
-graph-conditioned intervals. :meth:`pyrospatial.methods.coral.CORAL.interactions` widens the interaction
-matrix's intervals under this posterior by a factor fitted on held-apart simulations
-(:mod:`pyrospatial.criticism.recalibration`).
-
-Monte Carlo EM
---------------
-Some global point estimates (``em_params``; by default CORAL's ``size_scale`` and
-``rna_inverse_dispersion``) are re-estimated during warm-up by stochastic-approximation EM:
-after each MCMC transition one Adam step increases the mean over chains of the log joint
-density at the current states (Fisher's identity: its gradient is an unbiased estimate of the
-marginal likelihood's gradient). These are variance-type parameters that a mean-field guide
-biases: the spread of cell sizes, and the count dispersion (SVI puts CORAL's ``theta_g`` at
-about 3 where the simulator's is about 10, because a too-narrow ``q`` leaves residual spread
-that only the likelihood can absorb). They are chosen by maximum marginal likelihood, never by
-looking at a truth. The model is updated **in place** (pass ``em_params=()`` to leave it
-untouched).
-
-Caveat on ``theta_g``: EM runs for the warm-up only (default 100 transitions), and ``theta_g``
-has not settled by then. On simulations it passes the simulator's value near step 100 and
-keeps rising with a longer warm-up: 29 and 46 after 400 steps, against 11 and 10. The spot
-sums cannot tell per-cell count noise from per-cell variation of the expected expression, so
-its marginal likelihood is flat or rising in ``theta_g``. The default warm-up therefore acts
-as early stopping. Over-long warm-ups cost coverage on small data: 90% PIT coverage of
-per-cell RNA 0.866 against 0.898, and of counts 0.884 against 0.924, on 300 cells. On 600
-cells the cost is 0.935 against 0.937, and 0.924 against 0.936
-(``benchmarks/results/refine_em_trace.md``).
-
-Not re-estimated by default: the prior scales of the RNA read-out (``rna_weight_scale``,
-``rna_type_scale``, ``rna_slope_scale``). Their marginal-likelihood estimate shrinks the
-read-out: on 300-600 simulated cells, ``tau`` halves and ``tau_c`` falls 3-4 fold within 100
-EM steps, and both keep falling (``benchmarks/results/refine_em_trace_readout_scales.md``).
-The per-cell RNA posterior then becomes biased towards the gene baseline and too narrow. With
-that earlier default, 90% intervals covered 0.834 of the simulated truth, pooled, and 0.72-0.87
-per simulation (the calibration benchmark at stop 10, in git history). With the ELBO's
-estimates kept they cover 0.937 pooled, and 0.91-0.96 per simulation
-(``benchmarks/results/calibration.md``). A few hundred spot sums identify the read-out's
-scale poorly, and empirical Bayes then under-states the read-out's uncertainty. Pass the
-scales in ``em_params`` to re-estimate them anyway.
-
-Sampler details
----------------
-Every latent site is sampled in its unconstrained space (``biject_to(support)``, with the
-log-Jacobian). HMC uses ``num_steps`` leapfrog steps; during warm-up the step size is
-adapted by dual averaging to an acceptance of ``target_accept`` and a diagonal mass matrix
-(the variance of each coordinate across chains and recent iterations) is re-estimated in
-windows. After warm-up the kernel is fixed, and ``num_samples / num_chains`` draws per
-chain are kept, ``thin`` transitions apart. The chains run in parallel as a leading batch
-dimension of one model evaluation (an outer ``pyro.plate`` at ``dim=-2``), so the model's
-own plates must use ``dim=-1`` (as CORAL's do).
-
-Why not :class:`pyro.infer.MCMC`: it runs chains one per process and gives no hook to update
-model parameters between transitions; here ``C`` chains are one vectorised model evaluation
-(one batched gradient per leapfrog step for all chains) and EM steps interleave with the
-transitions. The scheme itself (dual averaging, windowed diagonal mass) is the standard one
-of Stan and Pyro's HMC.
-
-The returned :class:`~pyrospatial.engine.posterior.PosteriorSamples` has the layout of
-:func:`~pyrospatial.engine.posterior.sample_posterior`: ``(S, N_cells, ...)`` rows in dataset
-order, ``(S, N_spots, ...)``, global sites ``(S, ...)``; deterministic sites (e.g.
-``"expected_rna"``) are recomputed from the refined latents. Diagnostics are attached as
-``samples.diagnostics`` (acceptance rates, step sizes, EM traces, seconds, and per returned
-site the largest split-R-hat over its coordinates ``"rhat_max"`` and the smallest bulk effective
-sample size ``"ess_bulk_min"``, by ArviZ across the chains' kept draws
-(:func:`~pyrospatial.criticism.convergence.chain_convergence`); R-hat above about 1.05 means the chains
-disagree: lengthen ``num_warmup`` or ``num_steps``). Judge it on the quantities used: CORAL's
-latents have symmetries (``z -> A z`` with the read-out ``W -> W A^-1`` leaves the expected RNA
-unchanged), so ``"rna_weight"`` or ``"z"`` can wander while ``"expected_rna"`` has converged.
-The kept states are ``thin=20`` transitions apart. On 400 simulated cells, 2% of z's
-coordinates then have R-hat > 1.1 (22% with ``thin=5``, whose kept window was short of the
-chains' autocorrelation); the warm-up stays at 100 transitions, the Monte Carlo EM's early
-stop (below).
+The reasons, measurements and benchmark figures behind these choices (EM as early stopping,
+the read-out scales kept, ``thin=20``, the cost of ``graph=True``) are in ``docs/refine.md``.
 
 Example
 -------
 >>> fit(model, guide, dataset, max_epochs=400, lr=0.01)                 # doctest: +SKIP
 >>> draws = refine_posterior(model, guide, dataset, num_samples=100)     # doctest: +SKIP
->>> draws["expected_rna"].shape                                         # doctest: +SKIP
-(100, n_cells, n_genes)
 """
 
 from __future__ import annotations
@@ -142,23 +39,18 @@ import pyro
 from tqdm.auto import tqdm
 import pyro.poutine as poutine
 import torch
-import pyro.distributions as dist
 from pyro.distributions.transforms import biject_to
-from pyro.infer.reparam import LocScaleReparam, TransformReparam
 from pyro.poutine.util import site_is_subsample
 
 from pyrospatial.engine.batch import Batch
 from pyrospatial.criticism.convergence import chain_convergence
 from pyrospatial.errors import InputError
-from pyrospatial.engine.posterior import PosteriorSamples, _EvalMode, _module_device, site_plate
+from pyrospatial.engine.device import module_device
+from pyrospatial.engine.posterior import PosteriorSamples, _EvalMode, site_plate
+from pyrospatial.engine.reparam import decentred_value, noncentre
+from pyrospatial.protocols import contract_of
 
-__all__ = ["DEFAULT_EM_PARAMS", "GRAPH_EM_PARAMS", "refine_posterior"]
-
-#: CORAL's variance-type global parameters re-estimated by Monte Carlo EM by default.
-DEFAULT_EM_PARAMS = ("size_scale", "rna_inverse_dispersion")
-#: Also re-estimated by default when the refinement conditions on the graph (``graph=True``):
-#: CORAL's edge decoder, fitted under the guide, whose draws ignore the selection of edges.
-GRAPH_EM_PARAMS = ("edge_decoder.weight", "edge_decoder.bias")
+__all__ = ["refine_posterior"]
 
 _CHAIN_DIM = -2
 
@@ -428,52 +320,6 @@ def _mass_windows(num_warmup: int) -> set[int]:
 
 
 # ------------------------------------------------------------------------------------------
-# non-centred coordinates
-# ------------------------------------------------------------------------------------------
-def _base_normal(fn) -> tuple[torch.Tensor, torch.Tensor, bool] | None:
-    """``(loc, scale, log)`` of a Normal / LogNormal site distribution (None otherwise)."""
-    base = fn.base_dist if isinstance(fn, dist.Independent) else fn
-    if isinstance(base, dist.LogNormal):
-        return base.loc, base.scale, True
-    if isinstance(base, dist.Normal):
-        return base.loc, base.scale, False
-    return None
-
-
-def _noncentre(model: Callable, trace, names: Iterable[str]) -> tuple[Callable, dict[str, str]]:
-    """``model`` with the sites ``names`` (Normal or LogNormal) sampled in non-centred
-    coordinates ``u = (x - loc) / scale`` (of ``log x`` for a LogNormal), ``u ~ Normal(0, 1)``;
-    returns the wrapped model and ``{site: its non-centred site}``. In these coordinates a
-    scale parameter's EM gradient comes through the likelihood, and weakly identified
-    latents (a cell's size within its spot) have unit prior scale for the sampler."""
-    log_config, loc_config, renamed = {}, {}, {}
-    for name in names:
-        node = trace.nodes.get(name)
-        if node is None or node["type"] != "sample" or node["is_observed"]:
-            continue
-        found = _base_normal(node["fn"])
-        if found is None:
-            raise InputError(f"noncentred: site '{name}' is not Normal or LogNormal.")
-        if found[2]:
-            log_config[name] = TransformReparam()
-            loc_config[f"{name}_base"] = LocScaleReparam(0.0)
-            renamed[name] = f"{name}_base_decentered"
-        else:
-            loc_config[name] = LocScaleReparam(0.0)
-            renamed[name] = f"{name}_decentered"
-    if not renamed:
-        return model, {}
-    wrapped = poutine.reparam(poutine.reparam(model, config=log_config), config=loc_config) if log_config else poutine.reparam(model, config=loc_config)
-    return wrapped, renamed
-
-
-def _decentred_value(fn, value: torch.Tensor) -> torch.Tensor:
-    loc, scale, log = _base_normal(fn)
-    x = value.log() if log else value
-    return (x - loc) / scale
-
-
-# ------------------------------------------------------------------------------------------
 # set-up
 # ------------------------------------------------------------------------------------------
 def _latent_sites(model, guide, batch: Batch, renamed: dict[str, str] | None = None) -> list[_Site]:
@@ -501,6 +347,32 @@ def _latent_sites(model, guide, batch: Batch, renamed: dict[str, str] | None = N
 def _rows(value: torch.Tensor, site: _Site, index: torch.Tensor) -> torch.Tensor:
     """Rows ``index`` of a single-draw cells-plate value (the plate axis is left of the event)."""
     return value.index_select(value.dim() - site.event_dim - 1, index)
+
+
+def _parts(dataset, full, site_list: list[_Site], moving: list[_Site], graph: bool, max_nonedges: int,
+           device: torch.device) -> list[_Part]:
+    """The independent parts of the target: one joint part with the graph (or for a batch
+    type other than :class:`Batch`), else the spot part and the per-cell outside part."""
+    every_cell = torch.arange(full.n_cells, device=device)
+    if graph:
+        n_edges = int(getattr(dataset, "n_edges", 0))
+        if n_edges == 0:
+            raise InputError("graph=True needs a cell graph: the dataset has no edges (see SpatialDataset.with_edges).")
+        n_pairs = full.n_cells * (full.n_cells - 1) // 2 - n_edges
+        # full_batch samples nonedge_ratio non-edges per edge: ask for min(all, max_nonedges)
+        graph_batch = dataset.full_batch(nonedge_ratio=min(n_pairs, max(1, int(max_nonedges))) / n_edges).to(device)
+        return [_Part("all", graph_batch, every_cell, list(moving), per_cell=False, graph=True)]
+    if not isinstance(full, Batch):
+        return [_Part("all", full, every_cell, list(moving), per_cell=False)]
+    inside = torch.nonzero(full.cell_spot >= 0).squeeze(-1)
+    outside = torch.nonzero(full.cell_spot < 0).squeeze(-1)
+    parts: list[_Part] = []
+    if full.n_spots > 0 and inside.numel() > 0:
+        parts.append(_Part("spots", _sub_batch(full, inside, True), inside, list(moving), per_cell=False))
+    if outside.numel() > 0 or not parts:
+        cell_sites = [s for s in site_list if s.plate == "cells"]
+        parts.append(_Part("outside", _sub_batch(full, outside, False), outside, cell_sites, per_cell=True))
+    return parts
 
 
 def _em_parameters(model: torch.nn.Module, names: Iterable[str]) -> list[tuple[str, torch.Tensor]]:
@@ -533,7 +405,7 @@ def refine_posterior(
     em_params: Iterable[str] | None = None,
     em_lr: float = 0.02,
     refine_outside: bool = True,
-    noncentred: Iterable[str] = ("cell_size",),
+    noncentred: Iterable[str] | None = None,
     graph: bool = False,
     max_nonedges: int = 2_000_000,
     seed: int = 0,
@@ -545,17 +417,20 @@ def refine_posterior(
     Parameters
     ----------
     model, guide
-        A trained model/guide pair (e.g. ``CoralModel`` / ``CoralGuide``) following the batch
-        protocol, with all model plates at ``dim=-1``.
+        A trained model/guide pair following the batch protocol, with all model plates at
+        ``dim=-1``; the model's ``contract`` (:class:`~pyrospatial.protocols.ModelContract`)
+        gives the defaults below (none without one).
     dataset
-        The :class:`~pyrospatial.data.dataset.SpatialDataset` it was trained on (evaluated as one
-        batch: ``num_chains`` x cells x genes tensors must fit in memory).
+        The data source it was trained on (:class:`~pyrospatial.protocols.DataSource`),
+        evaluated as one batch (``num_chains`` x its tensors must fit in memory). A
+        :class:`~pyrospatial.engine.batch.Batch` is split into the spot and outside parts;
+        any other batch type is one joint part.
     num_samples
         Draws returned: ``num_chains`` chains x ``ceil(num_samples / num_chains)`` kept
         states (truncated to ``num_samples``).
     sites
-        Sites to return (default: every latent site and every deterministic site of the
-        cells/spots plates, e.g. ``"expected_rna"``; global latents such as ``"rna_weight"``).
+        Sites to return (default: every latent site, and every deterministic site of the
+        cells/spots plates).
     num_chains, num_warmup, thin
         Parallel chains; warm-up transitions (adaptation and EM); transitions between kept
         states.
@@ -563,7 +438,7 @@ def refine_posterior(
         Leapfrog steps per transition; initial step size; warm-up acceptance target.
     em_params
         Names of model parameters re-estimated by Monte Carlo EM during warm-up (updated in
-        place). None (default): those of :data:`DEFAULT_EM_PARAMS` that the model has;
+        place). None (default): those of ``contract.em_parameters`` that the model has;
         ``()``: none.
     em_lr
         Adam learning rate of the EM steps.
@@ -571,13 +446,13 @@ def refine_posterior(
         Also refine the cells outside every spot (each one independently, given the refined
         global latents). False keeps the guide's initial draws for their own latents.
     noncentred
-        Normal / LogNormal latent sites sampled in non-centred coordinates (default CORAL's
-        ``"cell_size"``: fast EM of its spread ``sigma_s`` and a well-scaled sampler for
-        sizes that the spot totals barely separate). Their values are returned as usual.
+        Normal / LogNormal latent sites sampled in non-centred coordinates (None: the
+        contract's ``noncentred``, e.g. a weakly identified size factor whose spread is
+        re-estimated by EM). Their values are returned as usual.
     graph
         Condition on the cell graph too (see the module docstring): one joint part with every
         cell and the edge likelihood; the default ``em_params`` then also include
-        :data:`GRAPH_EM_PARAMS`. ``refine_outside`` does not apply.
+        ``contract.graph_em_parameters``. ``refine_outside`` does not apply.
     max_nonedges
         With ``graph``: the most non-adjacent pairs evaluated (all of them when there are
         fewer; else a fixed uniform sample, weighted to stand for all).
@@ -601,7 +476,10 @@ def refine_posterior(
     if int(num_warmup) < 0 or int(thin) < 1 or int(num_steps) < 1:
         raise InputError("num_warmup must be >= 0, and thin and num_steps >= 1.")
     t_start = time.perf_counter()
-    device = torch.device(device) if device is not None else _module_device(model, guide)
+    device = torch.device(device) if device is not None else module_device(model, guide)
+    contract = contract_of(model)
+    if noncentred is None:
+        noncentred = contract.noncentred if contract is not None else ()
     C, S = int(num_chains), int(num_samples)
     num_warmup, thin = int(num_warmup), int(thin)
     per_chain = int(math.ceil(S / C))
@@ -614,7 +492,7 @@ def refine_posterior(
             guide_trace = poutine.trace(guide).get_trace(full)
             model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(full)
             base_model = model
-            model, renamed = _noncentre(base_model, model_trace, noncentred or ())
+            model, renamed = noncentre(base_model, model_trace, noncentred)
             site_list = _latent_sites(model, guide, full, renamed)
             originals = {new: old for old, new in renamed.items()}
             inits: dict[str, list[torch.Tensor]] = {s.name: [] for s in site_list}
@@ -625,31 +503,15 @@ def refine_posterior(
                 for s in site_list:
                     if s.name in originals:
                         node = model_trace.nodes[originals[s.name]]
-                        inits[s.name].append(_decentred_value(node["fn"], node["value"]))
+                        inits[s.name].append(decentred_value(node["fn"], node["value"]))
                     else:
                         inits[s.name].append(guide_trace.nodes[s.name]["value"])
-        inside = torch.nonzero(full.cell_spot >= 0).squeeze(-1)
-        outside = torch.nonzero(full.cell_spot < 0).squeeze(-1)
         # latents that enter only the graph terms (e.g. a Bayesian edge decoder): without the
         # graph in the target they would drift to their prior, so they keep the guide's draws
-        held = [] if graph else [s for s in site_list if s.name in set(getattr(base_model, "graph_sites", ()))]
+        graph_only = set(contract.graph_sites) if contract is not None else set()
+        held = [] if graph else [s for s in site_list if s.name in graph_only]
         moving = [s for s in site_list if s not in held]
-        parts: list[_Part] = []
-        if graph:
-            if int(dataset.n_edges) == 0:
-                raise InputError("graph=True needs a cell graph: the dataset has no edges (see SpatialDataset.with_edges).")
-            n = full.n_cells
-            n_pairs = n * (n - 1) // 2 - int(dataset.n_edges)
-            # full_batch samples nonedge_ratio non-edges per edge: ask for min(all, max_nonedges)
-            ratio = min(n_pairs, max(1, int(max_nonedges))) / int(dataset.n_edges)
-            graph_batch = dataset.full_batch(nonedge_ratio=ratio).to(device)
-            parts.append(_Part("all", graph_batch, torch.arange(n, device=device), list(moving), per_cell=False,
-                               graph=True))
-        elif full.n_spots > 0 and inside.numel() > 0:
-            parts.append(_Part("spots", _sub_batch(full, inside, True), inside, list(moving), per_cell=False))
-        if not graph and (outside.numel() > 0 or not parts):
-            cell_sites = [s for s in site_list if s.plate == "cells"]
-            parts.append(_Part("outside", _sub_batch(full, outside, False), outside, cell_sites, per_cell=True))
+        parts = _parts(dataset, full, site_list, moving, graph, max_nonedges, device)
         for part in parts:
             for s in part.moving:
                 rows = [(_rows(v, s, part.cells) if s.plate == "cells" else v) for v in inits[s.name]]
@@ -691,7 +553,7 @@ def refine_posterior(
             outside_needs_globals = any(g is not None and bool(g.abs().sum() > 0) for g in grads)
         if em_params is None:
             present = {name.removesuffix("_unconstrained") for name, _ in base_model.named_parameters()}
-            defaults = DEFAULT_EM_PARAMS + (GRAPH_EM_PARAMS if graph else ())
+            defaults = () if contract is None else contract.em_parameters + (contract.graph_em_parameters if graph else ())
             em_params = [name for name in defaults if name in present]
         em = _em_parameters(base_model, em_params)
         optimiser = torch.optim.Adam([p for _, p in em], lr=float(em_lr)) if em else None

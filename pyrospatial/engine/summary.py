@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Iterable
 
 import numpy as np
@@ -11,7 +12,7 @@ import torch
 from pyrospatial.errors import InputError
 from pyrospatial.engine.posterior import DEFAULT_QUANTILES, PosteriorSummary, _Globals, _check_coverage, _chunk_index, _draw_chunks, _ordered, _totals
 
-__all__ = ["summarise", "summarise_posterior"]
+__all__ = ["draw_quantiles", "summarise", "summarise_posterior"]
 
 
 def _qkey(q: float) -> str:
@@ -21,8 +22,18 @@ def _qkey(q: float) -> str:
     return f"q{int(round(pct)):02d}" if abs(pct - round(pct)) < 1e-9 else f"q{pct:g}"
 
 
-def _summary_stats(draws: np.ndarray, quantiles: Iterable[float]) -> dict[str, np.ndarray]:
-    """mean, sd (ddof=1; 0 for a single draw) and quantiles over axis 0."""
+def draw_quantiles(draws: np.ndarray, quantiles: Iterable[float]) -> list[np.ndarray]:
+    """Quantiles over axis 0 that are draws themselves (numpy's ``method="inverted_cdf"``:
+    the smallest draw with at least a fraction ``q`` of the draws at or below it), from one
+    sort. Integer draws (e.g. cell counts) thus get integer intervals."""
+    ordered = np.sort(np.asarray(draws), axis=0)
+    n = ordered.shape[0]
+    return [ordered[max(int(math.ceil(n * float(q))) - 1, 0)] for q in quantiles]
+
+
+def _summary_stats(draws: np.ndarray, quantiles: Iterable[float], integer: bool = False) -> dict[str, np.ndarray]:
+    """mean, sd (ddof=1; 0 for a single draw) and quantiles over axis 0 (linear interpolation,
+    or draws themselves with ``integer=True``, see :func:`draw_quantiles`)."""
     draws = np.asarray(draws)
     as_float = draws.astype(np.float64) if draws.dtype.kind in "biu" else draws
     out = {
@@ -31,24 +42,33 @@ def _summary_stats(draws: np.ndarray, quantiles: Iterable[float]) -> dict[str, n
     }
     quantiles = list(quantiles)
     if quantiles:
-        values = np.quantile(as_float, quantiles, axis=0)
+        values = draw_quantiles(as_float, quantiles) if integer else np.quantile(as_float, quantiles, axis=0)
         for q, v in zip(quantiles, values):
             out[_qkey(q)] = v.astype(as_float.dtype, copy=False)
     return out
 
 
 def summarise(
-    samples: dict[str, np.ndarray], quantiles: Iterable[float] = DEFAULT_QUANTILES
+    samples: dict[str, np.ndarray],
+    quantiles: Iterable[float] = DEFAULT_QUANTILES,
+    *,
+    integer_sites: Iterable[str] = (),
 ) -> PosteriorSummary:
     """Per-site ``{"mean", "sd", "q05", "q50", "q95"}`` over the draw axis (axis 0).
 
     ``sd`` is the sample standard deviation (``ddof=1``); quantiles use numpy's linear
-    interpolation; ``q`` keys are ``q<percent>`` (``0.05 -> "q05"``, ``0.025 -> "q2.5"``).
+    interpolation, except for ``integer_sites``, whose quantiles are draws themselves
+    (:func:`draw_quantiles`; integer counts get integer interval ends); ``q`` keys are
+    ``q<percent>`` (``0.05 -> "q05"``, ``0.025 -> "q2.5"``).
     """
     quantiles = tuple(quantiles)
+    integer_sites = set(integer_sites)
+    unknown = integer_sites - set(samples)
+    if unknown:
+        raise InputError(f"integer_sites {sorted(unknown)} are not sites of the samples ({sorted(samples)}).")
     out = PosteriorSummary(plates=getattr(samples, "plates", {}))
     for name, draws in samples.items():
-        out[name] = _summary_stats(draws, quantiles)
+        out[name] = _summary_stats(draws, quantiles, integer=name in integer_sites)
     return out
 
 

@@ -1,9 +1,12 @@
 """Methods: one module per job, each composing engine, data and criticism behind a user class
-(``train``, ``sample``, ``export``, ``to_inference_data``, ``save``, ``load``)."""
+(``train``, ``sample``, ``export``, ``to_inference_data``, ``save``, ``load``): :class:`CORAL`,
+:class:`Deconvolution` (one call: :func:`deconvolve`) and :class:`Alignment` (one call:
+:func:`align`)."""
 
 from pyrospatial.methods import analysis, baselines
-from pyrospatial.methods.alignment import AlignmentResult, align, align_slices
+from pyrospatial.methods.alignment import Alignment, AlignmentResult, align, align_slices
 from pyrospatial.methods.coral import CORAL
-from pyrospatial.methods.deconvolution import deconvolve
+from pyrospatial.methods.deconvolution import Deconvolution, deconvolve
 
-__all__ = ["AlignmentResult", "CORAL", "align", "align_slices", "analysis", "baselines", "deconvolve"]
+__all__ = ["CORAL", "Alignment", "AlignmentResult", "Deconvolution", "align", "align_slices", "analysis",
+           "baselines", "deconvolve"]

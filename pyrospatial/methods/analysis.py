@@ -1,5 +1,6 @@
-"""Posterior analysis shared by the models: spot-consistent count deconvolution, cell-type
-interaction matrices with intervals, and spatial domains with assignment confidence.
+"""Posterior analysis shared by the models: spot-consistent count splits
+(:func:`split_spot_counts`), cell-type interaction matrices with intervals, and spatial domains
+with assignment confidence.
 
 All functions take posterior *draws* (leading axis ``S``) and return summaries with their
 spread; none of them returns a point estimate alone.
@@ -7,8 +8,9 @@ spread; none of them returns a point estimate alone.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import scipy.sparse as sp
@@ -17,7 +19,15 @@ from sklearn.cluster import KMeans
 
 from pyrospatial.errors import InputError
 
-__all__ = ["QUANTILES", "summarise_draws", "CountSplit", "deconvolve_counts", "interaction_matrix", "spatial_domains"]
+__all__ = [
+    "QUANTILES",
+    "CountSplit",
+    "deconvolve_counts",
+    "interaction_matrix",
+    "spatial_domains",
+    "split_spot_counts",
+    "summarise_draws",
+]
 
 QUANTILES = {"q05": 0.05, "q50": 0.5, "q95": 0.95}
 
@@ -53,7 +63,7 @@ class CountSplit:
     draws: np.ndarray | None = None
 
 
-def deconvolve_counts(
+def split_spot_counts(
     spot_counts,
     cell_spot: np.ndarray,
     rate_draws: np.ndarray,
@@ -172,6 +182,16 @@ def deconvolve_counts(
     for name, values in zip(("q05", "q50", "q95"), qs):
         q[name][flat_cells] = values
     return CountSplit(mean=mean, sd=sd, max_abs_spot_error=float(max_error), draws=all_draws, **q)
+
+
+def deconvolve_counts(*args: Any, **kwargs: Any) -> CountSplit:
+    """Deprecated name of :func:`split_spot_counts` (same arguments and result); warns with a
+    ``DeprecationWarning``."""
+    warnings.warn(
+        "pyrospatial.methods.analysis.deconvolve_counts is deprecated: call split_spot_counts (same arguments).",
+        DeprecationWarning, stacklevel=2,
+    )
+    return split_spot_counts(*args, **kwargs)
 
 
 def _multinomial_split(totals: np.ndarray, weights: np.ndarray, rng: np.random.Generator) -> np.ndarray:

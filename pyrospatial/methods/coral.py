@@ -12,8 +12,9 @@ whose variables are proteins, is left untouched):
 
 - ``X``: posterior mean of the per-cell expected RNA ``E[x_ig | z_i, s_i] = rho_ig``;
 - ``layers["expected_rna_{mean,sd,q05,q50,q95}"]``: its posterior summaries;
-- ``layers["counts_{mean,sd,q05,q50,q95}"]``: spot-consistent per-cell counts (each draw's
-  cell counts add up exactly to the observed spot counts; NaN for cells outside every spot);
+- ``layers["counts_{mean,sd,q05,q50,q95}"]``: spot-consistent per-cell counts
+  (:meth:`CORAL.split_spot_counts`: each draw's cell counts add up exactly to the observed
+  spot counts; NaN for cells outside every spot);
 - ``obsm["z_{stat}"]``, ``obsm["v_{stat}"]`` / ``obs["v_{stat}"]`` (1-D v), ``obs["cell_size_{stat}"]``;
 - ``obs["domain"]``, ``obs["domain_confidence"]`` (co-clustering across posterior draws);
 - ``obsp["edge_prob_mean"]``, ``obsp["edge_prob_sd"]``: per-edge probabilities of the cell
@@ -37,20 +38,21 @@ from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
+import pyro
 import scipy.sparse as sp
 import torch
 from anndata import AnnData
 
-from pyrospatial.methods.analysis import CountSplit, deconvolve_counts, interaction_matrix, spatial_domains, summarise_draws
+from pyrospatial.methods.analysis import CountSplit, interaction_matrix, spatial_domains, split_spot_counts, summarise_draws
 from pyrospatial.data.dataset import SpatialDataset
 from pyrospatial.criticism.convergence import chain_convergence
 from pyrospatial.errors import InputError
+from pyrospatial.engine.device import module_device
 from pyrospatial.engine.infer import FitResult, SVIModule, fit, load_checkpoint
 from pyrospatial.engine.export import export as export_summaries
 from pyrospatial.engine.posterior import sample_posterior
 from pyrospatial.engine.summary import summarise
 from pyrospatial.criticism.recalibration import INTERACTION_RECALIBRATION, widen
-from pyrospatial.models.blocks import symmetric_from_upper
 
 __all__ = ["LOCAL_SITES", "EDGE_DECODER_SITES", "CoralPosterior", "CORAL"]
 
@@ -93,11 +95,17 @@ class CORAL:
         A prebuilt :class:`~pyrospatial.SpatialDataset` (then the AnnData keys are not read
         again), e.g. with held-out edges.
     model_kwargs, guide_kwargs
-        Passed to :meth:`CoralModel.from_dataset` / :meth:`CoralGuide.from_dataset`.
+        Passed to :meth:`CoralModel.from_dataset` (fields of the shared
+        :class:`~pyrospatial.models.CoralConfig`, or a variant's own options) /
+        :meth:`CoralGuide.from_dataset` (the guide's own options, e.g. ``hidden``, ``heads``;
+        the guide reads everything it shares with the model from ``model.config``).
     model_cls, guide_cls
         A custom variant (e.g. a subclass of :class:`~pyrospatial.models.CoralModel` that
         swaps one block); it must keep the sites ``z``, ``v``, ``cell_size``,
-        ``expected_rna`` and the ``edge_decoder`` attribute.
+        ``expected_rna`` and :meth:`~pyrospatial.models.CoralModel.edge_probability`.
+    seed
+        Seeds the networks' initial weights (``train`` and ``sample`` take their own seeds):
+        the same inputs, settings and seeds give the same result in any process on CPU.
 
     Examples
     --------
@@ -122,6 +130,7 @@ class CORAL:
         guide_kwargs: dict[str, Any] | None = None,
         model_cls: type | None = None,
         guide_cls: type | None = None,
+        seed: int = 0,
     ) -> None:
         from pyrospatial.guides import CoralGuide
         from pyrospatial.models import CoralModel
@@ -136,8 +145,9 @@ class CORAL:
         )
         self.model_kwargs = dict(model_kwargs or {})
         self.guide_kwargs = dict(guide_kwargs or {})
-        if self.model_kwargs.get("capture_sd") is not None:
-            self.guide_kwargs.setdefault("capture", True)
+        # the networks' initial weights come from torch's global generator: seed it, so that
+        # one seed gives one result in any process
+        pyro.set_rng_seed(seed)
         self.model = model_cls.from_dataset(self.dataset, **self.model_kwargs)
         self.guide = guide_cls.from_dataset(self.dataset, model=self.model, **self.guide_kwargs)
         self.fit_result: FitResult | None = None
@@ -179,6 +189,26 @@ class CORAL:
         self.refined = bool(torch.load(path, map_location="cpu", weights_only=True).get("refined", False))
         self.posterior = None
         return self
+
+    def to_inference_data(self, *, path: str | None = None, seed: int = 0, mixed: bool = True):
+        """``arviz.InferenceData`` of the posterior drawn by :meth:`sample`, with posterior
+        predictive replicates, observed data and the ELBO history
+        (:func:`pyrospatial.criticism.arviz.to_inference_data`; written to ``path`` as netCDF).
+
+        ``mixed=True`` replicates the observations whose likelihood depends on ``z`` with ``z``
+        redrawn from its prior given the other draws ("mixed" replication): a cell's own
+        posterior state was fitted to its observations, so plain posterior replicates are pulled
+        towards the data and hide misfit. The read-out ``rna_weight`` may be absent from the
+        draws (they hold ``expected_rna``, through which alone the model uses it); it is then
+        drawn from its prior and does not enter the replicates.
+        """
+        from pyrospatial.criticism.arviz import to_inference_data
+        from pyrospatial.engine.posterior import PosteriorSamples
+
+        post = self._require_posterior()
+        samples = PosteriorSamples(post.samples, plates=post.plates)
+        return to_inference_data(self, self.dataset, samples, method=post.method, seed=seed,
+                                 prior_sites=("rna_weight",), mixed_sites=("z",) if mixed else (), path=path)
 
     # ------------------------------------------------------------------------------------
     def sample(
@@ -233,21 +263,18 @@ class CORAL:
 
     @torch.no_grad()
     def _edge_probabilities(self, samples: dict[str, np.ndarray], pairs: np.ndarray, chunk: int = 16) -> np.ndarray:
-        """sigmoid(f(z_i, z_i')) for every draw and pair (chunked over draws), with each draw's
-        own decoder when the model's edge decoder is Bayesian."""
-        decoder = self.model.edge_decoder
-        device = next(self.model.parameters()).device
+        """The model's :meth:`~pyrospatial.models.CoralModel.edge_probability` for every draw and
+        pair (chunked over draws), with each draw's own decoder when it is Bayesian."""
+        device = module_device(self.model)
         pairs_t = torch.as_tensor(pairs, device=device)
         z_draws = samples["z"]
+        sites = EDGE_DECODER_SITES if self.model.bayesian_edge_decoder else ()
         out = []
         for lo in range(0, z_draws.shape[0], chunk):
             z = torch.as_tensor(z_draws[lo : lo + chunk], device=device, dtype=torch.float32)
-            weight = bias = None
-            if self.model.bayesian_edge_decoder:
-                upper = torch.as_tensor(samples["edge_weight"][lo : lo + chunk], device=device, dtype=torch.float32)
-                weight = symmetric_from_upper(upper, self.model.z_dim)
-                bias = torch.as_tensor(samples["edge_bias"][lo : lo + chunk], device=device, dtype=torch.float32)[:, None]
-            out.append(torch.sigmoid(decoder(z, pairs_t, weight, bias)).cpu().numpy())
+            decoder = {site: torch.as_tensor(samples[site][lo : lo + chunk], device=device, dtype=torch.float32)
+                       for site in sites}
+            out.append(self.model.edge_probability(z, pairs_t, **decoder).cpu().numpy())
         return np.concatenate(out, axis=0)
 
     def edge_probabilities(self, pairs: np.ndarray) -> np.ndarray:
@@ -261,22 +288,29 @@ class CORAL:
         return self.posterior
 
     # ------------------------------------------------------------------------------------
-    def deconvolve_counts(
+    def split_spot_counts(
         self, *, method: Literal["multinomial", "dirichlet_multinomial"] = "dirichlet_multinomial",
         seed: int = 0, keep_draws: bool = False,
     ) -> CountSplit:
         """Per-cell counts that split each spot's observed counts among its cells under the
         posterior draws of their expected expression (see
-        :func:`pyrospatial.methods.analysis.deconvolve_counts`); every draw adds up exactly. With the
+        :func:`pyrospatial.methods.analysis.split_spot_counts`); every draw adds up exactly. With the
         model's default ``spot_dispersion="sum"``, ``theta_g`` is each cell's inverse dispersion
         (``dispersion="cell"``); with ``"spot"`` it is the spot's."""
         posterior = self._require_posterior()
         theta = self.model.rna_inverse_dispersion.detach().cpu().numpy()
-        return deconvolve_counts(
+        return split_spot_counts(
             self.dataset.spot_counts, self.dataset.cell_spot, posterior.samples["expected_rna"],
             method=method, inverse_dispersion=theta, seed=seed, keep_draws=keep_draws,
             dispersion="cell" if getattr(self.model, "spot_dispersion", "spot") == "sum" else "spot",
         )
+
+    def deconvolve_counts(self, **kwargs: Any) -> CountSplit:
+        """Deprecated name of :meth:`split_spot_counts` (same keywords); warns with a
+        ``DeprecationWarning``."""
+        warnings.warn("CORAL.deconvolve_counts is deprecated: call CORAL.split_spot_counts (same keywords).",
+                      DeprecationWarning, stacklevel=2)
+        return self.split_spot_counts(**kwargs)
 
     def interactions(self, *, recalibrate: bool | None = None) -> dict[str, Any]:
         """Cell-type x cell-type interaction matrix (mean, sd, q05, q50, q95 over draws).
@@ -354,7 +388,7 @@ class CORAL:
     def attention(self) -> sp.csr_matrix:
         """(N, N) sparse GAT attention of the guide's last layer, mean over heads (target row,
         source column), on the full graph."""
-        batch = self.dataset.full_batch().to(next(self.guide.parameters()).device)
+        batch = self.dataset.full_batch().to(module_device(self.guide))
         edge_index, alpha = self.guide.attention(batch)
         cells = batch.cell_index.cpu().numpy()
         src, dst = edge_index.cpu().numpy()
@@ -384,7 +418,7 @@ class CORAL:
             cells_rna, None, summary, settings=self._settings(), locations=locations,
         )
         # spot-consistent counts
-        split = self.deconvolve_counts(method=count_method, seed=seed)
+        split = self.split_spot_counts(method=count_method, seed=seed)
         for stat in ("mean", "sd", "q05", "q50", "q95"):
             cells_rna.layers[f"counts_{stat}"] = getattr(split, stat).astype(np.float32)
         cells_rna.uns["pyrospatial"]["spot_sum_max_abs_error"] = float(split.max_abs_spot_error)

@@ -12,6 +12,17 @@ The model is :class:`pyrospatial.models.celltype_deconvolution.CellTypeDeconvolu
 :class:`pyrospatial.guides.celltype_deconvolution.CellTypeDeconvolutionGuide`; both are trained
 by :func:`pyrospatial.fit` and summarised by :func:`pyrospatial.sample_posterior`.
 
+:func:`deconvolve` is one call of the method class :class:`Deconvolution` (the shape of
+:class:`~pyrospatial.methods.coral.CORAL`): build it on the inputs (validated, with data,
+model and guide), then ``train``, ``sample``, ``export``; also ``to_inference_data``,
+``save`` and ``load``::
+
+    dec = ps.methods.Deconvolution(spots, reference, "cell_type", cells_per_spot=8)
+    dec.train(max_steps=250)
+    dec.sample(num_samples=300)
+    out = dec.export()                    # the same AnnData as ps.deconvolve
+    dec.save("deconvolution.pt")          # tensors and settings only (no pickle)
+
 Documented keys of the returned spots AnnData
 ---------------------------------------------
 For ``stat`` in ``mean, sd, q05, q50, q95`` (posterior mean, standard deviation and the 5%,
@@ -36,7 +47,8 @@ For ``stat`` in ``mean, sd, q05, q50, q95`` (posterior mean, standard deviation 
   the posterior mass inside the integer intervals ``[cell_count_q05, cell_count_q95]``, i.e.
   the coverage a perfectly calibrated posterior would reach (>= 0.9; near 1 where most types
   are absent from most spots, since ``[0, 0]`` then holds nearly all the mass).
-  ``settings`` records every setting, ``steps`` (steps run) and ``stopped_by``.
+  ``settings`` records every setting, ``steps`` (steps run) and ``stopped_by``. The record
+  goes through :func:`pyrospatial.engine.export.h5ad_safe` (``None`` is written ``"None"``).
 
 Errors (all :class:`~pyrospatial.errors.InputError` subclasses, naming the field and the fix)
 ------------------------------------------------------------------------------------------
@@ -51,275 +63,351 @@ Errors (all :class:`~pyrospatial.errors.InputError` subclasses, naming the field
 
 from __future__ import annotations
 
-import math
 import time
 import warnings
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import pyro
-import scipy.sparse as sp
 import torch
 from anndata import AnnData
-from scipy.optimize import nnls
 
-from pyrospatial.errors import CountsError, InputError
 from pyrospatial.data.spot_counts import SpotCounts
+from pyrospatial.engine.export import h5ad_safe
+from pyrospatial.engine.infer import FitResult, fit
+from pyrospatial.engine.posterior import sample_posterior
+from pyrospatial.engine.summary import summarise
+from pyrospatial.errors import InputError
+from pyrospatial.methods.deconvolution_inputs import (
+    EmptySpotError,
+    NoSharedGenesError,
+    ReferenceTypeError,
+    _matrix,
+    _raw_counts,
+    _reference_labels,
+    _shared_genes,
+    convergence_callback,
+    elbo_converged,
+    guide_start,
+    nnls_abundance,
+    signature_prior,
+)
+from pyrospatial.methods.method_io import (
+    SAVE_FORMAT,
+    check_saved,
+    draws_to_inference_data,
+)
 
-
-__all__ = ["STATS", "UNS_KEY", "NoSharedGenesError", "ReferenceTypeError", "EmptySpotError", "signature_prior", "nnls_abundance", "guide_start", "elbo_converged", "deconvolve"]
+__all__ = ["STATS", "UNS_KEY", "Deconvolution", "EmptySpotError", "NoSharedGenesError", "ReferenceTypeError",
+           "deconvolve", "elbo_converged", "guide_start", "nnls_abundance", "signature_prior"]
 
 
 #: Statistics exported for every inferred quantity.
 STATS = ("mean", "sd", "q05", "q50", "q95")
 
-
 #: Key of the run record in ``spots.uns``.
 UNS_KEY = "deconvolution"
 
+#: Global sites summarised into ``uns["deconvolution"]["globals"]``.
+GLOBAL_SITES = ("signature", "platform_effect", "background", "inv_sqrt_dispersion", "type_frequency",
+                "concentration")
 
-class NoSharedGenesError(InputError):
-    """The spots and the reference share no gene."""
+#: ArviZ dims of every site (after ``chain``, ``draw``).
+DIMS = {
+    "abundance": ("spot", "cell_type"), "proportion": ("spot", "cell_type"), "cell_count": ("spot", "cell_type"),
+    "expected_expression": ("spot", "cell_type", "gene"), "detection": ("spot",),
+    "signature": ("cell_type", "gene"), "platform_effect": ("gene",), "background": ("gene",),
+    "inv_sqrt_dispersion": ("gene",), "type_frequency": ("cell_type",), "concentration": (),
+    "spot_counts": ("spot", "gene"),
+}
 
+class Deconvolution:
+    """Reference-based cell-type deconvolution of spots (the method behind :func:`deconvolve`).
 
-class ReferenceTypeError(InputError):
-    """The reference's cell-type labels are missing or a type has too few cells."""
-
-
-class EmptySpotError(InputError):
-    """Some spots have zero counts over the genes used."""
-
-
-# ------------------------------------------------------------------------------------------
-# validation
-# ------------------------------------------------------------------------------------------
-def _matrix(adata: AnnData, layer: str | None, what: str):
-    if layer is None:
-        return adata.X, f"{what}.X"
-    if layer not in adata.layers:
-        raise InputError(
-            f"{what}.layers['{layer}'] is missing (available layers: {sorted(adata.layers.keys())}); "
-            f"pass the layer that holds raw counts, or layer=None to use {what}.X."
-        )
-    return adata.layers[layer], f"{what}.layers['{layer}']"
-
-
-def _raw_counts(matrix, field: str) -> np.ndarray:
-    """Dense float64 raw counts, rejecting NaN/inf, negative and non-integer values."""
-    array = matrix.toarray() if sp.issparse(matrix) else np.asarray(matrix)
-    if array.dtype.kind not in "biuf":
-        raise CountsError(f"{field} must be numeric counts, got dtype {array.dtype}.")
-    array = np.asarray(array, dtype=np.float64)
-    bad = ~np.isfinite(array)
-    if bad.any():
-        raise CountsError(
-            f"{field} contains {int(bad.sum())} NaN/inf value(s); pass raw integer counts "
-            "(e.g. adata.layers['counts'] or adata.raw.X)."
-        )
-    if (array < 0).any():
-        raise CountsError(
-            f"{field} has {int((array < 0).sum())} negative value(s); pass raw counts, not scaled data."
-        )
-    fractional = np.abs(array - np.round(array)) > 1e-6
-    if fractional.any():
-        raise CountsError(
-            f"{field} has {int(fractional.sum())} non-integer value(s) (e.g. {array[fractional][0]:.4g}); "
-            "the negative-binomial likelihood needs raw integer counts: pass the raw counts (layer=... / "
-            "reference_layer=...), not normalised or log-transformed data."
-        )
-    return np.round(array)
-
-
-def _shared_genes(spots: AnnData, reference: AnnData) -> list[str]:
-    ref = set(map(str, reference.var_names))
-    genes = [str(g) for g in spots.var_names if str(g) in ref]
-    if not genes:
-        raise NoSharedGenesError(
-            f"spots.var_names ({spots.n_vars} genes, e.g. {list(map(str, spots.var_names[:3]))}) and "
-            f"reference.var_names ({reference.n_vars} genes, e.g. {list(map(str, reference.var_names[:3]))}) "
-            "share no gene: use the same gene identifiers in both (symbols or Ensembl IDs)."
-        )
-    return genes
-
-
-def _reference_labels(reference: AnnData, cell_type_key: str, min_cells_per_type: int) -> pd.Categorical:
-    if cell_type_key not in reference.obs:
-        raise ReferenceTypeError(
-            f"reference.obs['{cell_type_key}'] is missing: pass cell_type_key= the column with the "
-            f"cell-type labels (available: {list(reference.obs.columns)})."
-        )
-    labels = reference.obs[cell_type_key]
-    if labels.isna().any():
-        raise ReferenceTypeError(
-            f"reference.obs['{cell_type_key}'] has {int(labels.isna().sum())} missing label(s); "
-            "drop those cells or label them."
-        )
-    labels = pd.Categorical(labels.astype(str))
-    labels = labels.remove_unused_categories()
-    counts = pd.Series(labels).value_counts()
-    small = counts[counts < min_cells_per_type]
-    if len(small):
-        raise ReferenceTypeError(
-            f"reference.obs['{cell_type_key}'] has type(s) with fewer than min_cells_per_type="
-            f"{min_cells_per_type} cells: {dict(small.astype(int))}. A signature from so few cells is "
-            "not estimable: merge those types into a related one, drop their cells, or lower "
-            "min_cells_per_type."
-        )
-    if len(counts) < 2:
-        raise ReferenceTypeError(
-            f"reference.obs['{cell_type_key}'] has a single type; deconvolution needs at least 2."
-        )
-    return labels
-
-
-# ------------------------------------------------------------------------------------------
-# reference signatures and a point-estimate baseline
-# ------------------------------------------------------------------------------------------
-def signature_prior(
-    counts: np.ndarray, labels: pd.Categorical, *, pseudocount: float = 0.1
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Gamma prior ``(shape, rate)`` of the per-type mean expression ``s_tg`` (``T x G``).
-
-    Moment matching of the type mean's sampling distribution: mean ``s_hat = (sum_i x_ig +
-    pseudocount) / n_t`` and variance ``max(var_i x_ig, s_hat) / n_t`` (the squared standard
-    error, floored at its Poisson value), so ``shape = n_t s_hat^2 / max(var, s_hat)`` and
-    ``rate = shape / s_hat``. For a Poisson gene this is the conjugate posterior of its rate.
-
-    Returns
-    -------
-    shape, rate
-        ``(T, G)`` float64 arrays.
-    excess_variance
-        ``(T, G)`` per-cell variance over Poisson, ``max(var_i x_ig - s_hat, 0)``.
-    n_cells
-        ``(T,)`` number of reference cells per type.
-    """
-    codes = np.asarray(labels.codes)
-    T = len(labels.categories)
-    n_t = np.bincount(codes, minlength=T).astype(np.float64)
-    sums = np.zeros((T, counts.shape[1]))
-    np.add.at(sums, codes, counts)
-    squares = np.zeros_like(sums)
-    np.add.at(squares, codes, counts**2)
-    mean_raw = sums / n_t[:, None]
-    var = np.maximum(squares / n_t[:, None] - mean_raw**2, 0.0) * n_t[:, None] / np.maximum(n_t[:, None] - 1, 1)
-    mean = (sums + pseudocount) / n_t[:, None]
-    shape = n_t[:, None] * mean**2 / np.maximum(var, mean)
-    rate = shape / mean
-    return shape, rate, np.maximum(var - mean_raw, 0.0), n_t
-
-
-def nnls_abundance(spot_counts: np.ndarray, signatures: np.ndarray) -> np.ndarray:
-    """``(n_spots, T)`` non-negative least squares: ``X_j ~ sum_t w_jt s_t`` with ``w >= 0``.
-
-    The point-estimate baseline (``nnls`` in the benchmark) and the guide's starting point.
-    """
-    S = np.asarray(signatures, dtype=np.float64).T  # G x T
-    X = np.asarray(spot_counts, dtype=np.float64)
-    return np.stack([nnls(S, x)[0] for x in X])
-
-
-def guide_start(
-    nnls: np.ndarray, cells_per_spot: np.ndarray, type_frequency: np.ndarray, prior_weight: float
-) -> np.ndarray:
-    """``(n_spots, T)`` starting mean of the abundances' guide: a blend of the NNLS fit and the
-    prior mean, ``(1 - prior_weight) * nnls + prior_weight * N_j f_t``.
-
-    Why blend: NNLS is sparse (a type it sets to 0 starts at the guide's floor, a Gamma with
-    ``P(n = 0) ~ 0.95``), and the fit runs a fixed, short budget from its start, so a type NNLS
-    dropped in a spot mostly stays "surely absent" whatever the data say. The prior mean
-    (``N_j`` cells spread over the types in the reference's frequencies ``f_t``) is dense and uses
-    no spot data; a blend starts every type with some abundance and still starts near the
-    least-squares composition. ``prior_weight = 0`` is the NNLS start.
+    Building it validates the inputs and builds the data (:class:`~pyrospatial.data.spot_counts.SpotCounts`),
+    the model and the guide; nothing is trained yet. Then :meth:`train`, :meth:`sample`,
+    :meth:`export` (and :meth:`to_inference_data`, :meth:`save`, :meth:`load`).
 
     Parameters
     ----------
-    nnls
-        ``(n_spots, T)`` non-negative least-squares abundances (:func:`nnls_abundance`).
-    cells_per_spot
-        ``N_j``, a scalar or ``(n_spots,)``.
-    type_frequency
-        ``(T,)`` type frequencies (e.g. of the reference cells), summing to 1.
-    prior_weight
-        Weight of the prior mean, in ``[0, 1]``.
+    spots, reference, cell_type_key, cells_per_spot, layer, reference_layer, spatial_key, min_cells_per_type
+        The inputs and how to read them, as for :func:`deconvolve`.
+    concentration_mean, concentration_shape, init_shape, init_prior_weight, platform_cv, detection_cv
+        Model priors and the guide's start, as for :func:`deconvolve`.
+    background_fraction, smoothness, total_cv, n_neighbours
+        As for :func:`deconvolve`.
+
+    Raises
+    ------
+    NoSharedGenesError, ReferenceTypeError, CountsError, EmptySpotError, InputError
     """
-    if not 0.0 <= float(prior_weight) <= 1.0:
-        raise InputError(f"init_prior_weight must be in [0, 1], got {prior_weight}.")
-    nnls = np.asarray(nnls, dtype=np.float64)
-    hint = np.broadcast_to(np.asarray(cells_per_spot, dtype=np.float64).reshape(-1, 1), (nnls.shape[0], 1))
-    prior_mean = hint * np.asarray(type_frequency, dtype=np.float64)[None, :]
-    return (1.0 - float(prior_weight)) * nnls + float(prior_weight) * prior_mean
 
+    def __init__(
+        self,
+        spots: AnnData,
+        reference: AnnData,
+        cell_type_key: str = "cell_type",
+        *,
+        cells_per_spot: float | np.ndarray | str | None = None,
+        layer: str | None = None,
+        reference_layer: str | None = None,
+        spatial_key: str = "spatial",
+        min_cells_per_type: int = 5,
+        concentration_mean: float = 0.3,
+        concentration_shape: float = 1000.0,
+        init_shape: float = 2.0,
+        init_prior_weight: float = 0.75,
+        platform_cv: float = 0.3,
+        detection_cv: float = 0.1,
+        background_fraction: float = 0.05,
+        smoothness: float = 0.0,
+        total_cv: float | str | None = None,
+        n_neighbours: int = 6,
+    ) -> None:
+        from pyrospatial.guides.celltype_deconvolution import CellTypeDeconvolutionGuide
+        from pyrospatial.models.celltype_deconvolution import CellTypeDeconvolutionModel
 
-# ------------------------------------------------------------------------------------------
-# when to stop: a rule on the ELBO alone
-# ------------------------------------------------------------------------------------------
-def elbo_converged(history, window: int, z: float = 2.0) -> bool:
-    """True when the mean loss of the last ``window`` steps is no longer lower than the mean
-    of the ``window`` steps before it by more than ``z`` standard errors of that difference.
+        if not isinstance(spots, AnnData) or not isinstance(reference, AnnData):
+            raise InputError("spots and reference must be AnnData objects (spots x genes, cells x genes).")
+        if int(min_cells_per_type) < 1:
+            raise InputError(f"min_cells_per_type must be >= 1, got {min_cells_per_type}.")
+        genes = _shared_genes(spots, reference)
+        labels = _reference_labels(reference, cell_type_key, int(min_cells_per_type))
+        types = [str(t) for t in labels.categories]
+        ref_matrix, ref_field = _matrix(reference, reference_layer, "reference")
+        spot_matrix, spot_field = _matrix(spots, layer, "spots")
+        ref_counts = _raw_counts(ref_matrix, ref_field)
+        spot_counts = _raw_counts(spot_matrix, spot_field)
+        ref_counts = ref_counts[:, pd.Index(map(str, reference.var_names)).get_indexer(genes)]
+        spot_counts = spot_counts[:, pd.Index(map(str, spots.var_names)).get_indexer(genes)]
+        empty = np.flatnonzero(spot_counts.sum(1) <= 0)
+        if empty.size:
+            names = list(map(str, spots.obs_names[empty[:5]]))
+            raise EmptySpotError(
+                f"{empty.size} spot(s) have zero counts over the {len(genes)} genes shared with the reference "
+                f"(e.g. {names}); nothing can be said about their cell types: drop them first, e.g. "
+                "spots = spots[spots.X.sum(1) > 0] (after restricting to the shared genes)."
+            )
+        if len(genes) < 10:
+            warnings.warn(
+                f"only {len(genes)} genes are shared between spots and reference; abundances of similar types "
+                "will be uncertain (wide intervals).",
+                stacklevel=2,
+            )
+        shape, rate, excess, n_ref = signature_prior(ref_counts, labels)
+        hint = _cells_per_spot(cells_per_spot, spots, spot_counts, ref_counts)
+        coords = None
+        if spatial_key in spots.obsm:
+            coords = np.asarray(spots.obsm[spatial_key], dtype=np.float64)[:, :2]
+        elif smoothness > 0:
+            raise InputError(f"smoothness > 0 needs spot coordinates in spots.obsm['{spatial_key}'].")
 
-    A rule on the (noisy, single-draw) ELBO estimates only: it stops when further steps no
-    longer improve the ELBO by more than its Monte-Carlo noise can explain. It never looks at
-    any ground truth.
-    """
-    h = np.asarray(history, dtype=np.float64)
-    if h.size < 2 * window:
-        return False
-    prev, last = h[-2 * window:-window], h[-window:]
-    se = math.sqrt((prev.var(ddof=1) + last.var(ddof=1)) / window)
-    return bool(prev.mean() - last.mean() <= z * se)
+        self.spots, self.reference = spots, reference
+        self.cell_types, self.genes, self.n_reference_cells = types, genes, n_ref
+        self.hint = hint
+        self.data = SpotCounts(spot_counts, coords, len(types), n_neighbours=n_neighbours if smoothness > 0 else 0,
+                               gene_names=genes)
+        init = guide_start(nnls_abundance(spot_counts, shape / rate), hint, n_ref / n_ref.sum(), init_prior_weight)
+        total_cv_value = _total_cv(total_cv, ref_counts, hint)
+        self.model = CellTypeDeconvolutionModel(
+            torch.as_tensor(shape), torch.as_tensor(rate), torch.as_tensor(excess),
+            torch.as_tensor(hint if hint.size > 1 else hint[0]),
+            concentration_mean=concentration_mean, concentration_shape=concentration_shape,
+            platform_cv=platform_cv, detection_cv=detection_cv,
+            background_fraction=background_fraction, smoothness=smoothness, record_expression=False,
+            total_cv=total_cv_value,
+        )
+        self.guide = CellTypeDeconvolutionGuide(
+            torch.as_tensor(shape), torch.as_tensor(rate), torch.as_tensor(init), detection=detection_cv > 0,
+            init_shape=init_shape, init_concentration=concentration_mean, split_total=total_cv_value is not None,
+        )
+        #: the constructor's settings, as recorded in ``uns["deconvolution"]["settings"]``
+        self.settings: dict[str, Any] = {
+            "cell_type_key": cell_type_key, "layer": layer, "reference_layer": reference_layer,
+            "cells_per_spot": "estimated" if cells_per_spot is None else (
+                cells_per_spot if isinstance(cells_per_spot, str) else float(np.mean(hint))),
+            "min_cells_per_type": int(min_cells_per_type), "concentration_mean": float(concentration_mean),
+            "platform_cv": float(platform_cv), "detection_cv": float(detection_cv),
+            "background_fraction": float(background_fraction), "smoothness": float(smoothness),
+            "concentration_shape": float(concentration_shape), "init_shape": float(init_shape),
+            "init_prior_weight": float(init_prior_weight), "n_neighbours": int(n_neighbours),
+        }
+        self.fit_result: FitResult | None = None
+        #: what :meth:`train` did (steps, ELBO, settings); restored by :meth:`load`
+        self.train_record: dict[str, Any] | None = None
+        #: posterior draws of the last :meth:`sample` (site -> ``(S, ...)``), ``cell_count`` included
+        self.draws: dict[str, np.ndarray] | None = None
+        self.sample_record: dict[str, Any] | None = None
 
+    # ------------------------------------------------------------------------------------
+    def train(
+        self,
+        max_steps: int = 250,
+        *,
+        min_steps: int = 200,
+        convergence_window: int | None = None,
+        lr: float = 0.02,
+        batch_size: int | None = None,
+        seed: int = 0,
+        device: str = "cpu",
+        progress: bool = True,
+        **fit_kwargs: Any,
+    ) -> FitResult:
+        """Fit by SVI with :func:`pyrospatial.fit` (Adam at ``lr``, decayed 10x over ``max_steps``).
 
-def _convergence_callback(window: int, min_steps: int, z: float = 2.0):
-    """A Lightning callback applying :func:`elbo_converged` every ``window`` steps (after
-    ``min_steps``)."""
-    from lightning.pytorch.callbacks import Callback
+        ``convergence_window``/``min_steps``: the optional ELBO stopping rule
+        (:func:`elbo_converged`); other ``fit`` options pass through ``fit_kwargs``.
+        """
+        started = time.perf_counter()
+        callbacks = list(fit_kwargs.pop("callbacks", []) or [])
+        stopper = None
+        if convergence_window:
+            stopper = convergence_callback(int(convergence_window), int(min_steps))
+            callbacks.append(stopper)
+        # argument validation off while training: it costs a tenth of every step and the engine
+        # still stops with the offending site named on a non-finite loss
+        with pyro.validation_enabled(False):
+            result = fit(self.model, self.guide, self.data, max_steps=int(max_steps), batch_size=batch_size, lr=lr,
+                         lr_decay=0.1 ** (1.0 / max(int(max_steps), 1)), seed=seed, device=device,
+                         progress=progress, callbacks=callbacks, **fit_kwargs)
+        self.fit_result = result
+        self.train_record = {
+            "max_steps": int(max_steps), "min_steps": int(min_steps),
+            "convergence_window": 0 if not convergence_window else int(convergence_window),
+            "steps": len(result.elbo_history),
+            "stopped_by": "elbo_converged" if (stopper is not None and stopper.stopped_at) else "max_steps",
+            "lr": float(lr), "batch_size": None if batch_size is None else int(batch_size), "seed": int(seed),
+            "device": str(result.settings.get("device", device)),
+            "elbo": np.asarray(result.elbo_history, dtype=np.float64),
+            "versions": dict(result.settings.get("versions", {})),
+            "seconds": time.perf_counter() - started,
+        }
+        self.draws = None
+        return result
 
-    class ELBOConvergence(Callback):
-        def __init__(self):
-            self.stopped_at = None
+    def sample(self, num_samples: int = 300, *, return_expression: bool = False, seed: int = 0) -> dict[str, np.ndarray]:
+        """Joint posterior draws (site -> ``(num_samples, ...)``) of the abundances, proportions,
+        globals, detection (when ``detection_cv > 0``), per-spot per-type expected expression
+        (``return_expression``), and the integer cell counts ``cell_count ~ Poisson(abundance)``
+        (numpy generator seeded with ``seed``)."""
+        self._require_trained()
+        started = time.perf_counter()
+        sites = ["abundance", "proportion", *GLOBAL_SITES]
+        if self.settings["detection_cv"] > 0:
+            sites.append("detection")
+        if return_expression:
+            sites.append("expected_expression")
+        self.model.record_expression = bool(return_expression)
+        try:
+            with pyro.validation_enabled(False):
+                draws = dict(sample_posterior(self.model, self.guide, self.data, num_samples=int(num_samples),
+                                              sites=sites, seed=seed))
+        finally:
+            self.model.record_expression = False
+        draws["cell_count"] = np.random.default_rng(seed).poisson(draws["abundance"].astype(np.float64))
+        self.draws = draws
+        self.sample_record = {"num_samples": int(num_samples), "seed": int(seed),
+                              "seconds": time.perf_counter() - started}
+        return draws
 
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            history = pl_module.elbo_history
-            n = len(history)
-            if n >= max(min_steps, 2 * window) and n % window == 0 and elbo_converged(history, window, z):
-                self.stopped_at = n
-                trainer.should_stop = True
+    def export(self, *, keep_draws: bool = False) -> AnnData:
+        """A copy of ``spots`` with every result under the keys of the module docstring;
+        ``keep_draws`` also keeps the integer cell-count draws in ``uns["deconvolution"]["cell_count_draws"]``."""
+        draws, record = self._require_draws(), self.train_record
+        types = self.cell_types
+        out = self.spots.copy()
+        index = pd.Index(out.obs_names)
+        local = ["abundance", "cell_count", "proportion"]
+        local += [site for site in ("expected_expression", "detection") if site in draws]
+        summary = summarise({site: np.asarray(draws[site], dtype=np.float64) for site in local + list(GLOBAL_SITES)},
+                            integer_sites=["cell_count"])
+        for name in ("abundance", "cell_count", "proportion"):
+            for stat, v in summary[name].items():
+                out.obsm[f"{name}_{stat}"] = pd.DataFrame(v, index=index, columns=types)
+        if "expected_expression" in draws:
+            for stat, v in summary["expected_expression"].items():
+                out.obsm[f"expected_expression_{stat}"] = v.astype(np.float32)
+        if "detection" in draws:
+            for stat, v in summary["detection"].items():
+                out.obs[f"detection_{stat}"] = v
+        # posterior mass inside each integer interval [q05, q95]: the coverage a perfectly calibrated
+        # posterior would reach. Integer intervals hold at least 90% of the mass, far more where a
+        # type is probably absent (P(n = 0) near 1 makes [0, 0] hold ~100%).
+        n_draws = draws["cell_count"]
+        lo_q, hi_q = summary["cell_count"]["q05"], summary["cell_count"]["q95"]
+        inside = ((n_draws >= lo_q) & (n_draws <= hi_q)).mean(0)
+        settings = dict(self.settings)
+        settings.update({key: record[key] for key in ("max_steps", "min_steps", "convergence_window", "steps",
+                                                       "stopped_by", "lr", "batch_size", "seed", "device")})
+        settings["num_samples"] = self.sample_record["num_samples"]
+        rec = {
+            "cell_types": np.asarray(types, dtype=str),
+            "genes": np.asarray(self.genes, dtype=str),
+            "n_reference_cells": np.asarray(self.n_reference_cells).astype(np.int64),
+            "settings": settings,
+            "versions": record["versions"],
+            "elbo": np.asarray(record["elbo"], dtype=np.float64),
+            "fit_seconds": float(record["seconds"] + self.sample_record["seconds"]),
+            "globals": {site: dict(summary[site]) for site in GLOBAL_SITES},
+            "cell_count_interval_mass": {"overall": float(inside.mean()), "per_type": inside.mean(0).astype(np.float64)},
+        }
+        if keep_draws:
+            rec["cell_count_draws"] = n_draws.astype(np.int32)
+        out.uns[UNS_KEY] = h5ad_safe(rec)
+        return out
 
-    return ELBOConvergence()
+    def to_inference_data(self):
+        """``arviz.InferenceData`` of the last :meth:`sample`'s draws (one chain): posterior sites
+        with dims ``spot``, ``cell_type``, ``gene`` (named after the plates), the observed
+        ``spot_counts`` (``spot``, ``gene``), and the training loss per step in ``sample_stats``."""
+        draws = self._require_draws()
+        coords = {"spot": list(map(str, self.spots.obs_names)), "cell_type": self.cell_types, "gene": self.genes}
+        return draws_to_inference_data(
+            draws, DIMS, coords, observed={"spot_counts": self.data.counts},
+            elbo=self.train_record["elbo"] if self.train_record else None,
+            attrs={"method": "Deconvolution", "seed": self.sample_record["seed"]},
+        )
 
+    # ------------------------------------------------------------------------------------
+    def save(self, path: str) -> None:
+        """Save the trained model and guide (state dicts), the settings and the training record
+        (tensors, numbers and strings only; read back by :meth:`load` with ``weights_only=True``)."""
+        record = self._require_trained()
+        state = {
+            "method": "Deconvolution", "format": SAVE_FORMAT, "identity": self._identity(),
+            "model": self.model.state_dict(), "guide": self.guide.state_dict(),
+            "train": {**{k: v for k, v in record.items() if k != "elbo"}, "elbo": torch.as_tensor(record["elbo"])},
+        }
+        torch.save(state, path)
 
-# ------------------------------------------------------------------------------------------
-# the API
-# ------------------------------------------------------------------------------------------
-def _quantiles(draws: np.ndarray, probs, integer: bool) -> list[np.ndarray]:
-    """``np.quantile(draws, probs, axis=0)`` with ``method="inverted_cdf"`` (integer) or
-    ``"linear"``, from one sort of the draws (several times faster for many probabilities)."""
-    ordered = np.sort(draws, axis=0)
-    n = ordered.shape[0]
-    out = []
-    for p in probs:
-        if integer:
-            out.append(ordered[max(int(math.ceil(n * p)) - 1, 0)])
-        else:
-            pos = (n - 1) * p
-            lo = int(math.floor(pos))
-            hi = min(lo + 1, n - 1)
-            out.append(ordered[lo] + (pos - lo) * (ordered[hi] - ordered[lo]))
-    return out
+    def load(self, path: str) -> Deconvolution:
+        """Load what :meth:`save` wrote, into a :class:`Deconvolution` built on the same inputs and
+        settings (checked: a mismatch raises :class:`~pyrospatial.errors.InputError` naming the field).
+        Draws are not saved: call :meth:`sample` again (same seed, same draws)."""
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        check_saved(state, "Deconvolution", self._identity(), path)
+        self.model.load_state_dict(state["model"])
+        self.guide.load_state_dict(state["guide"])
+        train = dict(state["train"])
+        train["elbo"] = train["elbo"].numpy().astype(np.float64)
+        self.train_record, self.fit_result, self.draws = train, None, None
+        return self
 
+    # ------------------------------------------------------------------------------------
+    def _identity(self) -> dict[str, Any]:
+        return {**self.settings, "cell_types": list(self.cell_types), "genes": list(self.genes),
+                "n_spots": int(self.data.n_spots)}
 
-def _summary(draws: np.ndarray, integer: bool = False) -> dict[str, np.ndarray]:
-    """mean, sd (ddof=1) and the 5/50/95% quantiles over axis 0; integer draws get quantiles
-    that are draws themselves (``inverted_cdf``), so count intervals have integer ends."""
-    q = _quantiles(draws, (0.05, 0.5, 0.95), integer)
-    return {
-        "mean": draws.mean(0),
-        "sd": draws.std(0, ddof=1) if draws.shape[0] > 1 else np.zeros(draws.shape[1:]),
-        "q05": q[0],
-        "q50": q[1],
-        "q95": q[2],
-    }
+    def _require_trained(self) -> dict[str, Any]:
+        if self.train_record is None:
+            raise InputError("this Deconvolution is not trained: call train() (or load() a saved one) first.")
+        return self.train_record
+
+    def _require_draws(self) -> dict[str, np.ndarray]:
+        if self.draws is None:
+            raise InputError("no posterior draws: call sample(num_samples) after train() first.")
+        return self.draws
 
 
 def deconvolve(
@@ -355,6 +443,9 @@ def deconvolve(
     progress: bool = True,
 ) -> AnnData:
     """Cell-type abundances and proportions of every spot, with their uncertainty.
+
+    One call of :class:`Deconvolution`: build it (validation, data, model, guide), ``train``,
+    ``sample`` and ``export``.
 
     Parameters
     ----------
@@ -423,42 +514,21 @@ def deconvolve(
     ------
     NoSharedGenesError, ReferenceTypeError, CountsError, EmptySpotError, InputError
     """
-    from pyrospatial.guides.celltype_deconvolution import CellTypeDeconvolutionGuide
-    from pyrospatial.engine.infer import fit
-    from pyrospatial.models.celltype_deconvolution import CellTypeDeconvolutionModel
-    from pyrospatial.engine.posterior import sample_posterior
+    method = Deconvolution(
+        spots, reference, cell_type_key, cells_per_spot=cells_per_spot, layer=layer,
+        reference_layer=reference_layer, spatial_key=spatial_key, min_cells_per_type=min_cells_per_type,
+        concentration_mean=concentration_mean, concentration_shape=concentration_shape, init_shape=init_shape,
+        init_prior_weight=init_prior_weight, platform_cv=platform_cv, detection_cv=detection_cv,
+        background_fraction=background_fraction, smoothness=smoothness, total_cv=total_cv, n_neighbours=n_neighbours,
+    )
+    method.train(max_steps, min_steps=min_steps, convergence_window=convergence_window, lr=lr, batch_size=batch_size,
+                 seed=seed, device=device, progress=progress)
+    method.sample(num_samples, return_expression=return_expression, seed=seed)
+    return method.export(keep_draws=keep_draws)
 
-    if not isinstance(spots, AnnData) or not isinstance(reference, AnnData):
-        raise InputError("spots and reference must be AnnData objects (spots x genes, cells x genes).")
-    if int(min_cells_per_type) < 1:
-        raise InputError(f"min_cells_per_type must be >= 1, got {min_cells_per_type}.")
-    genes = _shared_genes(spots, reference)
-    labels = _reference_labels(reference, cell_type_key, int(min_cells_per_type))
-    types = [str(t) for t in labels.categories]
 
-    ref_matrix, ref_field = _matrix(reference, reference_layer, "reference")
-    spot_matrix, spot_field = _matrix(spots, layer, "spots")
-    ref_counts = _raw_counts(ref_matrix, ref_field)
-    spot_counts = _raw_counts(spot_matrix, spot_field)
-    ref_counts = ref_counts[:, pd.Index(map(str, reference.var_names)).get_indexer(genes)]
-    spot_counts = spot_counts[:, pd.Index(map(str, spots.var_names)).get_indexer(genes)]
-    empty = np.flatnonzero(spot_counts.sum(1) <= 0)
-    if empty.size:
-        names = list(map(str, spots.obs_names[empty[:5]]))
-        raise EmptySpotError(
-            f"{empty.size} spot(s) have zero counts over the {len(genes)} genes shared with the reference "
-            f"(e.g. {names}); nothing can be said about their cell types: drop them first, e.g. "
-            "spots = spots[spots.X.sum(1) > 0] (after restricting to the shared genes)."
-        )
-    if len(genes) < 10:
-        warnings.warn(
-            f"only {len(genes)} genes are shared between spots and reference; abundances of similar types "
-            "will be uncertain (wide intervals).",
-            stacklevel=2,
-        )
-
-    shape, rate, excess, n_ref = signature_prior(ref_counts, labels)
-    signature_mean = shape / rate
+def _cells_per_spot(cells_per_spot, spots: AnnData, spot_counts: np.ndarray, ref_counts: np.ndarray) -> np.ndarray:
+    """``N_j`` per spot: given (scalar, array, ``spots.obs`` column) or estimated from the totals."""
     if cells_per_spot is None:
         per_cell = ref_counts.sum(1).mean()
         hint = np.maximum(spot_counts.sum(1) / max(per_cell, 1e-8), 0.5)
@@ -470,114 +540,18 @@ def deconvolve(
         hint = np.broadcast_to(np.asarray(cells_per_spot, dtype=np.float64), (spots.n_obs,)).copy()
     if not (np.isfinite(hint).all() and (hint > 0).all()):
         raise InputError("cells_per_spot must be positive and finite for every spot.")
+    return hint
 
-    coords = None
-    if spatial_key in spots.obsm:
-        coords = np.asarray(spots.obsm[spatial_key], dtype=np.float64)[:, :2]
-    elif smoothness > 0:
-        raise InputError(f"smoothness > 0 needs spot coordinates in spots.obsm['{spatial_key}'].")
-    data = SpotCounts(spot_counts, coords, len(types), n_neighbours=n_neighbours if smoothness > 0 else 0)
 
-    init = guide_start(nnls_abundance(spot_counts, signature_mean), hint, n_ref / n_ref.sum(), init_prior_weight)
+def _total_cv(total_cv, ref_counts: np.ndarray, hint: np.ndarray):
+    """The model's ``total_cv``: ``None``, a number, or ``"reference"`` (``cv_cell / sqrt(N_j)``)."""
+    if total_cv is None:
+        return None
     if total_cv == "reference":
         # the hint N_j = spot total / mean cell total errs by the spread of cell totals:
         # coefficient of variation cv_cell / sqrt(N_j), measured on the reference
         lib = ref_counts.sum(1)
         cv_cell = float(lib.std() / max(lib.mean(), 1e-8))
-        total_cv_value = torch.as_tensor(cv_cell / np.sqrt(hint), dtype=torch.float32)
-    elif total_cv is None:
-        total_cv_value = None
-    else:
-        total_cv_value = float(total_cv)
-    model = CellTypeDeconvolutionModel(
-        torch.as_tensor(shape), torch.as_tensor(rate), torch.as_tensor(excess),
-        torch.as_tensor(hint if hint.size > 1 else hint[0]),
-        concentration_mean=concentration_mean, concentration_shape=concentration_shape,
-        platform_cv=platform_cv, detection_cv=detection_cv,
-        background_fraction=background_fraction, smoothness=smoothness, record_expression=False,
-        total_cv=total_cv_value,
-    )
-    guide = CellTypeDeconvolutionGuide(torch.as_tensor(shape), torch.as_tensor(rate), torch.as_tensor(init),
-                                       detection=detection_cv > 0, init_shape=init_shape,
-                                       init_concentration=concentration_mean,
-                                       split_total=total_cv_value is not None)
-    started = time.perf_counter()
-    callbacks = []
-    if convergence_window:
-        stopper = _convergence_callback(int(convergence_window), int(min_steps))
-        callbacks.append(stopper)
-    # argument validation off while training and sampling: it costs a tenth of every step and
-    # the engine still stops with the offending site named on a non-finite loss
-    with pyro.validation_enabled(False):
-        result = fit(model, guide, data, max_steps=int(max_steps), batch_size=batch_size, lr=lr,
-                     lr_decay=0.1 ** (1.0 / max(int(max_steps), 1)), seed=seed, device=device, progress=progress,
-                     callbacks=callbacks)
-    model.record_expression = bool(return_expression)
-    sites = ["abundance", "proportion", "signature", "platform_effect", "background", "inv_sqrt_dispersion",
-             "type_frequency", "concentration"]
-    if detection_cv > 0:
-        sites.append("detection")
-    if return_expression:
-        sites.append("expected_expression")
-    with pyro.validation_enabled(False):
-        draws = sample_posterior(model, guide, data, num_samples=int(num_samples), sites=sites, seed=seed)
-    model.record_expression = False
-    seconds = time.perf_counter() - started
+        return torch.as_tensor(cv_cell / np.sqrt(hint), dtype=torch.float32)
+    return float(total_cv)
 
-    rng = np.random.default_rng(seed)
-    w = draws["abundance"].astype(np.float64)
-    out = spots.copy()
-    index = pd.Index(out.obs_names)
-    n_draws = rng.poisson(w)
-    for name, values in (("abundance", w), ("cell_count", n_draws), ("proportion", draws["proportion"])):
-        for stat, v in _summary(np.asarray(values, dtype=np.float64), integer=name == "cell_count").items():
-            out.obsm[f"{name}_{stat}"] = pd.DataFrame(v, index=index, columns=types)
-    # posterior mass inside each integer interval [q05, q95]: the coverage a perfectly calibrated
-    # posterior would reach. Integer intervals hold at least 90% of the mass, far more where a
-    # type is probably absent (P(n = 0) near 1 makes [0, 0] hold ~100%).
-    lo_q, hi_q = out.obsm["cell_count_q05"].to_numpy(), out.obsm["cell_count_q95"].to_numpy()
-    inside = ((n_draws >= lo_q) & (n_draws <= hi_q)).mean(0)
-    interval_mass = {"overall": float(inside.mean()),
-                     "per_type": inside.mean(0).astype(np.float64)}
-    if return_expression:
-        for stat, v in _summary(draws["expected_expression"].astype(np.float64)).items():
-            out.obsm[f"expected_expression_{stat}"] = v.astype(np.float32)
-    if detection_cv > 0:
-        for stat, v in _summary(draws["detection"].astype(np.float64)).items():
-            out.obs[f"detection_{stat}"] = v
-    globals_ = {
-        site: {stat: np.asarray(v) for stat, v in _summary(draws[site].astype(np.float64)).items()}
-        for site in ("signature", "platform_effect", "background", "inv_sqrt_dispersion", "type_frequency",
-                     "concentration")
-    }
-    settings = {
-        "cell_type_key": cell_type_key, "layer": str(layer), "reference_layer": str(reference_layer),
-        "cells_per_spot": "estimated" if cells_per_spot is None else (
-            cells_per_spot if isinstance(cells_per_spot, str) else float(np.mean(hint))),
-        "min_cells_per_type": int(min_cells_per_type), "concentration_mean": float(concentration_mean),
-        "platform_cv": float(platform_cv), "detection_cv": float(detection_cv),
-        "background_fraction": float(background_fraction), "smoothness": float(smoothness),
-        "concentration_shape": float(concentration_shape), "init_shape": float(init_shape),
-        "init_prior_weight": float(init_prior_weight),
-        "n_neighbours": int(n_neighbours), "max_steps": int(max_steps), "min_steps": int(min_steps),
-        "convergence_window": 0 if not convergence_window else int(convergence_window),
-        "steps": int(len(result.elbo_history)),
-        "stopped_by": "elbo_converged" if (convergence_window and stopper.stopped_at) else "max_steps",
-        "lr": float(lr),
-        "batch_size": "None" if batch_size is None else int(batch_size), "num_samples": int(num_samples),
-        "seed": int(seed), "device": str(result.settings.get("device", device)),
-    }
-    out.uns[UNS_KEY] = {
-        "cell_types": np.asarray(types, dtype=str),
-        "genes": np.asarray(genes, dtype=str),
-        "n_reference_cells": n_ref.astype(np.int64),
-        "settings": settings,
-        "versions": result.settings.get("versions", {}),
-        "elbo": np.asarray(result.elbo_history, dtype=np.float64),
-        "fit_seconds": float(seconds),
-        "globals": globals_,
-        "cell_count_interval_mass": interval_mass,
-    }
-    if keep_draws:
-        out.uns["deconvolution"]["cell_count_draws"] = n_draws.astype(np.int32)
-    return out

@@ -10,7 +10,8 @@ import pandas as pd
 from anndata import AnnData
 
 from pyrospatial.errors import InputError
-from pyrospatial.methods.deconvolution import UNS_KEY, _matrix, _raw_counts, _reference_labels, _shared_genes, deconvolve, signature_prior
+from pyrospatial.methods.deconvolution import UNS_KEY, deconvolve
+from pyrospatial.methods.deconvolution_inputs import _matrix, _raw_counts, _reference_labels, _shared_genes, signature_prior
 
 __all__ = ["heldout_gene_score", "plot_abundance_maps", "write_report"]
 
