@@ -22,14 +22,26 @@ $(STAMP): pyproject.toml constraints-cpu.txt
 demo: $(STAMP)
 	$(BIN)/pyrospatial demo --out results/demo
 
-test: $(STAMP)
-	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN)/python -m pytest -q $(PYTEST_ARGS)
+# squidpy (for the scverse interoperability test) pulls spatialdata and an S3 stack whose pins
+# clash with ours (python-dateutil), so it lives in a venv of its own; ~2 min, ~1.5 GB, no torch.
+SCVERSE_VENV ?= .venv-scverse
+SCVERSE_STAMP := $(SCVERSE_VENV)/.installed
+
+$(SCVERSE_STAMP):
+	test -x $(SCVERSE_VENV)/bin/python || $(PYTHON) -m venv $(SCVERSE_VENV)
+	$(SCVERSE_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(SCVERSE_VENV)/bin/python -m pip install --quiet 'squidpy>=1.6,<1.9'
+	touch $(SCVERSE_STAMP)
+
+test: $(STAMP) $(SCVERSE_STAMP)
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 PYROSPATIAL_SCVERSE_PYTHON=$(abspath $(SCVERSE_VENV))/bin/python \
+		$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 bench-throughput: $(STAMP)
 	$(BIN)/python benchmarks/engine_throughput.py --out benchmarks/results
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info
+	rm -rf $(VENV) $(SCVERSE_VENV) build dist *.egg-info
 
 # --- deconvolution benchmark (issue 5): peers live in their own venv ---------------------
 BENCH_VENV ?= .bench-venv

@@ -19,10 +19,66 @@ import math
 import sys
 from pathlib import Path
 
-from pyrospatial.errors import PyrospatialError
+from pyrospatial.errors import InputError, PyrospatialError
 
 #: choices of ``--device`` (``auto``: a GPU when torch sees one, else the CPU)
 DEVICES = ("auto", "cpu", "cuda")
+#: choices of the input-format options (``auto``: detected from the path by pyrospatial.io.detect_format)
+INPUT_FORMATS = ("auto", "visium", "xenium", "cosmx", "merscope", "10x_h5", "spatialdata", "h5ad")
+#: input dest -> its format option's dest, for every command that reads data
+INPUT_OPTIONS = {"cells": "cells_format", "spots": "spots_format", "reference": "reference_format",
+                 "a": "a_format", "b": "b_format"}
+
+
+def check_inputs(args: argparse.Namespace) -> None:
+    """Every input path of the command exists: checked before any heavy import, so a typo
+    fails in well under a second. Raises :class:`~pyrospatial.errors.InputError` naming the option."""
+    for dest in INPUT_OPTIONS:
+        value = getattr(args, dest, None)
+        if value is not None and not Path(value).expanduser().exists():
+            option = dest if dest in ("a", "b") else f"--{dest}"
+            raise InputError(f"{option} {value!r} does not exist: pass an .h5ad file, a 10x .h5 file or a "
+                             "platform's output folder (Space Ranger outs/, Xenium, CosMx, MERSCOPE, SpatialData .zarr).")
+
+
+def sniff_h5ad_inputs(args: argparse.Namespace) -> None:
+    """Inputs given as ``.h5ad`` (by suffix or ``--<dest>-format h5ad``) look like h5ad files:
+    not empty, HDF5, not a 10x matrix (:func:`pyrospatial.input_files.sniff_h5ad`)."""
+    from pyrospatial.input_files import sniff_h5ad
+
+    for dest, format_dest in INPUT_OPTIONS.items():
+        value = getattr(args, dest, None)
+        if value is not None and (str(value).lower().endswith(".h5ad") or getattr(args, format_dest, None) == "h5ad"):
+            sniff_h5ad(value, dest if dest in ("a", "b") else f"--{dest}")
+
+
+def read_input(args: argparse.Namespace, dest: str):
+    """The AnnData of input ``dest`` read with :func:`pyrospatial.io.read` in its ``--<dest>-format``
+    (``auto``: detected from the path; ``.h5ad`` files are read as written)."""
+    from pyrospatial.io import read
+
+    return read(getattr(args, dest), format=getattr(args, INPUT_OPTIONS[dest], "auto"))
+
+
+def read_spot_diameter(spots) -> float | None:
+    """The spot diameter in microns recorded by :func:`pyrospatial.io.read_visium` (its
+    ``uns['spatial']`` scale factors), else None (an h5ad's scale factors may be in pixels)."""
+    record = spots.uns.get("pyrospatial_io", {})
+    if not isinstance(record, dict) or str(record.get("platform")) != "visium":
+        return None
+    for library in dict(spots.uns.get("spatial", {})).values():
+        diameter = dict(library.get("scalefactors", {})).get("spot_diameter_fullres")
+        if diameter:
+            return float(diameter)
+    return None
+
+
+def add_format_option(p: argparse.ArgumentParser, dest: str, what: str) -> None:
+    """``--<dest>-format``: the platform of input ``dest`` (default ``auto``)."""
+    p.add_argument(f"--{dest}-format", dest=INPUT_OPTIONS[dest], default="auto", choices=INPUT_FORMATS,
+                   help=f"format of {what} (auto: detected from the path; see pyrospatial.io.read)")
+
+
 #: the options every method command shares (dest names in the parsed namespace)
 SHARED_OPTIONS = ("device", "seed", "out", "max_epochs", "progress")
 #: what ``pyrospatial -h`` says above the commands
@@ -79,15 +135,71 @@ def shared_options(
     group.add_argument("--max-epochs", type=int, default=max_epochs, help=max_epochs_help)
     group.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
                        help="show progress bars")
+    group.add_argument("--overwrite", action="store_true",
+                       help="replace a non-empty --out folder (only once the new results are complete)")
+    group.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     for spelling in hidden_spellings:
         group.add_argument(spelling, dest="max_epochs", type=int, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parent
 
 
 # ------------------------------------------------------------------------------------------
+# output folders: written beside --out, renamed at the end, run.json last (pyrospatial.outputs)
+# ------------------------------------------------------------------------------------------
+def _run_settings(args: argparse.Namespace) -> dict:
+    return {k: v for k, v in vars(args).items() if k not in ("func", "argv")}
+
+
+def _into_output_folder(body):
+    """Wrap ``body(args, out)`` so that it writes into a temporary folder beside ``--out``, renamed
+    to ``--out`` with ``run.json`` once complete (:func:`pyrospatial.outputs.output_folder`);
+    ``--skip-geometry-checks`` turns the statistical geometry checks off around it."""
+
+    def command(args: argparse.Namespace) -> int:
+        import contextlib
+
+        from pyrospatial.data.geometry_checks import skip_geometry_checks
+        from pyrospatial.outputs import output_folder
+
+        checks = skip_geometry_checks() if getattr(args, "skip_geometry_checks", False) else contextlib.nullcontext()
+        with checks, output_folder(args.out, command=args.command, settings=_run_settings(args),
+                                   overwrite=getattr(args, "overwrite", False), argv=getattr(args, "argv", None)) as staging:
+            return body(args, staging)
+
+    command.__name__ = body.__name__.removesuffix("_into")
+    command.__doc__ = body.__doc__
+    return command
+
+
+def add_skip_geometry_option(p: argparse.ArgumentParser) -> None:
+    """``--skip-geometry-checks``: the override of :mod:`pyrospatial.data.geometry_checks`."""
+    p.add_argument("--skip-geometry-checks", action="store_true",
+                   help="skip the statistical checks that catch unit mismatches (pixels vs microns) and spot "
+                        "layouts that lose cells; only for the rare real case they reject")
+
+
+def add_checkpoint_options(p: argparse.ArgumentParser) -> None:
+    """``--checkpoint-dir DIR`` and ``--resume`` (see :mod:`pyrospatial.engine.checkpoint`)."""
+    group = p.add_argument_group("checkpoints")
+    group.add_argument("--checkpoint-dir", default=None,
+                       help="folder where last.ckpt is written during training (every epoch and at least every "
+                            "2 minutes, atomically); None: no checkpoints")
+    group.add_argument("--resume", action="store_true",
+                       help="continue a killed fit from --checkpoint-dir/last.ckpt (same inputs, settings and seed)")
+
+
+def checkpoint_kwargs(args: argparse.Namespace) -> dict:
+    """The ``checkpoint_dir``/``resume`` arguments of ``train``/``fit`` from the parsed options."""
+    if getattr(args, "resume", False) and getattr(args, "checkpoint_dir", None) is None:
+        raise InputError("--resume needs --checkpoint-dir DIR (the folder holding last.ckpt of the killed run).")
+    return {"checkpoint_dir": getattr(args, "checkpoint_dir", None),
+            "resume": "last" if getattr(args, "resume", False) else None}
+
+
+# ------------------------------------------------------------------------------------------
 # pyrospatial demo --out DIR
 # ------------------------------------------------------------------------------------------
-def _demo(args: argparse.Namespace) -> int:
+def _demo_into(args: argparse.Namespace, out: Path) -> int:
     from dataclasses import replace
 
     from pyrospatial.demo import DemoConfig, run_demo
@@ -95,11 +207,15 @@ def _demo(args: argparse.Namespace) -> int:
     config = DemoConfig.quick() if args.quick else DemoConfig()
     if args.max_epochs is not None:
         config = replace(config, max_epochs=args.max_epochs)
-    metrics = run_demo(args.out, quick=args.quick, device=args.device, seed=args.seed, config=config,
+    metrics = run_demo(out, quick=args.quick, device=args.device, seed=args.seed, config=config,
                        progress=args.progress)
     print(json.dumps(metrics, indent=2))
     print(f"results, figures and report.md written to {args.out}")
     return 0
+
+
+#: the command: ``_demo_into`` run into a temporary folder renamed to ``--out`` at the end
+_demo = _into_output_folder(_demo_into)
 
 
 def _add_demo_parser(sub: argparse._SubParsersAction) -> None:
@@ -115,23 +231,20 @@ def _add_demo_parser(sub: argparse._SubParsersAction) -> None:
 # ------------------------------------------------------------------------------------------
 # pyrospatial coral --cells C.h5ad --spots S.h5ad --cell-type-key KEY --out DIR   (alias: fit)
 # ------------------------------------------------------------------------------------------
-def _coral(args: argparse.Namespace) -> int:
-    import anndata as ad
-
+def _coral_into(args: argparse.Namespace, out: Path) -> int:
     from pyrospatial.methods.coral import CORAL
     from pyrospatial.plotting import plot_domains, plot_elbo, plot_interactions
 
-    out = Path(args.out)
     (out / "figures").mkdir(parents=True, exist_ok=True)
-    cells = ad.read_h5ad(args.cells)
-    spots = ad.read_h5ad(args.spots)
+    cells = read_input(args, "cells")
+    spots = read_input(args, "spots")
     coral = CORAL(
-        cells, spots, cell_type_key=args.cell_type_key, spot_diameter=args.spot_diameter,
+        cells, spots, cell_type_key=args.cell_type_key, spot_diameter=args.spot_diameter or read_spot_diameter(spots),
         assignment=args.assignment, protein_layer=args.protein_layer, spot_layer=args.spot_layer,
         model_kwargs={"capture_sd": args.capture_sd} if args.capture_sd else None,
     )
     result = coral.train(max_epochs=args.max_epochs, batch_size=args.batch_size, lr=args.lr, device=args.device,
-                         seed=args.seed, progress=args.progress)
+                         seed=args.seed, progress=args.progress, **checkpoint_kwargs(args))
     coral.sample(args.num_samples, seed=args.seed, method=args.posterior, progress=args.progress)
     cells_out, spots_out = coral.export(n_domains=args.n_domains, seed=args.seed)
     cells_out.write_h5ad(out / "cells.h5ad")
@@ -142,8 +255,12 @@ def _coral(args: argparse.Namespace) -> int:
     if args.n_domains:
         plot_domains(cells_out.obsm["spatial"], cells_out.obs["domain"].to_numpy(),
                      cells_out.obs["domain_confidence"].to_numpy(), out / "figures" / "domains.png")
-    print(f"{coral.dataset}\nresults written to {out}")
+    print(f"{coral.dataset}\nresults written to {args.out}")
     return 0
+
+
+#: the command: ``_coral_into`` run into a temporary folder renamed to ``--out`` at the end
+_coral = _into_output_folder(_coral_into)
 
 
 def _add_coral_parser(sub: argparse._SubParsersAction, name: str, help: str) -> None:
@@ -154,9 +271,12 @@ def _add_coral_parser(sub: argparse._SubParsersAction, name: str, help: str) -> 
                                    "spot-consistent counts, interactions and domains, each with its uncertainty.")
     p.add_argument("--cells", required=True, help="cells .h5ad: features in X, obs[cell-type-key], obsm['spatial']")
     p.add_argument("--spots", required=True, help="spots .h5ad: raw counts in X, obsm['spatial']")
+    add_format_option(p, "cells", "--cells")
+    add_format_option(p, "spots", "--spots")
     p.add_argument("--cell-type-key", required=True, help="column of the cells' obs with the cell types")
     p.add_argument("--spot-diameter", type=float, default=None,
-                   help="in the coordinate unit (e.g. 55 for Visium in µm)")
+                   help="in the coordinate unit (e.g. 55 for Visium in µm; None: the Visium reader's, "
+                        "read from a Space Ranger folder)")
     p.add_argument("--assignment", default="radius", choices=["radius", "nearest"],
                    help="how cells are assigned to spots")
     p.add_argument("--protein-layer", default=None, help="layer of the cells with the features (None: X)")
@@ -169,6 +289,8 @@ def _add_coral_parser(sub: argparse._SubParsersAction, name: str, help: str) -> 
     p.add_argument("--posterior", default="refine", choices=["refine", "guide"],
                    help="refine: HMC from the trained guide (calibrated); guide: the guide's draws (fast)")
     p.add_argument("--n-domains", type=int, default=None, help="spatial domains to find (None: none)")
+    add_skip_geometry_option(p)
+    add_checkpoint_options(p)
     p.set_defaults(func=_coral)
 
 
@@ -182,14 +304,12 @@ def deconvolve_steps(max_epochs: int, n_spots: int, batch_size: int | None) -> i
     return int(max_epochs) * max(per_epoch, 1)
 
 
-def _deconvolve(args: argparse.Namespace) -> int:
-    import anndata as ad
-
+def _deconvolve_into(args: argparse.Namespace, out: Path) -> int:
     from pyrospatial.methods.deconvolution import deconvolve
     from pyrospatial.methods.deconvolution_report import write_report
 
-    spots = ad.read_h5ad(args.spots)
-    reference = ad.read_h5ad(args.reference)
+    spots = read_input(args, "spots")
+    reference = read_input(args, "reference")
     # --steps (the earlier spelling) counts SVI steps exactly as before; --max-epochs counts passes
     steps = args.steps if args.steps is not None else deconvolve_steps(args.max_epochs, spots.n_obs, args.batch_size)
     result = deconvolve(
@@ -197,12 +317,16 @@ def _deconvolve(args: argparse.Namespace) -> int:
         reference_layer=args.reference_layer, min_cells_per_type=args.min_cells_per_type,
         smoothness=args.smoothness, max_steps=steps, lr=args.lr, batch_size=args.batch_size,
         num_samples=args.num_samples, return_expression=args.expression, seed=args.seed, device=args.device,
-        progress=args.progress,
+        progress=args.progress, **checkpoint_kwargs(args),
     )
-    summary = write_report(result, args.out, spots_path=args.spots, reference_path=args.reference)
+    summary = write_report(result, out, spots_path=args.spots, reference_path=args.reference)
     print(json.dumps({k: v for k, v in summary.items() if not isinstance(v, dict)}, indent=2))
     print(f"result.h5ad, figures and report.md written to {args.out}")
     return 0
+
+
+#: the command: ``_deconvolve_into`` run into a temporary folder renamed to ``--out`` at the end
+_deconvolve = _into_output_folder(_deconvolve_into)
 
 
 def _add_deconvolve_parser(sub: argparse._SubParsersAction) -> None:
@@ -217,6 +341,8 @@ def _add_deconvolve_parser(sub: argparse._SubParsersAction) -> None:
                                    "from a labelled single-cell reference.")
     p.add_argument("--spots", required=True, help="spots .h5ad: raw counts in X, optional obsm['spatial']")
     p.add_argument("--reference", required=True, help="reference .h5ad: raw counts in X, obs[cell-type-key]")
+    add_format_option(p, "spots", "--spots")
+    add_format_option(p, "reference", "--reference")
     p.add_argument("--cell-type-key", required=True, help="column of the reference's obs with the cell types")
     p.add_argument("--cells-per-spot", type=float, default=None,
                    help="expected cells per spot (None: estimated from library sizes)")
@@ -230,21 +356,18 @@ def _add_deconvolve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=None, help="spots per minibatch (None: all)")
     p.add_argument("--num-samples", type=int, default=300, help="posterior draws")
     p.add_argument("--expression", action="store_true", help="also export per-spot per-type expression")
+    add_checkpoint_options(p)
     p.set_defaults(func=_deconvolve)
 
 
 # ------------------------------------------------------------------------------------------
 # pyrospatial align A.h5ad B.h5ad --out DIR
 # ------------------------------------------------------------------------------------------
-def _align(args: argparse.Namespace) -> int:
-    import anndata as ad
-
+def _align_into(args: argparse.Namespace, out: Path) -> int:
     from pyrospatial.methods.alignment import align
     from pyrospatial.methods.alignment_plots import plot_alignment
 
-    out = Path(args.out)
-    (out / "figures").mkdir(parents=True, exist_ok=True)
-    a, b = ad.read_h5ad(args.a), ad.read_h5ad(args.b)
+    a, b = read_input(args, "a"), read_input(args, "b")
     init = None
     if args.init_angle is not None:
         init = {"angle": args.init_angle, "translation": tuple(args.init_translation or (0.0, 0.0))}
@@ -253,7 +376,9 @@ def _align(args: argparse.Namespace) -> int:
         n_components=args.n_components, label_keys=args.label_key, scale=args.scale, init=init, k=args.k,
         radius=args.radius, rho=args.rho, lam=args.lam, steps=args.max_epochs, lr=args.lr,
         num_samples=args.num_samples, seed=args.seed, device=args.device, progress=args.progress,
+        **checkpoint_kwargs(args),
     )
+    (out / "figures").mkdir(parents=True, exist_ok=True)
     res.adata.write_h5ad(out / "aligned_a.h5ad")
     figures = plot_alignment(res, a, b, out / "figures", spatial_key=args.spatial_key)
     summary = {
@@ -265,8 +390,12 @@ def _align(args: argparse.Namespace) -> int:
     }
     (out / "alignment.json").write_text(json.dumps(summary, indent=2, default=float))
     print(json.dumps(summary["transform"]["angle_deg"], indent=2))
-    print(f"aligned_a.h5ad, alignment.json and figures written to {out}")
+    print(f"aligned_a.h5ad, alignment.json and figures written to {args.out}")
     return 0
+
+
+#: the command: ``_align_into`` run into a temporary folder renamed to ``--out`` at the end
+_align = _into_output_folder(_align_into)
 
 
 def _add_align_parser(sub: argparse._SubParsersAction) -> None:
@@ -281,6 +410,8 @@ def _add_align_parser(sub: argparse._SubParsersAction) -> None:
                                    "transform, and label transfer.")
     p.add_argument("a", help="A.h5ad: features in X, obsm['spatial'] (its cells are matched and moved)")
     p.add_argument("b", help="B.h5ad: features in X, obsm['spatial'] (the target frame)")
+    add_format_option(p, "a", "A")
+    add_format_option(p, "b", "B")
     p.add_argument("--spatial-key", default="spatial", help="obsm key of the coordinates")
     p.add_argument("--features", default="auto", choices=["auto", "shared", "separate"],
                    help="shared: one joint PCA of the shared features; separate: one PCA per panel and learned "
@@ -298,6 +429,8 @@ def _add_align_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lam", type=float, default=10.0, help="strength of the soft one-to-one constraint")
     p.add_argument("--lr", type=float, default=0.02, help="learning rate")
     p.add_argument("--num-samples", type=int, default=50, help="posterior draws of the transform")
+    add_skip_geometry_option(p)
+    add_checkpoint_options(p)
     p.set_defaults(func=_align)
 
 
@@ -312,7 +445,14 @@ def _write_inference_data(coral, out: Path, seed: int) -> None:
 def _check(args: argparse.Namespace) -> int:
     from pyrospatial.criticism.report import check_results
 
-    result = check_results(args.results, out=args.out, n_features=args.n_features, alpha=args.alpha)
+    if args.out is None:
+        result = check_results(args.results, out=None, n_features=args.n_features, alpha=args.alpha)
+    else:
+        from pyrospatial.outputs import output_folder
+
+        with output_folder(args.out, command="check", settings=_run_settings(args), overwrite=args.overwrite,
+                           argv=getattr(args, "argv", None)) as out:
+            result = check_results(args.results, out=out, n_features=args.n_features, alpha=args.alpha)
     print(json.dumps(result, indent=2, default=float))
     print(f"check.md, ppc_summary.csv and figures written to {args.out or args.results}")
     return 0
@@ -327,6 +467,8 @@ def _add_check_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default=None, help="where to write check.md and figures/ (None: --results)")
     p.add_argument("--n-features", type=int, default=3, help="genes/proteins shown in the PPC plots")
     p.add_argument("--alpha", type=float, default=0.05, help="two-sided level of an extreme p-value")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
+    p.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     p.set_defaults(func=_check)
 
 
@@ -348,10 +490,17 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run one command; a documented error becomes a message on stderr and exit status 2."""
     args = build_parser().parse_args(argv)
+    args.argv = ["pyrospatial", *(sys.argv[1:] if argv is None else argv)]  # recorded in run.json
     try:
+        check_inputs(args)
+        sniff_h5ad_inputs(args)
         return args.func(args)
-    except PyrospatialError as error:  # a clear message, not a traceback
-        print(f"pyrospatial {args.command}: {type(error).__name__}: {error}", file=sys.stderr)
+    except PyrospatialError as error:  # a clear message, not a traceback (--debug shows it)
+        if getattr(args, "debug", False):
+            import traceback
+
+            traceback.print_exc()
+        print(f"pyrospatial {args.command}: {type(error).__name__}: {' '.join(str(error).split())}", file=sys.stderr)
         return 2
 
 

@@ -33,3 +33,20 @@ class FitError(PyrospatialError, RuntimeError):
 
 class CheckpointError(PyrospatialError):
     """A checkpoint cannot be loaded safely or does not match the model/guide."""
+
+
+class GeometryError(CoordinateError):
+    """Cells and spots (or two sections) look like different units, or the spot layout loses
+    cells; the message gives the measured numbers, the likely fix and the override."""
+
+
+class DuplicateNamesError(InputError):
+    """Gene (var) or cell (obs) names are duplicated; the message names the fix."""
+
+
+class FileInputError(InputError):
+    """An input file is missing, empty, truncated, corrupt or of another format than expected."""
+
+
+class OutputFolderError(PyrospatialError):
+    """The output folder cannot be written as asked (exists and is not empty, is a file, ...)."""

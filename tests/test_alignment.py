@@ -340,6 +340,7 @@ def test_cli_align_writes_results_and_figures(tmp_path, capsys):
     # bad input: a clear message and exit status 2, not a traceback
     a.obsm["spatial"][0] = np.nan
     a.write_h5ad(tmp_path / "A_nan.h5ad")
-    code = main(["align", str(tmp_path / "A_nan.h5ad"), str(tmp_path / "B.h5ad"), "--out", str(out)])
+    code = main(["align", str(tmp_path / "A_nan.h5ad"), str(tmp_path / "B.h5ad"), "--out", str(out), "--overwrite"])
     assert code == 2
     assert "NaN" in capsys.readouterr().err
+    assert (out / "aligned_a.h5ad").exists()  # an input error leaves the earlier results in place

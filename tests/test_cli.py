@@ -112,7 +112,7 @@ def test_demo_max_epochs_overrides_the_configured_budget(monkeypatch, tmp_path, 
     assert cli.main(["demo", "--quick", "--max-epochs", "5", "--no-progress", "--out", str(tmp_path)]) == 0
     assert seen["config"].max_epochs == 5 and seen["config"].n_cells == demo.DemoConfig.quick().n_cells
     assert seen["progress"] is False and seen["device"] == "auto"
-    assert cli.main(["demo", "--out", str(tmp_path)]) == 0
+    assert cli.main(["demo", "--out", str(tmp_path), "--overwrite"]) == 0
     assert seen["config"] == demo.DemoConfig() and seen["progress"] is True
     capsys.readouterr()
 

@@ -39,8 +39,9 @@ import torch
 from anndata import AnnData
 
 from pyrospatial.engine.batch import Batch
-from pyrospatial.errors import AssignmentError, CoordinateError, CountsError, InputError
+from pyrospatial.errors import AssignmentError, CoordinateError, CountsError, DuplicateNamesError, InputError
 from pyrospatial.data.batching import BatchSpec, SpotBatchSampler, _BatchBuilder, _identity
+from pyrospatial.data.geometry_checks import check_overlap, check_spot_geometry, checked_diameter
 from pyrospatial.data.graph import _unique_pairs, assign_cells_to_spots, knn_pairs, radius_pairs
 
 
@@ -82,30 +83,13 @@ def _coordinates(adata: AnnData, spatial_key: str, what: str) -> np.ndarray:
 
 
 def _check_unique_names(adata: AnnData, what: str) -> None:
-    if not adata.obs_names.is_unique:
-        dup = adata.obs_names[adata.obs_names.duplicated()].unique()[:5].tolist()
-        raise InputError(
-            f"{what}.obs_names has duplicated names (e.g. {dup}); call {what}.obs_names_make_unique() first."
-        )
-
-
-def _check_overlap(cell_xy: np.ndarray, spot_xy: np.ndarray) -> None:
-    """Cells and spots must share one coordinate frame and unit."""
-    c_lo, c_hi = cell_xy.min(0), cell_xy.max(0)
-    s_lo, s_hi = spot_xy.min(0), spot_xy.max(0)
-    c_extent = float(np.max(c_hi - c_lo)) or 1.0
-    s_extent = float(np.max(s_hi - s_lo)) or 1.0
-    ratio = max(c_extent / s_extent, s_extent / c_extent)
-    disjoint = bool(np.any(c_hi < s_lo) or np.any(s_hi < c_lo))
-    if disjoint or ratio > 20:
-        raise CoordinateError(
-            "cells.obsm['spatial'] and spots.obsm['spatial'] do not overlap "
-            f"(cells span {c_lo.round(1).tolist()}..{c_hi.round(1).tolist()}, "
-            f"spots span {s_lo.round(1).tolist()}..{s_hi.round(1).tolist()}, extent ratio {ratio:.1f}). "
-            "This is usually a units mismatch (e.g. pixels vs microns) or an unregistered section: "
-            "rescale one of them (e.g. multiply pixel coordinates by the pixel size in µm) "
-            "or register the two first."
-        )
+    for axis, names, fix in (("obs", adata.obs_names, "obs_names_make_unique"),
+                             ("var", adata.var_names, "var_names_make_unique")):
+        if not names.is_unique:
+            dup = names[names.duplicated()].unique()[:5].tolist()
+            raise DuplicateNamesError(
+                f"{what}.{axis}_names has duplicated names (e.g. {dup}); call {what}.{fix}() first."
+            )
 
 
 # ------------------------------------------------------------------------------------------
@@ -293,6 +277,7 @@ class SpatialDataset:
         graph_radius: float | None = None,
         spatial_key: str = "spatial",
         nonedge_ratio: float = 1.0,
+        check_geometry: bool = True,
     ) -> "SpatialDataset":
         """Validate AnnData inputs and build the dataset.
 
@@ -313,6 +298,10 @@ class SpatialDataset:
             ``graph_radius``.
         nonedge_ratio
             Non-adjacent pairs sampled per observed edge in each batch (:attr:`nonedge_ratio`).
+        check_geometry
+            Run the statistical unit and layout checks of
+            :mod:`pyrospatial.data.geometry_checks` (False: only the extent check, for the rare
+            real case the checks reject).
 
         Raises
         ------
@@ -421,7 +410,10 @@ class SpatialDataset:
             count_matrix, count_field = spots.layers[spot_layer], f"spots.layers['{spot_layer}']"
         counts = _validated_counts(count_matrix, count_field)
         spot_xy = _coordinates(spots, spatial_key, "spots")
-        _check_overlap(cell_xy, spot_xy)
+        spot_diameter = checked_diameter(spot_diameter)
+        if assignment not in ("radius", "nearest"):
+            raise InputError(f"assignment must be 'radius' or 'nearest', got {assignment!r}.")
+        check_overlap(cell_xy, spot_xy)
         if assignment == "radius" and (spot_diameter is None or spot_diameter <= 0):
             raise InputError(
                 "spot_diameter (> 0, in the coordinate unit) is required for assignment='radius'; "
@@ -429,6 +421,7 @@ class SpatialDataset:
             )
 
         # drop spots with zero counts
+        check_spot_geometry(cell_xy, spot_xy, spot_diameter, assignment, check_geometry=check_geometry)
         library = np.asarray(counts.sum(1)).reshape(-1)
         keep = library > 0
         if not keep.all():

@@ -8,10 +8,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from pyrospatial.errors import InputError
 from pyrospatial.engine.posterior import _numpy
+from pyrospatial.errors import InputError
 
-__all__ = ["NONE", "export", "h5ad_safe"]
+__all__ = ["NONE", "add_spatial_graph", "add_spatial_uns", "export", "frames_to_obs", "h5ad_safe"]
 
 
 # ------------------------------------------------------------------------------------------
@@ -177,3 +177,133 @@ def export(
         record["versions"] = _versions()
         adata.uns[prefix] = record
     return cells, spots
+
+
+# ------------------------------------------------------------------------------------------
+# scverse conventions: scanpy's uns['spatial'], squidpy's graph keys, per-column obs
+# ------------------------------------------------------------------------------------------
+#: library id of a ``uns['spatial']`` entry created by :func:`add_spatial_uns`
+LIBRARY_ID = "pyrospatial"
+#: width in pixels of the blank image of a created library (scanpy needs an image)
+BLANK_IMAGE_PIXELS = 200
+
+
+def _median_spacing(coords: np.ndarray) -> float:
+    """Median distance of a point to its nearest neighbour (1.0 for fewer than two points)."""
+    from scipy.spatial import cKDTree
+
+    if coords.shape[0] < 2:
+        return 1.0
+    dist, _ = cKDTree(coords).query(coords, k=2)
+    spacing = float(np.median(dist[:, 1]))
+    return spacing if np.isfinite(spacing) and spacing > 0 else 1.0
+
+
+def _blank_image(coords: np.ndarray, scalef: float | None = None) -> tuple[np.ndarray, float]:
+    """A white RGB image covering ``coords`` (pixel = coordinate * ``scalef``) and its ``scalef``.
+
+    scanpy (1.11) stops with StopIteration on a library without image, so a blank one stands
+    in; ``scalef`` None makes it at most :data:`BLANK_IMAGE_PIXELS` wide.
+    """
+    finite = coords[np.isfinite(coords).all(1)] if coords.size else coords
+    top = np.maximum(finite.max(0), 0.0) if len(finite) else np.ones(2)
+    if not scalef or not np.isfinite(scalef) or scalef <= 0:
+        scalef = BLANK_IMAGE_PIXELS / float(max(top.max(), 1e-9))
+    width, height = (np.minimum(np.ceil(top * scalef), 4 * BLANK_IMAGE_PIXELS).astype(int) + 1)
+    return np.full((int(height), int(width), 3), 255, dtype=np.uint8), float(scalef)
+
+
+def add_spatial_uns(adata, *, spot_diameter: float | None = None, template: dict | None = None,
+                    spatial_key: str = "spatial") -> None:
+    """Give ``adata`` scanpy's ``uns['spatial'][library_id]`` so ``sc.pl.spatial(adata, color=...)``
+    works with no extra argument (in place).
+
+    An existing ``uns['spatial']`` (e.g. from :func:`pyrospatial.io.read_visium`, with its
+    images) is kept as it is (a library read without images gets the blank image below, at
+    its own ``tissue_hires_scalef``). Otherwise one library is created: ``template`` (another
+    AnnData's library in the same coordinates, e.g. the spots' for CORAL's cells: its images
+    are reused) or a new library ``"pyrospatial"`` whose only image is a blank white ``hires``
+    one (scanpy 1.11 fails on a library without image) at most :data:`BLANK_IMAGE_PIXELS`
+    wide; scale factors are in the units of ``obsm[spatial_key]``: ``spot_diameter_fullres`` =
+    ``spot_diameter`` (None: the median nearest-neighbour distance) and
+    ``tissue_hires_scalef`` = ``tissue_lowres_scalef`` = image pixels per unit. Nothing is done
+    without ``obsm[spatial_key]``.
+    """
+    if spatial_key not in adata.obsm:
+        return
+    coords = np.asarray(adata.obsm[spatial_key], dtype=np.float64)[:, :2]
+    existing = adata.uns.get("spatial")
+    if isinstance(existing, dict) and existing and all(
+        isinstance(lib, dict) and "scalefactors" in lib for lib in existing.values()
+    ):
+        for library in existing.values():  # kept; a library read without its images gets the blank one
+            if not library.get("images"):
+                factors = dict(library["scalefactors"])
+                image, factors["tissue_hires_scalef"] = _blank_image(coords, factors.get("tissue_hires_scalef"))
+                library["images"], library["scalefactors"] = {"hires": image}, factors
+        return
+    diameter = float(spot_diameter) if spot_diameter else _median_spacing(coords)
+    if template is not None:
+        library_id, library = next(iter(template.items()))
+        factors = dict(library.get("scalefactors", {}))
+        factors["spot_diameter_fullres"] = diameter
+        library = {**library, "scalefactors": factors}
+        if not library.get("images"):
+            image, factors["tissue_hires_scalef"] = _blank_image(coords, factors.get("tissue_hires_scalef"))
+            library["images"] = {"hires": image}
+    else:
+        image, scalef = _blank_image(coords)
+        library_id = LIBRARY_ID
+        library = {
+            "images": {"hires": image},
+            "scalefactors": {"spot_diameter_fullres": diameter, "tissue_hires_scalef": scalef,
+                             "tissue_lowres_scalef": scalef},
+            "metadata": {"source": "pyrospatial: created for scanpy; blank image; units of obsm['spatial']"},
+        }
+    adata.uns["spatial"] = {library_id: library}
+
+
+def add_spatial_graph(adata, edges: np.ndarray, *, params: dict | None = None, spatial_key: str = "spatial") -> None:
+    """Store an undirected graph under squidpy's keys (in place): ``obsp['spatial_connectivities']``
+    (0/1, symmetric CSR), ``obsp['spatial_distances']`` (Euclidean length of every edge in the
+    units of ``obsm[spatial_key]``) and ``uns['spatial_neighbors']`` (``connectivities_key``,
+    ``distances_key``, ``params``), so ``squidpy.gr.nhood_enrichment`` and friends use it as built.
+
+    ``edges`` is ``(2, E)`` with each undirected edge once (or both ways; duplicates are merged).
+    """
+    import scipy.sparse as sp
+
+    edges = np.asarray(edges, dtype=np.int64)
+    if edges.ndim != 2 or edges.shape[0] != 2:
+        raise InputError(f"edges must have shape (2, E), got {edges.shape}.")
+    n = adata.n_obs
+    rows = np.concatenate([edges[0], edges[1]])
+    cols = np.concatenate([edges[1], edges[0]])
+    keep = rows != cols
+    rows, cols = rows[keep], cols[keep]
+    conn = sp.csr_matrix((np.ones(rows.size, dtype=np.float32), (rows, cols)), shape=(n, n))
+    conn.data[:] = 1.0  # duplicated pairs were summed
+    coords = np.asarray(adata.obsm[spatial_key], dtype=np.float64)[:, :2]
+    conn = conn.tocoo()
+    lengths = np.linalg.norm(coords[conn.row] - coords[conn.col], axis=1)
+    adata.obsp["spatial_connectivities"] = conn.tocsr()
+    adata.obsp["spatial_distances"] = sp.csr_matrix((lengths, (conn.row, conn.col)), shape=(n, n))
+    adata.uns["spatial_neighbors"] = {
+        "connectivities_key": "spatial_connectivities",
+        "distances_key": "spatial_distances",
+        "params": h5ad_safe(dict(params or {})),
+    }
+
+
+def frames_to_obs(adata, keys: list[str]) -> None:
+    """Copy every column of the obsm DataFrames ``keys`` into ``obs`` as ``<key>_<column>``
+    (in place; e.g. ``obsm['proportion_mean']['T0']`` -> ``obs['proportion_mean_T0']``), so that
+    scanpy's ``color=`` reaches them. The obsm DataFrames stay."""
+    import pandas as pd
+
+    for key in keys:
+        frame = adata.obsm[key]
+        if not isinstance(frame, pd.DataFrame):
+            raise InputError(f"obsm['{key}'] must be a DataFrame (cell types as columns) to be copied into obs.")
+        for column in frame.columns:
+            adata.obs[f"{key}_{column}"] = frame[column].to_numpy()

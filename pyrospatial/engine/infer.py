@@ -10,8 +10,10 @@ stochastic variational inference on spot-complete minibatches with :func:`fit`::
 The loop is PyTorch Lightning's: :class:`SVIModule` is a ``LightningModule`` whose training
 step returns ``Trace_ELBO(num_particles).differentiable_loss(model, guide, batch)``, so the
 ``Trainer`` gives devices (cuda when present, else cpu), the progress bar, gradient clipping,
-checkpoints (``last.ckpt``, resumable with ``weights_only=True``), early stopping and
-multi-GPU/multi-node data parallelism (``strategy="ddp"``) for free.
+early stopping and
+multi-GPU/multi-node data parallelism (``strategy="ddp"``) for free. Checkpoints
+(``checkpoint_dir/last.ckpt``, written during training and atomically, read with
+``weights_only=True``) are :mod:`pyrospatial.engine.checkpoint`'s.
 
 Parameters live in the modules
 ------------------------------
@@ -38,9 +40,9 @@ Reproducibility
 ``fit(seed=s)`` seeds Python, numpy and torch, the data partition of epoch ``e`` is a
 function of ``(s, e)`` (see :class:`~pyrospatial.data.batching.SpotBatchSampler`), and before every
 training step torch's RNG is reseeded from ``(s, global_step, rank)``. The optimiser,
-scheduler, loop counters and ELBO history are in the checkpoint, so a fit killed after an epoch
-and resumed from ``last.ckpt`` reaches the same parameters as an uninterrupted fit (on the
-same hardware/thread settings).
+scheduler, loop counters, the loader's position in its epoch and the ELBO history are in the
+checkpoint, so a fit killed at any point and resumed from ``last.ckpt`` reaches the same
+parameters as an uninterrupted fit (on the same hardware/thread settings).
 """
 
 from __future__ import annotations
@@ -61,10 +63,21 @@ import numpy as np
 import pyro
 import pyro.poutine as poutine
 import torch
-from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+from lightning.pytorch.callbacks import EarlyStopping
 from pyro.infer import Trace_ELBO
 from pyro.poutine.util import site_is_subsample
 
+from pyrospatial.engine.checkpoint import (
+    CHECKPOINT_NAME,
+    CKPT_KEY,
+    PeriodicCheckpoint,
+    check_matches,
+    engine_state,
+    read_checkpoint,
+    restore_engine_state,
+    resumable_loader,
+    settings_differences,
+)
 from pyrospatial.engine.device import module_device
 from pyrospatial.errors import CheckpointError, FitError, InputError
 
@@ -75,8 +88,6 @@ pyro.settings.set(module_local_params=True)
 #: Name of the per-step loss in Lightning's logs / progress bar, and of its epoch mean.
 STEP_METRIC = "elbo"
 EPOCH_METRIC = "elbo_epoch"
-#: Key under which :class:`SVIModule` stores its own state in a Lightning checkpoint.
-CKPT_KEY = "pyrospatial"
 
 
 def versions() -> dict[str, str]:
@@ -269,6 +280,12 @@ class SVIModule(L.LightningModule):
         self.betas = tuple(float(b) for b in betas)
         self.elbo = Trace_ELBO(num_particles=self.num_particles)
         self.elbo_history: list[float] = []
+        #: settings the trajectory depends on beyond the module's own (e.g. batch_size), stored
+        #: in checkpoints and compared on resume
+        self.run_settings: dict[str, float | int] = {}
+        # the running sum/count of the current epoch's losses (in checkpoints, so that an epoch
+        # resumed mid-way logs the same epoch mean as an uninterrupted one)
+        self._epoch_sum, self._epoch_count, self._epoch_index = 0.0, 0, -1
 
     # -- maths ---------------------------------------------------------------------------
     def loss(self, batch) -> torch.Tensor:
@@ -301,9 +318,17 @@ class SVIModule(L.LightningModule):
         if not math.isfinite(value):
             self._raise_fit_error(batch, step, f"the ELBO loss is {value}", None)
         self.elbo_history.append(value)
+        if self._epoch_index != self.current_epoch:
+            self._epoch_sum, self._epoch_count, self._epoch_index = 0.0, 0, int(self.current_epoch)
+        self._epoch_sum += value
+        self._epoch_count += 1
         self.log(STEP_METRIC, value, on_step=True, on_epoch=False, prog_bar=True, batch_size=1)
-        self.log(EPOCH_METRIC, loss.detach(), on_step=False, on_epoch=True, batch_size=1, sync_dist=True)
         return loss
+
+    def on_train_epoch_end(self) -> None:
+        if self._epoch_count > 0 and self._epoch_index == self.current_epoch:
+            mean = torch.tensor(self._epoch_sum / self._epoch_count, dtype=torch.float32, device=self.device)
+            self.log(EPOCH_METRIC, mean, on_step=False, on_epoch=True, batch_size=1, sync_dist=True)
 
     def _raise_fit_error(self, batch, step: int, what: str, cause: Exception | None) -> None:
         problems = find_nonfinite(self.model, self.guide, batch, seed=self.step_seed(step))
@@ -329,19 +354,10 @@ class SVIModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:  # noqa: D102
-        # only tensors and primitives: loadable with torch.load(weights_only=True)
-        checkpoint[CKPT_KEY] = {
-            "elbo_history": torch.tensor(self.elbo_history, dtype=torch.float64),
-            "seed": self.seed,
-            "lr": self.lr,
-            "lr_decay": self.lr_decay,
-            "num_particles": self.num_particles,
-        }
+        checkpoint[CKPT_KEY] = engine_state(self)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:  # noqa: D102
-        state = checkpoint.get(CKPT_KEY, {})
-        if "elbo_history" in state:
-            self.elbo_history = [float(x) for x in state["elbo_history"].tolist()]
+        restore_engine_state(self, checkpoint.get(CKPT_KEY, {}))
 
 
 # ------------------------------------------------------------------------------------------
@@ -379,80 +395,6 @@ def _accelerator(device: str) -> str:
     if device == "cpu":
         return "cpu"
     raise InputError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}.")
-
-
-def _validate_checkpoint(path: Path, module: torch.nn.Module) -> dict:
-    """Load a checkpoint safely (``weights_only=True``) and compare its keys with ``module``."""
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {str(path)!r} does not exist.")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001 - pickle errors come in many types
-        raise CheckpointError(
-            f"cannot load {str(path)!r} with torch.load(weights_only=True): {type(error).__name__}: "
-            f"{error}. pyrospatial checkpoints hold tensors and primitives only."
-        ) from error
-    state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else None
-    if not isinstance(state, dict):
-        raise CheckpointError(f"{str(path)!r} holds no state_dict.")
-    expected = set(module.state_dict().keys())
-    found = set(state.keys())
-    missing, unexpected = sorted(expected - found), sorted(found - expected)
-    if missing or unexpected:
-        raise CheckpointError(
-            f"checkpoint {str(path)!r} does not match the model/guide: missing keys {missing[:20]}"
-            f"{' ...' if len(missing) > 20 else ''}, unexpected keys {unexpected[:20]}"
-            f"{' ...' if len(unexpected) > 20 else ''}. Build the model and guide with the same "
-            "settings (and the same dataset sizes) as the fit that wrote it."
-        )
-    own = module.state_dict()
-    shapes = [
-        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-        for k in sorted(expected)
-        if isinstance(state[k], torch.Tensor) and state[k].shape != own[k].shape
-    ]
-    if shapes:
-        raise CheckpointError(f"checkpoint {str(path)!r} has mismatched shapes: {shapes[:10]}.")
-    return checkpoint
-
-
-class _LazyEpochSampler(torch.utils.data.Sampler):
-    """Defers the wrapped sampler's ``__iter__`` to the first ``next()``.
-
-    Lightning creates the training iterator *before* calling ``set_epoch`` for the first epoch
-    of a ``trainer.fit`` (and does not recreate it when resuming), so an eager sampler would
-    draw the resumed epoch's partition with a stale epoch number. A generator reads the epoch
-    when the first batch is requested, after ``set_epoch``.
-    """
-
-    def __init__(self, inner):
-        self.inner = inner
-
-    def set_epoch(self, epoch: int) -> None:
-        if hasattr(self.inner, "set_epoch"):
-            self.inner.set_epoch(epoch)
-
-    def __len__(self) -> int:
-        return len(self.inner)
-
-    def __iter__(self):
-        yield from iter(self.inner)
-
-
-def _lazy_loader(loader: torch.utils.data.DataLoader) -> torch.utils.data.DataLoader:
-    """The same DataLoader with its sampler wrapped in :class:`_LazyEpochSampler`."""
-    if loader.batch_sampler is not None or loader.sampler is None:  # pragma: no cover - not ours
-        return loader
-    return torch.utils.data.DataLoader(
-        loader.dataset,
-        sampler=_LazyEpochSampler(loader.sampler),
-        batch_size=None,
-        collate_fn=loader.collate_fn,
-        num_workers=loader.num_workers,
-        pin_memory=loader.pin_memory,
-        worker_init_fn=loader.worker_init_fn,
-        persistent_workers=loader.persistent_workers if loader.num_workers > 0 else False,
-    )
 
 
 def _default_batch_size(dataset) -> int:
@@ -504,6 +446,9 @@ def fit(
     early_stopping: bool | dict = False,
     checkpoint_dir: str | os.PathLike | None = None,
     resume: str | os.PathLike | None = None,
+    checkpoint_every_n_steps: int | None = None,
+    checkpoint_every_n_epochs: int | None = 1,
+    checkpoint_every_seconds: float | None = 120.0,
     progress: bool = True,
     gradient_clip_val: float | None = 10.0,
     nonedge_ratio: float | None = None,
@@ -537,10 +482,19 @@ def fit(
         epochs; a dict is passed to ``lightning.pytorch.callbacks.EarlyStopping`` (over these
         defaults: ``monitor="elbo_epoch", mode="min", patience=10, min_delta=0.0``).
     checkpoint_dir
-        Where ``last.ckpt`` is written at the end of every epoch (``None``: no checkpoints).
+        Folder where ``last.ckpt`` is written *during* training, atomically (temporary file,
+        fsync, rename), at the intervals below and at the end (``None``: no checkpoints); see
+        :mod:`pyrospatial.engine.checkpoint`.
     resume
         A checkpoint path, or ``"last"`` for ``checkpoint_dir/last.ckpt``; training continues
-        from its epoch/step with its optimiser state, up to ``max_epochs``/``max_steps``.
+        from its epoch/step (also from the middle of an epoch, with the batches of that epoch
+        not yet seen) with its optimiser state, up to ``max_epochs``/``max_steps``. The seed,
+        lr, lr_decay, num_particles and batch_size must equal the checkpoint's. A run that had
+        already finished is restored and returned as it was.
+    checkpoint_every_n_steps, checkpoint_every_n_epochs, checkpoint_every_seconds
+        Write intervals of ``last.ckpt`` (each ``None``/0 turns that trigger off): every ``n``
+        optimiser steps (default off), every ``n`` epochs (default 1), and after the first step
+        ending at least this many seconds of wall time after the previous write (default 120).
     progress
         Lightning's progress bar (the per-step ``elbo`` is shown on it) and info messages.
     gradient_clip_val
@@ -581,9 +535,11 @@ def fit(
         if str(resume) == "last":
             if ckpt_dir is None:
                 raise CheckpointError("resume='last' needs checkpoint_dir (where last.ckpt was written).")
-            ckpt_path = ckpt_dir / "last.ckpt"
+            ckpt_path = ckpt_dir / CHECKPOINT_NAME
         else:
             ckpt_path = Path(resume)
+    # the checkpoint is read before any work so that a bad file fails fast
+    resume_state = read_checkpoint(ckpt_path, for_resume=True) if ckpt_path is not None else None
 
     dataset = _deprecated_nonedge_ratio(dataset, nonedge_ratio)
     _check_callables(model, guide)
@@ -592,17 +548,25 @@ def fit(
     warmup = next(iter(dataset.chunks(batch_size)))
     initialise(model, guide, warmup)
     module = SVIModule(model, guide, lr=lr, lr_decay=lr_decay, num_particles=num_particles, seed=seed)
-    if ckpt_path is not None:
-        _validate_checkpoint(ckpt_path, module)
+    module.run_settings = {"batch_size": batch_size}
+    if ckpt_path is not None and resume_state is not None:
+        check_matches(ckpt_path, resume_state, module)
+        differences = settings_differences(module, resume_state)
+        if differences:
+            raise CheckpointError(
+                f"checkpoint {str(ckpt_path)!r} was written by a fit with other settings ({'; '.join(differences)}): "
+                "resume with the settings of that fit, or start without --resume (resume=None)."
+            )
+        del resume_state  # Lightning reads the file again itself
 
+    loader = resumable_loader(dataset.dataloader(batch_size, seed=seed, shuffle=True))
     callbacks = list(trainer_kwargs.pop("callbacks", []) or [])
-    checkpoint_cb = None
     if ckpt_dir is not None:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
-        checkpoint_cb = ModelCheckpoint(
-            dirpath=ckpt_dir, save_last=True, save_top_k=0, every_n_epochs=1, save_on_train_epoch_end=True
-        )
-        callbacks.append(checkpoint_cb)
+        callbacks.append(PeriodicCheckpoint(
+            ckpt_dir, every_n_steps=checkpoint_every_n_steps, every_n_epochs=checkpoint_every_n_epochs,
+            every_seconds=checkpoint_every_seconds, sampler=getattr(loader, "sampler", None),
+        ))
     if early_stopping:
         options = dict(monitor=EPOCH_METRIC, mode="min", patience=10, min_delta=0.0, check_on_train_epoch_end=True)
         if isinstance(early_stopping, dict):
@@ -631,7 +595,6 @@ def fit(
     if kwargs.get("default_root_dir") is None:
         kwargs.pop("default_root_dir")
 
-    loader = _lazy_loader(dataset.dataloader(batch_size, seed=seed, shuffle=True))
     start = time.perf_counter()
     with _quiet_lightning(progress):
         trainer = L.Trainer(callbacks=callbacks, **kwargs)
@@ -644,8 +607,8 @@ def fit(
     seconds = time.perf_counter() - start
 
     last = None
-    if ckpt_dir is not None and (ckpt_dir / "last.ckpt").exists():
-        last = str(ckpt_dir / "last.ckpt")
+    if ckpt_dir is not None and (ckpt_dir / CHECKPOINT_NAME).exists():
+        last = str(ckpt_dir / CHECKPOINT_NAME)
     settings = {
         "seed": seed,
         "lr": float(lr),
@@ -691,7 +654,8 @@ def load_checkpoint(model: Callable, guide: torch.nn.Module, dataset, path: str 
     size = chunk_size or max(1, min(64, _default_batch_size(dataset)))
     initialise(model, guide, next(iter(dataset.chunks(size))))
     holder = SVIModule(model, guide)
-    checkpoint = _validate_checkpoint(Path(path), holder)
+    checkpoint = read_checkpoint(path)
+    check_matches(Path(path), checkpoint, holder)
     state = checkpoint.get("state_dict", checkpoint)
     holder.load_state_dict(state, strict=True)
     return model, guide

@@ -44,6 +44,7 @@ Keys written into a copy of ``a`` (``res.adata``; ``n`` cells of a, ``m`` cells 
                                              its posterior sd across draws (given a match)
 ``obsm["align_features_mean"]`` / ``_sd``    b's features ``feature_keys`` (log1p-normalised) carried
                                              to a: mixture mean and sd over matches and draws
+``uns["spatial"]``                           scanpy's layout, kept from ``a`` or created (no image)
 ``uns["pyrospatial"]["alignment"]``          ``transform`` (``angle`` rad, ``translation`` (2,),
                                              ``scale``; each ``mean``/``sd``/``q05``/``q50``/``q95``;
                                              ``angle_deg`` too), ``preregistration``,
@@ -75,7 +76,7 @@ import torch
 from scipy.spatial import cKDTree
 
 from pyrospatial.data.alignment_data import AlignmentBatch, AlignmentData
-from pyrospatial.engine.export import h5ad_safe
+from pyrospatial.engine.export import add_spatial_uns, h5ad_safe
 from pyrospatial.engine.infer import FitResult, fit, versions
 from pyrospatial.engine.summary import summarise
 from pyrospatial.errors import CoordinateError, InputError
@@ -416,6 +417,7 @@ class Alignment:
             "elbo": record["elbo"], "b_obs_names": list(map(str, b.obs_names)),
             "feature_names": self.feature_keys, "versions": versions(),
         })
+        add_spatial_uns(out_ad)  # scanpy's uns['spatial']: a's own (e.g. Visium's) kept, else one without image
         return AlignmentResult(
             adata=out_ad, match_prob=match, p_unmatched=unmatched, entropy=ent, transform=transform,
             aligned=aligned, aligned_sd=aligned_sd, transform_draws=transform_draws,
@@ -521,6 +523,8 @@ def align(
     seed: int = 0,
     device: str = "cpu",
     progress: bool = True,
+    checkpoint_dir: str | None = None,
+    resume: str | None = None,
 ) -> AlignmentResult:
     """Align slice/modality ``a`` onto ``b``: match probabilities, a transform posterior, transfers.
 
@@ -569,8 +573,9 @@ def align(
         Posterior draws for the summaries (each draw: transform, embeddings, Sinkhorn plan).
     sinkhorn_iter
         Sinkhorn iterations per step (warm-started; 5x on the first step and on each draw).
-    seed, device, progress
-        As for :func:`pyrospatial.fit`.
+    seed, device, progress, checkpoint_dir, resume
+        As for :func:`pyrospatial.fit` (``last.ckpt`` written in ``checkpoint_dir`` during
+        training; ``resume="last"`` continues a killed fit from it).
 
     Raises
     ------
@@ -588,7 +593,8 @@ def align(
         lam=lam, spatial_weight=spatial_weight, embedding_weight=embedding_weight, sinkhorn_iter=sinkhorn_iter,
         seed=seed,
     )
-    method.train(steps, lr=lr, seed=seed, device=device, progress=progress)
+    method.train(steps, lr=lr, seed=seed, device=device, progress=progress, checkpoint_dir=checkpoint_dir,
+                 resume=resume)
     method.sample(num_samples, seed=seed, progress=progress)
     return method.export()
 

@@ -12,9 +12,10 @@ import numpy as np
 import scipy.sparse as sp
 from scipy.spatial import cKDTree
 
+from pyrospatial.data.geometry_checks import check_section_spacing, geometry_checks_enabled
 from pyrospatial.errors import CoordinateError, InputError
 
-__all__ = ["prepare_features", "preregister", "simulate_pair"]
+__all__ = ["check_alignment_units", "prepare_features", "preregister", "simulate_pair"]
 
 
 _FEATURE_MODES = ("auto", "shared", "separate")
@@ -95,9 +96,24 @@ def _top_genes(X: np.ndarray, n: int) -> np.ndarray:
     return np.sort(np.argsort(-X.mean(0))[: min(n, X.shape[1])])
 
 
+def check_alignment_units(a: ad.AnnData, b: ad.AnnData, *, spatial_key: str = "spatial",
+                          check_geometry: bool = True) -> float | None:
+    """The two sections' median nearest-neighbour spacings agree within
+    :data:`~pyrospatial.data.geometry_checks.MAX_SECTION_RATIO` (else a
+    :class:`~pyrospatial.errors.GeometryError` saying by how much to rescale ``a``); returns
+    ``spacing_a / spacing_b``, or None when not measured (checks off, key missing, < 4 cells)."""
+    if not geometry_checks_enabled(check_geometry):
+        return None
+    if spatial_key not in a.obsm or spatial_key not in b.obsm:
+        return None
+    xy_a, xy_b = _coords(a, spatial_key, "a"), _coords(b, spatial_key, "b")
+    return check_section_spacing(xy_a, xy_b, check_geometry=check_geometry)
+
+
 def prepare_features(a: ad.AnnData, b: ad.AnnData, *, features: str = "auto", n_components: int = 20,
                      layer_a: str | None = None, layer_b: str | None = None, seed: int = 0,
-                     n_top: int = 2000) -> tuple[np.ndarray, np.ndarray, str, list[str]]:
+                     n_top: int = 2000, spatial_key: str = "spatial",
+                     check_geometry: bool = True) -> tuple[np.ndarray, np.ndarray, str, list[str]]:
     """Per-modality inputs of the alignment model: standardised principal components.
 
     ``features="shared"``: genes/features present in both (``var_names``), log1p-normalised,
@@ -109,7 +125,13 @@ def prepare_features(a: ad.AnnData, b: ad.AnnData, *, features: str = "auto", n_
     (features standardised; may differ completely; encoders learned). ``"auto"``: shared
     when at least 2 features are shared, else separate. Returns ``(x_a, x_b, mode,
     shared_names)``, scaled so that the average component has unit variance.
+
+    First, when both sides hold ``obsm[spatial_key]``, the ratio of their median cell spacings
+    is checked (:func:`check_alignment_units`): a section in pixels against one in microns is a
+    :class:`~pyrospatial.errors.GeometryError` unless ``check_geometry=False`` (or within
+    :func:`pyrospatial.data.geometry_checks.skip_geometry_checks`).
     """
+    check_alignment_units(a, b, spatial_key=spatial_key, check_geometry=check_geometry)
     if features not in _FEATURE_MODES:
         raise InputError(f"features must be one of {_FEATURE_MODES}, got {features!r}.")
     in_b = set(b.var_names)

@@ -16,7 +16,12 @@ whose variables are proteins, is left untouched):
   (:meth:`CORAL.split_spot_counts`: each draw's cell counts add up exactly to the observed
   spot counts; NaN for cells outside every spot);
 - ``obsm["z_{stat}"]``, ``obsm["v_{stat}"]`` / ``obs["v_{stat}"]`` (1-D v), ``obs["cell_size_{stat}"]``;
-- ``obs["domain"]``, ``obs["domain_confidence"]`` (co-clustering across posterior draws);
+- ``obs["domain"]`` (categorical), ``obs["domain_confidence"]`` (co-clustering across posterior draws);
+- scverse keys: ``uns["spatial"]`` (scanpy's layout: the spots' library and image when they
+  have one, else one without image, ``spot_diameter_fullres`` in the units of
+  ``obsm["spatial"]``), the cell graph as ``obsp["spatial_connectivities"]`` /
+  ``obsp["spatial_distances"]`` with squidpy's ``uns["spatial_neighbors"]``; the spots output
+  keeps or gets ``uns["spatial"]`` too;
 - ``obsp["edge_prob_mean"]``, ``obsp["edge_prob_sd"]``: per-edge probabilities of the cell
   graph (sparse, symmetric); ``obsp["attention"]``: the guide's GAT attention per edge (mean
   over heads; an encoder quantity, not a posterior one);
@@ -49,6 +54,7 @@ from pyrospatial.criticism.convergence import chain_convergence
 from pyrospatial.errors import InputError
 from pyrospatial.engine.device import module_device
 from pyrospatial.engine.infer import FitResult, SVIModule, fit, load_checkpoint
+from pyrospatial.engine.export import add_spatial_graph, add_spatial_uns
 from pyrospatial.engine.export import export as export_summaries
 from pyrospatial.engine.posterior import sample_posterior
 from pyrospatial.engine.summary import summarise
@@ -103,6 +109,10 @@ class CORAL:
         A custom variant (e.g. a subclass of :class:`~pyrospatial.models.CoralModel` that
         swaps one block); it must keep the sites ``z``, ``v``, ``cell_size``,
         ``expected_rna`` and :meth:`~pyrospatial.models.CoralModel.edge_probability`.
+    check_geometry
+        Check that cells and spots share units and that the assignment suits the spot layout
+        (:mod:`pyrospatial.data.geometry_checks`); ``False`` only for the rare real case the
+        checks misjudge.
     seed
         Seeds the networks' initial weights (``train`` and ``sample`` take their own seeds):
         the same inputs, settings and seeds give the same result in any process on CPU.
@@ -131,6 +141,7 @@ class CORAL:
         model_cls: type | None = None,
         guide_cls: type | None = None,
         seed: int = 0,
+        check_geometry: bool = True,
     ) -> None:
         from pyrospatial.guides import CoralGuide
         from pyrospatial.models import CoralModel
@@ -142,6 +153,7 @@ class CORAL:
         self.dataset = dataset or SpatialDataset.from_anndata(
             cells, spots, cell_type_key=cell_type_key, spot_diameter=spot_diameter,
             assignment=assignment, k=k, protein_layer=protein_layer, spot_layer=spot_layer,
+            check_geometry=check_geometry,
         )
         self.model_kwargs = dict(model_kwargs or {})
         self.guide_kwargs = dict(guide_kwargs or {})
@@ -459,6 +471,13 @@ class CORAL:
                 spots_out.layers[f"expected_counts_{stat}"] = value.astype(np.float32)
             spots_out.obs["n_cells"] = np.asarray(member.sum(1)).ravel().astype(int)
             spots_out.uns["pyrospatial"] = {"settings": cells_rna.uns["pyrospatial"]["settings"]}
+            add_spatial_uns(spots_out, spot_diameter=ds.settings.get("spot_diameter") or None)
+        # scverse: scanpy's uns['spatial'] (the spots' image when they have one), squidpy's graph keys
+        template = spots_out.uns.get("spatial") if spots_out is not None else None
+        add_spatial_uns(cells_rna, template=template if isinstance(template, dict) and template else None)
+        add_spatial_graph(cells_rna, ds.edges, params={
+            "coord_type": "generic", "graph": ds.settings.get("graph", "knn"), "n_neighbors": ds.settings.get("k"),
+            "radius": ds.settings.get("graph_radius"), "transform": None})
         return cells_rna, spots_out
 
     def _settings(self) -> dict[str, Any]:

@@ -34,6 +34,11 @@ For ``stat`` in ``mean, sd, q05, q50, q95`` (posterior mean, standard deviation 
   ``n_jt ~ Poisson(w_jt)`` under the posterior of ``w``: read its ``[q05, q95]`` as the 90%
   interval of a spot's cell count (it contains 0 when absence is plausible);
 - ``obsm[f"proportion_{stat}"]``: DataFrame spots x cell types, ``w_jt / sum_t w_jt``;
+- ``obs[f"{quantity}_{stat}_{cell_type}"]`` for ``quantity`` in abundance, cell_count,
+  proportion: every column of those DataFrames, for scanpy's ``color=`` (e.g.
+  ``sc.pl.spatial(out, color="proportion_mean_T0")``);
+- ``uns["spatial"]``: kept from the spots (e.g. :func:`pyrospatial.io.read_visium`'s, with its
+  image) or created without image when the spots have ``obsm["spatial"]``;
 - ``obsm[f"expected_expression_{stat}"]`` (only with ``return_expression=True``): array
   spots x cell types x genes, the counts of each gene attributed to each type in each spot
   (``l_j m_g w_jt s_tg``), genes in ``uns["deconvolution"]["genes"]`` order;
@@ -74,7 +79,7 @@ import torch
 from anndata import AnnData
 
 from pyrospatial.data.spot_counts import SpotCounts
-from pyrospatial.engine.export import h5ad_safe
+from pyrospatial.engine.export import add_spatial_uns, frames_to_obs, h5ad_safe
 from pyrospatial.engine.infer import FitResult, fit
 from pyrospatial.engine.posterior import sample_posterior
 from pyrospatial.engine.summary import summarise
@@ -325,6 +330,7 @@ class Deconvolution:
         for name in ("abundance", "cell_count", "proportion"):
             for stat, v in summary[name].items():
                 out.obsm[f"{name}_{stat}"] = pd.DataFrame(v, index=index, columns=types)
+                frames_to_obs(out, [f"{name}_{stat}"])
         if "expected_expression" in draws:
             for stat, v in summary["expected_expression"].items():
                 out.obsm[f"expected_expression_{stat}"] = v.astype(np.float32)
@@ -355,6 +361,7 @@ class Deconvolution:
         if keep_draws:
             rec["cell_count_draws"] = n_draws.astype(np.int32)
         out.uns[UNS_KEY] = h5ad_safe(rec)
+        add_spatial_uns(out, spatial_key=self.settings.get("spatial_key") or "spatial")
         return out
 
     def to_inference_data(self):
@@ -441,6 +448,8 @@ def deconvolve(
     seed: int = 0,
     device: str = "cpu",
     progress: bool = True,
+    checkpoint_dir: str | None = None,
+    resume: str | None = None,
 ) -> AnnData:
     """Cell-type abundances and proportions of every spot, with their uncertainty.
 
@@ -504,6 +513,9 @@ def deconvolve(
         score calibration with :func:`pyrospatial.criticism.calibration.pit_coverage_by_level`.
     seed, device, progress
         Seed of the fit and the draws; torch device; progress bar.
+    checkpoint_dir, resume
+        As for :func:`pyrospatial.fit`: ``last.ckpt`` written there during training;
+        ``resume="last"`` continues a killed fit from it.
 
     Returns
     -------
@@ -522,7 +534,7 @@ def deconvolve(
         background_fraction=background_fraction, smoothness=smoothness, total_cv=total_cv, n_neighbours=n_neighbours,
     )
     method.train(max_steps, min_steps=min_steps, convergence_window=convergence_window, lr=lr, batch_size=batch_size,
-                 seed=seed, device=device, progress=progress)
+                 seed=seed, device=device, progress=progress, checkpoint_dir=checkpoint_dir, resume=resume)
     method.sample(num_samples, return_expression=return_expression, seed=seed)
     return method.export(keep_draws=keep_draws)
 

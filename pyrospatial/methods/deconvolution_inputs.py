@@ -13,7 +13,7 @@ import scipy.sparse as sp
 from anndata import AnnData
 from scipy.optimize import nnls
 
-from pyrospatial.errors import CountsError, InputError
+from pyrospatial.errors import CountsError, DuplicateNamesError, InputError
 
 __all__ = [
     "EmptySpotError",
@@ -79,7 +79,24 @@ def _raw_counts(matrix, field: str) -> np.ndarray:
     return np.round(array)
 
 
+def check_unique_names(adata: AnnData, what: str) -> None:
+    """Cell (obs) and gene (var) names of ``what`` are unique, else a
+    :class:`~pyrospatial.errors.DuplicateNamesError` naming examples and the fix."""
+    if not isinstance(adata, AnnData):
+        raise InputError(f"{what} must be an AnnData, got {type(adata).__name__}.")
+    for axis, names, fix, kind in (("var", adata.var_names, "var_names_make_unique", "gene"),
+                                   ("obs", adata.obs_names, "obs_names_make_unique", "cell/spot")):
+        if not names.is_unique:
+            dup = names[names.duplicated()].unique()
+            raise DuplicateNamesError(
+                f"{what}.{axis}_names has {dup.size} duplicated {kind} name(s) (e.g. {list(map(str, dup[:5]))}); "
+                f"call {what}.{fix}() first (or sum/drop the duplicated {kind}s)."
+            )
+
+
 def _shared_genes(spots: AnnData, reference: AnnData) -> list[str]:
+    check_unique_names(spots, "spots")
+    check_unique_names(reference, "reference")
     ref = set(map(str, reference.var_names))
     genes = [str(g) for g in spots.var_names if str(g) in ref]
     if not genes:
