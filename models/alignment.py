@@ -272,7 +272,7 @@ class AlignmentModel(PyroModule):
     r"""Two slices (or modalities), a rigid transform between them, and a coupling of their cells.
 
     Generative story (``i`` cells of slice *a*, ``j`` cells of slice *b*; ``x`` features,
-    ``s`` coordinates; symbols as in DESIGN.md, "OT coupling as a latent")::
+    ``s`` coordinates; symbols as in the module docstring)::
 
         1. transform  (angle, tx, ty[, log_scale]) ~ Normal(pre-registration, diag(prior_sd^2))
                moves a's coordinates into b's frame:  phi(s) = e^log_scale R(angle)(s - s̄_a) + s̄_a + t

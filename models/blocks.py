@@ -5,7 +5,7 @@ plates of :mod:`pyrospatial.engine.batch`. They are written to be reused: CORAL
 (:mod:`pyrospatial.models.coral`) uses all of them; a reference-based deconvolution model
 reuses :func:`negative_binomial` and :func:`spot_sum`.
 
-Symbols (DESIGN.md): ``i`` cells, ``j`` spots, ``p`` proteins / cell features, ``g`` genes,
+Symbols: ``i`` cells, ``j`` spots, ``p`` proteins / cell features, ``g`` genes,
 ``c`` cell types, ``v_i`` the low-dimensional latent, ``z_i`` the cell state, ``A_ii'`` the
 cell graph.
 
