@@ -61,7 +61,7 @@ import numpy as np
 
 from pyrospatial.criticism.ppc import _pairs, observed_data, posterior_predictive
 from pyrospatial.engine.device import module_device
-from pyrospatial.errors import InputError
+from pyrospatial.errors import FileInputError, InputError
 from pyrospatial.protocols import PLATE_DIMS, ModelContract, require_contract
 
 __all__ = ["to_inference_data", "load_inference_data"]
@@ -260,7 +260,15 @@ def load_inference_data(path: str | Path):
     path = Path(path)
     if not path.exists():
         raise InputError(f"no InferenceData at {path}; write it with to_inference_data(..., path=...).")
-    return az.from_netcdf(str(path))
+    if not path.is_file():
+        raise FileInputError(f"{path} is not a file: expected a netcdf InferenceData written by to_inference_data.")
+    try:
+        return az.from_netcdf(str(path))
+    except (OSError, ValueError, KeyError, TypeError) as error:  # truncated, corrupt or another format
+        raise FileInputError(
+            f"{path} is not a readable netcdf InferenceData ({type(error).__name__}: {' '.join(str(error).split())[:160]}); "
+            "it may be truncated or corrupt: rerun the fit that wrote it."
+        ) from error
 
 
 def _unpack(fit_result: Any) -> tuple[Any, Any, np.ndarray | None]:

@@ -311,8 +311,8 @@ class SpatialDataset:
         """
         if not isinstance(cells, AnnData):
             raise InputError(f"cells must be an AnnData, got {type(cells).__name__}.")
-        if cells.n_obs == 0:
-            raise InputError("cells has no observations (n_obs == 0).")
+        if cells.n_obs == 0 or cells.n_vars == 0:
+            raise InputError(f"cells has no observations or no features (shape {cells.shape}); pass cells x proteins.")
         _check_unique_names(cells, "cells")
 
         # --- cell types ---
@@ -397,8 +397,8 @@ class SpatialDataset:
         # --- spots ---
         if not isinstance(spots, AnnData):
             raise InputError(f"spots must be an AnnData or None, got {type(spots).__name__}.")
-        if spots.n_obs == 0:
-            raise InputError("spots has no observations (n_obs == 0).")
+        if spots.n_obs == 0 or spots.n_vars == 0:
+            raise InputError(f"spots has no observations or no genes (shape {spots.shape}); pass spots x genes.")
         _check_unique_names(spots, "spots")
         if spot_layer is None:
             count_matrix, count_field = spots.X, "spots.X"

@@ -13,7 +13,7 @@ import scipy.sparse as sp
 from scipy.spatial import cKDTree
 
 from pyrospatial.data.geometry_checks import check_section_spacing, geometry_checks_enabled
-from pyrospatial.errors import CoordinateError, InputError
+from pyrospatial.errors import CoordinateError, DuplicateNamesError, InputError
 
 __all__ = ["check_alignment_units", "prepare_features", "preregister", "simulate_pair"]
 
@@ -31,6 +31,10 @@ def _coords(adata: ad.AnnData, key: str, side: str) -> np.ndarray:
         raise InputError(f"{side} is empty (0 cells): an alignment needs cells on both sides.")
     if adata.n_obs < 3:
         raise InputError(f"{side} has {adata.n_obs} cells; an alignment needs at least 3 per side.")
+    for axis, names in (("obs_names", adata.obs_names), ("var_names", adata.var_names)):
+        if not names.is_unique:
+            raise DuplicateNamesError(f"{side}.{axis} has duplicated names (e.g. {list(names[names.duplicated()][:3])}); "
+                                      f"call {side}.{axis}_make_unique() first.")
     if key not in adata.obsm:
         raise CoordinateError(f"{side}.obsm[{key!r}] is missing: store the (n, 2) spatial coordinates there "
                               f"or pass spatial_key=... (found obsm keys {list(adata.obsm.keys())}).")
@@ -54,6 +58,9 @@ def _matrix(adata: ad.AnnData, layer: str | None, side: str) -> np.ndarray:
     if X is None:
         raise InputError(f"{side}.X is empty: store features (counts or intensities) in X or pass a layer.")
     X = X.toarray() if sp.issparse(X) else np.asarray(X)
+    if X.ndim != 2 or X.shape[1] == 0:
+        raise InputError(f"{side}.{'X' if layer is None else f'layers[{layer!r}]'} has no feature column "
+                         f"(shape {X.shape}): store at least one feature (gene or protein) per cell.")
     X = X.astype(np.float64)
     if not np.isfinite(X).all():
         raise InputError(f"{side}.{'X' if layer is None else f'layers[{layer!r}]'} has NaN/inf entries; fix them first.")

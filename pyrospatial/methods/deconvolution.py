@@ -97,6 +97,7 @@ from pyrospatial.methods.deconvolution_inputs import (
     guide_start,
     nnls_abundance,
     signature_prior,
+    spot_coordinates,
 )
 from pyrospatial.methods.method_io import (
     SAVE_FORMAT,
@@ -175,6 +176,9 @@ class Deconvolution:
 
         if not isinstance(spots, AnnData) or not isinstance(reference, AnnData):
             raise InputError("spots and reference must be AnnData objects (spots x genes, cells x genes).")
+        for name, adata in (("spots", spots), ("reference", reference)):
+            if adata.n_obs == 0:
+                raise InputError(f"{name} has no observations (n_obs == 0): pass a non-empty {name} AnnData.")
         if int(min_cells_per_type) < 1:
             raise InputError(f"min_cells_per_type must be >= 1, got {min_cells_per_type}.")
         genes = _shared_genes(spots, reference)
@@ -202,10 +206,8 @@ class Deconvolution:
             )
         shape, rate, excess, n_ref = signature_prior(ref_counts, labels)
         hint = _cells_per_spot(cells_per_spot, spots, spot_counts, ref_counts)
-        coords = None
-        if spatial_key in spots.obsm:
-            coords = np.asarray(spots.obsm[spatial_key], dtype=np.float64)[:, :2]
-        elif smoothness > 0:
+        coords = spot_coordinates(spots, spatial_key)
+        if coords is None and smoothness > 0:
             raise InputError(f"smoothness > 0 needs spot coordinates in spots.obsm['{spatial_key}'].")
 
         self.spots, self.reference = spots, reference

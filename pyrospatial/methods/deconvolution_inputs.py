@@ -94,6 +94,26 @@ def check_unique_names(adata: AnnData, what: str) -> None:
             )
 
 
+def spot_coordinates(spots: AnnData, spatial_key: str) -> np.ndarray | None:
+    """``spots.obsm[spatial_key]`` as finite ``(n_spots, 2)`` floats (the first two columns), or
+    ``None`` when absent; an :class:`~pyrospatial.errors.InputError` naming the field otherwise."""
+    if spatial_key not in spots.obsm:
+        return None
+    field = f"spots.obsm['{spatial_key}']"
+    raw = np.asarray(spots.obsm[spatial_key])
+    if raw.ndim != 2 or raw.shape[1] < 2:
+        raise InputError(f"{field} must have shape (n_spots, 2) (x, y per spot), got {raw.shape}; store the "
+                         "x/y coordinates there or delete the key.")
+    if raw.dtype.kind not in "biuf":
+        raise InputError(f"{field} must be numeric, got dtype {raw.dtype}; convert it with .astype(float).")
+    coords = raw[:, :2].astype(np.float64)
+    bad = ~np.isfinite(coords).all(axis=1)
+    if bad.any():
+        raise InputError(f"{field} has {int(bad.sum())} spot(s) with NaN/inf coordinates (e.g. "
+                         f"{list(spots.obs_names[bad][:3])}); drop those spots or fix their coordinates.")
+    return coords
+
+
 def _shared_genes(spots: AnnData, reference: AnnData) -> list[str]:
     check_unique_names(spots, "spots")
     check_unique_names(reference, "reference")
