@@ -46,16 +46,31 @@ def _scaled(adata, factor):
 
 
 def test_simulators_pass_the_checks(tissue):
-    _build(tissue.cells, tissue.spots)
+    """Every simulator layout builds, and on it the statistics behind the checks agree with the
+    geometry: the share of cells inside spots is close to the share of area the spots cover
+    (cells are uniform in the simulators), and radius assignment puts those cells in spots."""
+    from pyrospatial.data.geometry_checks import measure_spot_geometry
+
     tiles = simulate_tissue(n_cells=800, seed=3, spot_layout="square_tiles")
-    _build(tiles.cells, tiles.spots, assignment="nearest")
     square = simulate_tissue(n_cells=800, seed=3, spot_layout="square")
-    _build(square.cells, square.spots)
     counted = tissue.cells.copy()
     counted.X = np.round(np.asarray(counted.X) * 10)  # pseudo-spots sum the cells' features: make them counts
+    cases = [(tissue.cells, tissue.spots, 55.0, "radius"), (tiles.cells, tiles.spots, 55.0, "nearest"),
+             (square.cells, square.spots, 55.0, "radius")]
     for grid, diameter, assignment in [("square", 50.0, "nearest"), ("hex", 55.0, "radius")]:
         cells, spots = pseudo_spots(counted, diameter, grid=grid)
-        _build(cells, spots, spot_diameter=diameter, assignment=assignment)
+        cases.append((cells, spots, diameter, assignment))
+    for cells, spots, diameter, assignment in cases:
+        data = _build(cells, spots, spot_diameter=diameter, assignment=assignment)
+        assert data.n_cells == cells.n_obs and data.n_spots == spots.n_obs
+        stats = measure_spot_geometry(np.asarray(cells.obsm["spatial"], float), np.asarray(spots.obsm["spatial"], float),
+                                      diameter)
+        assert stats.in_array > 0.8, stats  # the rest lie beyond the array's edge (23 spots on 800 cells)
+        # 800 uniform cells: the binomial sd of a share is <= 0.018, so 0.1 is more than 5 sd
+        assert abs(stats.cells_in_spots - stats.area_in_spots) < 0.1, stats
+        if assignment == "radius":
+            inside = float((data.cell_spot >= 0).mean())
+            assert abs(inside - stats.cells_in_spots * stats.in_array) < 0.05, (inside, stats)
 
 
 @pytest.mark.parametrize("factor", FACTORS)

@@ -367,7 +367,9 @@ class PeriodicCheckpoint(Checkpoint):
         if self.sampler is not None:
             self.sampler.position = (int(epoch), int(completed))
         tmp = self.dirpath / f"{_TMP_PREFIX}{os.getpid()}"
-        trainer.save_checkpoint(tmp, weights_only=False)  # every rank calls it; rank 0 writes
+        # weights_only=False is Lightning's *save* option (keep optimiser and loop state, not only the
+        # weights); every load reads with torch.load(weights_only=True). Every rank calls it; rank 0 writes
+        trainer.save_checkpoint(tmp, weights_only=False)
         if trainer.is_global_zero:
             with open(tmp, "rb") as handle:
                 os.fsync(handle.fileno())

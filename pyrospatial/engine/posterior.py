@@ -347,6 +347,23 @@ def _check_coverage(seen: dict[str, np.ndarray]) -> None:
 # ------------------------------------------------------------------------------------------
 # public API
 # ------------------------------------------------------------------------------------------
+def local_draws(model: Callable, guide: Callable, dataset, num_samples: int, globals_: "_Globals", **kwargs: Any):
+    """The local draws of every chunk, one site at a time: ``(site, plate, dataset rows, draws
+    (S, len(rows), ...), plate size)``; the ``S`` global draws land in ``globals_``. Once the
+    generator is exhausted it checks that every cell and spot was drawn exactly once. The one
+    assembly loop behind :func:`sample_posterior` and the streaming summaries."""
+    totals = _totals(dataset)
+    seen = {plate: np.zeros(n, dtype=np.int64) for plate, n in totals.items()}
+    for chunk, values, plates in _draw_chunks(model, guide, dataset, num_samples, globals_, **kwargs):
+        for plate in LOCAL_PLATES:
+            if totals[plate]:
+                np.add.at(seen[plate], _chunk_index(chunk, plate), 1)
+        for key, value in values.items():
+            plate = plates[key]
+            yield key, plate, _chunk_index(chunk, plate), value, totals[plate]
+    _check_coverage(seen)
+
+
 def sample_posterior(
     model: Callable,
     guide: Callable,
@@ -386,24 +403,16 @@ def sample_posterior(
         ``{site: array}`` with shapes ``(S, N_cells, ...)``, ``(S, N_spots, ...)`` or
         ``(S, ...)`` (globals); ``.plates`` gives each site's plate.
     """
-    totals = _totals(dataset)
     out = PosteriorSamples()
-    seen = {plate: np.zeros(n, dtype=np.int64) for plate, n in totals.items()}
     globals_ = _Globals()
-    for chunk, values, plates in _draw_chunks(
+    for key, plate, rows, value, total in local_draws(
         model, guide, dataset, num_samples, globals_, sites=sites, chunk_size=chunk_size, seed=seed,
         return_observed=return_observed, device=device,
     ):
-        for plate in ("cells", "spots"):
-            if totals[plate]:
-                np.add.at(seen[plate], _chunk_index(chunk, plate), 1)
-        for key, value in values.items():
-            plate = plates[key]
-            out.plates[key] = plate
-            if key not in out:
-                out[key] = np.zeros((value.shape[0], totals[plate]) + value.shape[2:], dtype=value.dtype)
-            out[key][:, _chunk_index(chunk, plate)] = value
-    _check_coverage(seen)
+        out.plates[key] = plate
+        if key not in out:
+            out[key] = np.zeros((value.shape[0], total) + value.shape[2:], dtype=value.dtype)
+        out[key][:, rows] = value
     out.update(globals_.values)
     out.plates.update(globals_.plates)
     return _ordered(out)

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from pyrospatial.errors import InputError
-from pyrospatial.engine.posterior import DEFAULT_QUANTILES, PosteriorSummary, _Globals, _check_coverage, _chunk_index, _draw_chunks, _ordered, _totals
+from pyrospatial.engine.posterior import DEFAULT_QUANTILES, PosteriorSummary, _Globals, _ordered, local_draws
 
 __all__ = ["draw_quantiles", "summarise", "summarise_posterior"]
 
@@ -93,29 +93,18 @@ def summarise_posterior(
     plus the ``N x D`` summaries.
     """
     quantiles = tuple(quantiles)
-    totals = _totals(dataset)
     out = PosteriorSummary()
-    seen = {plate: np.zeros(n, dtype=np.int64) for plate, n in totals.items()}
     globals_ = _Globals()
-    for chunk, values, plates in _draw_chunks(
+    for key, plate, rows, draws, total in local_draws(
         model, guide, dataset, num_samples, globals_, sites=sites, chunk_size=chunk_size, seed=seed,
         return_observed=return_observed, device=device,
     ):
-        for plate in ("cells", "spots"):
-            if totals[plate]:
-                np.add.at(seen[plate], _chunk_index(chunk, plate), 1)
-        for key, draws in values.items():
-            plate = plates[key]
-            out.plates[key] = plate
-            stats = _summary_stats(draws, quantiles)
-            if key not in out:
-                out[key] = {
-                    stat: np.zeros((totals[plate],) + v.shape[1:], dtype=v.dtype) for stat, v in stats.items()
-                }
-            rows = _chunk_index(chunk, plate)
-            for stat, v in stats.items():
-                out[key][stat][rows] = v
-    _check_coverage(seen)
+        out.plates[key] = plate
+        stats = _summary_stats(draws, quantiles)
+        if key not in out:
+            out[key] = {stat: np.zeros((total,) + v.shape[1:], dtype=v.dtype) for stat, v in stats.items()}
+        for stat, v in stats.items():
+            out[key][stat][rows] = v
     for key, draws in globals_.values.items():
         out[key] = _summary_stats(draws, quantiles)
     out.plates.update(globals_.plates)
