@@ -8,7 +8,7 @@ import warnings
 import numpy as np
 
 
-__all__ = ["chain_convergence"]
+__all__ = ["chain_convergence", "unconverged_sites", "warn_unconverged", "RHAT_MAX", "ESS_BULK_MIN"]
 
 
 def chain_convergence(draws: np.ndarray, num_chains: int, *, max_coords: int = 2000) -> tuple[float, float]:
@@ -41,3 +41,45 @@ def chain_convergence(draws: np.ndarray, num_chains: int, *, max_coords: int = 2
         rhat = az.rhat(data)["x"].values
         ess = az.ess(data, method="bulk")["x"].values
     return float(np.nanmax(rhat)), float(np.nanmin(ess))
+
+
+#: split-R-hat above this (the largest over a site's coordinates) fails the check. The largest
+#: of thousands of R-hats from converged chains with ~10 kept draws each sits near 1.1 by
+#: chance alone, so the check for the maximum is looser than the 1.01-1.05 for one quantity.
+RHAT_MAX = 1.2
+#: bulk ESS below this (the smallest over a site's coordinates) fails the check.
+ESS_BULK_MIN = 20.0
+
+
+def unconverged_sites(diagnostics: dict, *, rhat_max: float = RHAT_MAX, ess_min: float = ESS_BULK_MIN) -> dict[str, str]:
+    """Sites whose draws fail the convergence check: site -> reason (from the ``rhat_max`` and
+    ``ess_bulk_min`` entries of an MCMC run's ``diagnostics``; NaN, i.e. too few draws to
+    tell, is not a failure)."""
+    failing: dict[str, str] = {}
+    rhats = diagnostics.get("rhat_max", {}) or {}
+    esses = diagnostics.get("ess_bulk_min", {}) or {}
+    for name in sorted(set(rhats) | set(esses)):
+        reasons = []
+        r, e = rhats.get(name, float("nan")), esses.get(name, float("nan"))
+        if np.isfinite(r) and r > rhat_max:
+            reasons.append(f"split-R-hat up to {r:.2f} (> {rhat_max})")
+        if np.isfinite(e) and e < ess_min:
+            reasons.append(f"bulk ESS down to {e:.0f} (< {ess_min:.0f})")
+        if reasons:
+            failing[name] = ", ".join(reasons)
+    return failing
+
+
+def warn_unconverged(diagnostics: dict, *, context: str = "MCMC") -> dict[str, str]:
+    """Warn (``UserWarning``) naming every site that fails :func:`unconverged_sites`, with what
+    to do; returns the failures (also stored as ``diagnostics["unconverged"]``)."""
+    failing = unconverged_sites(diagnostics)
+    diagnostics["unconverged"] = failing
+    if failing:
+        listed = "; ".join(f"{name}: {why}" for name, why in failing.items())
+        warnings.warn(
+            f"{context}: the chains have not converged for {listed}. Intervals of these sites are not "
+            "reliable: draw more (larger num_warmup and num_samples) or train longer.",
+            UserWarning, stacklevel=3,
+        )
+    return failing

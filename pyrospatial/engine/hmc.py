@@ -1,0 +1,331 @@
+"""Vectorised HMC on parts of a model's joint density, with one accept/reject per block.
+
+The machinery behind :func:`pyrospatial.engine.refine.refine_posterior` (one global target)
+and :func:`pyrospatial.engine.local.local_posterior` (independent blocks: one per spot, with
+its cells, and one per cell outside every spot). A :class:`_Part` is a sub-batch with the
+latent sites moved on it; its log density is evaluated for ``C`` chains at once (an outer
+plate at ``dim=-2``) and summed per *block*; each block accepts or rejects its own proposal,
+so independent blocks mix as if each had its own sampler while sharing one vectorised
+gradient evaluation. Step size: dual averaging of the mean acceptance; mass: diagonal, from
+the chains' spread in doubling windows.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable
+
+import pyro
+import pyro.poutine as poutine
+import torch
+from pyro.poutine.util import site_is_subsample
+
+from pyrospatial.engine.batch import Batch
+from pyrospatial.engine.posterior import site_plate
+
+_CHAIN_DIM = -2
+
+
+# ------------------------------------------------------------------------------------------
+# sub-batches
+# ------------------------------------------------------------------------------------------
+def _sub_batch(full: Batch, cells: torch.Tensor, with_spots: bool) -> Batch:
+    """The cells ``cells`` (local indices into ``full``) without any graph; all spots of
+    ``full`` when ``with_spots`` (then every member cell must be in ``cells``), else none.
+    Scales are 1: one evaluation is the full log density of these cells (and spots)."""
+    n = int(cells.numel())
+    empty_pairs = torch.zeros(2, 0, dtype=torch.long, device=full.device)
+    cell_spot = full.cell_spot[cells]
+    if with_spots:
+        m = full.n_spots
+        members = torch.nonzero(cell_spot >= 0).squeeze(-1)
+        membership = torch.sparse_coo_tensor(
+            torch.stack([cell_spot[members], members]), torch.ones(members.numel(), device=full.device), (m, n),
+            check_invariants=False,
+        ).coalesce()
+        spot_fields = dict(
+            spot_index=full.spot_index, spot_counts=full.spot_counts, spot_library=full.spot_library,
+            membership=membership, spot_scale=1.0,
+        )
+    else:
+        G = full.spot_counts.shape[-1]
+        membership = torch.sparse_coo_tensor(
+            torch.zeros(2, 0, dtype=torch.long, device=full.device), torch.zeros(0, device=full.device), (0, n),
+            check_invariants=False,
+        )
+        spot_fields = dict(
+            spot_index=full.spot_index[:0], spot_counts=full.spot_counts.new_zeros(0, G),
+            spot_library=full.spot_library[:0], membership=membership, spot_scale=1.0,
+        )
+        cell_spot = torch.full_like(cell_spot, -1)
+    return replace(
+        full,
+        cell_index=full.cell_index[cells], cell_type=full.cell_type[cells], cell_features=full.cell_features[cells],
+        cell_library=full.cell_library[cells], cell_coords=full.cell_coords[cells], cell_spot=cell_spot,
+        edge_index=empty_pairs, nonedge_index=empty_pairs, n_edges_total=0,
+        # ScaledPlate makes the effective scale exactly cell_scale / spot_scale: 1 here
+        cell_scale=1.0, edge_scale=0.0, nonedge_scale=0.0,
+        **spot_fields,
+    )
+
+
+# ------------------------------------------------------------------------------------------
+# the target: the model's log density, vectorised over chains
+# ------------------------------------------------------------------------------------------
+@dataclass
+class _Site:
+    name: str
+    plate: str  # "cells", "spots" or "global"
+    event_dim: int
+    transform: Any
+    shape: tuple[int, ...] = ()  # value shape of one draw
+
+    @property
+    def pad(self) -> int:
+        """Singleton dims between the chain dim (at -2 of the batch shape) and a value's
+        batch dims: 1 for a site outside every plate, 0 inside a plate at dim -1."""
+        return max(0, 1 - (len(self.shape) - self.event_dim))
+
+    def chain_shape(self, C: int) -> tuple[int, ...]:
+        return (C,) + (1,) * self.pad + self.shape
+
+
+@dataclass
+class _Part:
+    """One independent part of the posterior: a sub-batch, the sites moved on it, and the
+    sites it conditions on (values owned by another part).
+
+    Blocks (one accept/reject each): the whole part (``per_cell`` and ``per_spot`` False);
+    each cell (``per_cell``: cells independent, no spots); or each spot with its member
+    cells, plus each cell outside every spot on its own (``per_spot``: spots independent
+    given the conditioned global latents)."""
+
+    label: str
+    batch: Batch
+    cells: torch.Tensor  # local indices of these cells in the full batch
+    moving: list[_Site]
+    per_cell: bool  # True: one accept/reject per cell (cells independent); False: per chain
+    graph: bool = False  # the batch's edge and non-edge terms are part of the target
+    per_spot: bool = False  # one accept/reject per spot (with its cells) and per outside cell
+    state: dict[str, torch.Tensor] = field(default_factory=dict)  # unconstrained (C, ...)
+    conditioned: dict[str, torch.Tensor] = field(default_factory=dict)  # constrained (C, ...)
+
+    def __post_init__(self) -> None:
+        self.plates = {s.name: s.plate for s in self.moving}
+        n, device = self.batch.n_cells, self.batch.device
+        self.cell_block: torch.Tensor | None = None
+        self.spot_block: torch.Tensor | None = None
+        self._n_blocks = 1
+        if self.per_cell:
+            self.cell_block = torch.arange(n, device=device)
+            self._n_blocks = n
+        elif self.per_spot:
+            m = self.batch.n_spots
+            cell_spot = self.batch.cell_spot.long()
+            outside = cell_spot < 0
+            block = cell_spot.clone()
+            block[outside] = m + torch.arange(int(outside.sum()), device=device)
+            self.cell_block = block
+            self.spot_block = torch.arange(m, device=device)
+            self._n_blocks = m + int(outside.sum())
+
+    @property
+    def blocked(self) -> bool:
+        return self.per_cell or self.per_spot
+
+    @property
+    def n_blocks(self) -> int:
+        return self._n_blocks
+
+    def block_sum(self, x: torch.Tensor, plate: str = "cells") -> torch.Tensor:
+        """``(C, ...)`` -> ``(C, B)``: the sum per block. In a blocked part a term of the
+        cells or spots plate goes to its rows' blocks (the row axis follows the chain);
+        other terms are constant there (their latents are conditioned) and count zero."""
+        C = x.shape[0]
+        if not self.blocked:
+            return x.reshape(C, -1).sum(-1, keepdim=True)
+        index = self.cell_block if plate == "cells" else self.spot_block if plate == "spots" else None
+        if index is None:
+            return x.new_zeros(C, self.n_blocks)
+        rows = x.reshape(C, index.numel(), -1).sum(-1)
+        if self.per_cell:
+            return rows
+        return rows.new_zeros(C, self.n_blocks).index_add_(1, index, rows)
+
+    def block_mask(self, mask: torch.Tensor, like: torch.Tensor, plate: str = "cells") -> torch.Tensor:
+        """``(C, B)`` -> broadcastable to ``like (C, ...)`` (a value of ``plate``)."""
+        if not self.blocked:
+            return mask.reshape((mask.shape[0],) + (1,) * (like.dim() - 1))
+        rows = mask if self.per_cell else mask[:, self.cell_block if plate == "cells" else self.spot_block]
+        return rows.reshape(rows.shape + (1,) * (like.dim() - 2))
+
+
+def _run_model(model: Callable, batch: Batch, values: dict[str, torch.Tensor], C: int):
+    # no argument validation: a divergent leapfrog step may give non-finite values, which
+    # give a non-finite density and are rejected
+    with pyro.validation_enabled(False), poutine.trace() as tracer, pyro.plate("refine_chains", C, dim=_CHAIN_DIM):
+        poutine.condition(model, data=values)(batch)
+    return tracer.trace
+
+
+def _log_density(model: Callable, part: _Part, state: dict[str, torch.Tensor], C: int) -> torch.Tensor:
+    """``(C, B)`` log density of ``part`` at the unconstrained ``state`` (with Jacobians).
+
+    Blocked parts keep only the cells- and spots-plate terms (the others do not depend on
+    the latents moved)."""
+    values = dict(part.conditioned)
+    total = torch.zeros(C, part.n_blocks, device=part.batch.device)
+    for site in part.moving:
+        u = state[site.name]
+        x = site.transform(u)
+        values[site.name] = x
+        lj = site.transform.log_abs_det_jacobian(u, x)
+        if lj.dim() > u.dim() - site.event_dim:  # element-wise Jacobian: sum the event dims
+            lj = lj.reshape(lj.shape[: u.dim() - site.event_dim] + (-1,)).sum(-1)
+        total = total + part.block_sum(lj, site.plate)
+    trace = _run_model(model, part.batch, values, C)
+    for name, node in trace.nodes.items():
+        if node["type"] != "sample" or site_is_subsample(node) or node["infer"].get("_deterministic"):
+            continue
+        if name == "refine_chains":
+            continue
+        plate = site_plate(node)
+        if (plate == "edge" and not part.graph) or (part.blocked and plate not in ("cells", "spots")):
+            continue
+        lp = node["fn"].log_prob(node["value"])
+        scale = node["scale"]
+        if not (isinstance(scale, (int, float)) and scale == 1.0):
+            lp = lp * scale
+        lp = lp.expand(torch.broadcast_shapes(lp.shape, (C, 1))) if lp.dim() >= 1 else lp.expand(C, 1)
+        total = total + part.block_sum(lp, plate)
+    return total
+
+
+def _with_grad(model, part: _Part, state: dict[str, torch.Tensor], C: int):
+    """Block log densities and their gradients w.r.t. the state."""
+    leaves = {k: v.detach().requires_grad_(True) for k, v in state.items()}
+    with torch.enable_grad():
+        lp = _log_density(model, part, leaves, C)
+        grads = torch.autograd.grad(lp.sum(), list(leaves.values()), allow_unused=True)
+    g = {k: (torch.nan_to_num(gr, nan=0.0, posinf=0.0, neginf=0.0) if gr is not None else torch.zeros_like(leaves[k]))
+         for k, gr in zip(leaves, grads)}
+    lp = torch.nan_to_num(lp.detach(), nan=-math.inf, posinf=-math.inf)
+    return lp, g
+
+
+# ------------------------------------------------------------------------------------------
+# HMC with per-block accept/reject
+# ------------------------------------------------------------------------------------------
+class _DualAveraging:
+    """Nesterov dual averaging of the log step size (Hoffman & Gelman 2014)."""
+
+    def __init__(self, step: float, target: float):
+        self.target = float(target)
+        self.reset(step)
+
+    def reset(self, step: float) -> None:
+        self.mu, self.log_avg, self.h, self.t = math.log(10.0 * step), math.log(step), 0.0, 0
+
+    def update(self, accept: float) -> float:
+        self.t += 1
+        eta = 1.0 / (self.t + 10.0)
+        self.h = (1.0 - eta) * self.h + eta * (self.target - accept)
+        log_step = self.mu - math.sqrt(self.t) / 0.05 * self.h
+        w = self.t**-0.75
+        self.log_avg = w * log_step + (1.0 - w) * self.log_avg
+        return math.exp(log_step)
+
+    @property
+    def final(self) -> float:
+        return math.exp(self.log_avg)
+
+
+class _HMC:
+    """Vectorised HMC on one part: ``C`` chains, diagonal mass, one accept per block."""
+
+    def __init__(self, model, part: _Part, C: int, num_steps: int, step_size: float, target_accept: float):
+        self.model, self.part, self.C, self.L = model, part, C, int(num_steps)
+        self.mass = {
+            k: (v.var(0, keepdim=True) if C > 2 else torch.ones_like(v[:1])).clamp(min=1e-4)
+            for k, v in part.state.items()
+        }
+        self.step = float(step_size)
+        self.dual = _DualAveraging(self.step, target_accept)
+        self.window: dict[str, list[torch.Tensor]] = {k: [] for k in part.state}
+        self.accept_history: list[float] = []
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Recompute the cached density and gradient (after the target changed)."""
+        self.lp, self.grad = _with_grad(self.model, self.part, self.part.state, self.C)
+
+    def kinetic(self, p: dict[str, torch.Tensor]) -> torch.Tensor:
+        return sum(self.part.block_sum(0.5 * p[k] ** 2 * self.mass[k], self.part.plates[k]) for k in p)
+
+    def transition(self) -> float:
+        part, C = self.part, self.C
+        # jittered step size: trajectory lengths vary, so no direction is stuck at a multiple
+        # of its period (a Gaussian direction with unit scale has period 2 pi)
+        step = self.step * float(torch.empty(()).uniform_(0.5, 1.5))
+        x = dict(part.state)
+        p = {k: torch.randn_like(v) / self.mass[k].sqrt() for k, v in x.items()}
+        k0 = self.kinetic(p)
+        g = self.grad
+        p = {k: p[k] + 0.5 * step * g[k] for k in p}
+        lp_new = self.lp
+        for leap in range(self.L):
+            x = {k: x[k] + step * self.mass[k] * p[k] for k in x}
+            lp_new, g = _with_grad(self.model, part, x, C)
+            if leap < self.L - 1:
+                p = {k: p[k] + step * g[k] for k in p}
+        p = {k: p[k] + 0.5 * step * g[k] for k in p}
+        log_ratio = lp_new - self.kinetic(p) - self.lp + k0
+        log_ratio = torch.nan_to_num(log_ratio, nan=-math.inf, posinf=-math.inf)
+        accept = torch.log(torch.rand_like(log_ratio)) < log_ratio  # (C, B)
+        for k in part.state:
+            mask = part.block_mask(accept, x[k], part.plates[k])
+            part.state[k] = torch.where(mask, x[k].detach(), part.state[k])
+            self.grad[k] = torch.where(mask, g[k], self.grad[k])
+        self.lp = torch.where(accept, lp_new, self.lp)
+        rate = float(torch.clamp(log_ratio, max=0.0).exp().mean())
+        self.accept_history.append(rate)
+        return rate
+
+    # -- warm-up adaptation ---------------------------------------------------------------
+    def adapt(self, rate: float) -> None:
+        self.step = self.dual.update(rate)
+        for k, v in self.part.state.items():
+            self.window[k].append(v.detach())
+
+    def update_mass(self) -> None:
+        """Diagonal mass = variance over chains and the window's iterations (regularised)."""
+        for k, values in self.window.items():
+            if not values:
+                return
+            stack = torch.stack(values)  # (T, C, ...)
+            n = stack.shape[0] * stack.shape[1]
+            var = stack.reshape((n,) + tuple(stack.shape[2:])).var(0, keepdim=True)
+            self.mass[k] = ((n / (n + 5.0)) * var + 1e-3 * (5.0 / (n + 5.0))).clamp(min=1e-6)
+            self.window[k] = []
+        self.dual.reset(self.step)
+        self.refresh()
+
+    def finish_warmup(self) -> None:
+        self.step = self.dual.final
+
+
+def _mass_windows(num_warmup: int) -> set[int]:
+    """Iterations after which the mass matrix is re-estimated (doubling windows)."""
+    if num_warmup < 20:
+        return set()
+    ends, width = set(), max(10, num_warmup // 10)
+    end = width
+    while end + 2 * width <= num_warmup:
+        ends.add(end)
+        width *= 2
+        end += width
+    ends.add(int(0.9 * num_warmup))
+    return ends
+
+
