@@ -87,3 +87,57 @@ bench-alignment: $(BENCH_ALIGN_STAMP)
 
 bench-calibration: $(STAMP)
 	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN)/python benchmarks/calibration.py --out benchmarks/results
+
+# --- domains benchmark (issue 19): one venv per peer, .bench-venv-domains-<peer> -----------
+# CPU torch==2.13.0 first where a peer needs torch (never a CUDA build). A peer that fails to
+# install leaves <venv>/install.log and no stamp; benchmarks/domains.py records it as
+# finished: false with that reason instead of dropping it. scanpy and KMeans run in .venv.
+DOMAIN_PEERS ?= banksy spagcn graphst cellcharter aestetik stagate
+BENCH_DOMAINS_VENV ?= .bench-venv-domains
+
+.PHONY: bench-env-domains bench-domains
+
+bench-env-domains:
+	@for p in $(DOMAIN_PEERS); do \
+	  v=$(BENCH_DOMAINS_VENV)-$$p; req=benchmarks/requirements-peers-domains-$$p.txt; \
+	  test -f $$v/.installed -a $$v/.installed -nt $$req && continue; \
+	  echo "installing $$p into $$v"; \
+	  ( test -x $$v/bin/python || $(PYTHON) -m venv $$v ) && \
+	  ( $$v/bin/python -m pip install --quiet --upgrade pip && \
+	    if grep -q '^torch==' $$req; then $$v/bin/python -m pip install --quiet torch==2.13.0; fi && \
+	    $$v/bin/python -m pip install --quiet -r $$req && \
+	    if test -f benchmarks/requirements-peers-domains-$$p-nodeps.txt; then \
+	      $$v/bin/python -m pip install --quiet --no-deps -r benchmarks/requirements-peers-domains-$$p-nodeps.txt; fi \
+	  ) > $$v/install.log 2>&1 && touch $$v/.installed || echo "$$p failed to install: see $$v/install.log"; \
+	done
+
+bench-domains: $(STAMP)
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN)/python benchmarks/domains.py --venv-prefix $(BENCH_DOMAINS_VENV) --out benchmarks/results
+
+# --- scaling (issue 23): wall time, peak RSS and coverage per stage vs cells -----------------
+.PHONY: bench-scaling bench-gpu
+
+bench-scaling: $(STAMP)
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN)/python benchmarks/scaling.py --device cpu --out benchmarks/results
+
+# GPU: a CUDA build of torch in a venv of its own (.venv-gpu, pyrospatial editable), then the
+# CUDA tests (every test with 'cuda' in its name) and the 300k / 1M-cell scaling records,
+# added to benchmarks/results/scaling.json beside the CPU ones. Needs a GPU and the network
+# (the CUDA wheels); GPU_TORCH_INDEX picks the CUDA version of the wheels. The scaling records
+# are written even when a CUDA test fails; the target then exits non-zero.
+GPU_VENV ?= .venv-gpu
+GPU_STAMP := $(GPU_VENV)/.installed
+GPU_TORCH_INDEX ?= https://download.pytorch.org/whl/cu128
+
+$(GPU_STAMP): pyproject.toml
+	test -x $(GPU_VENV)/bin/python || $(PYTHON) -m venv $(GPU_VENV)
+	$(GPU_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(GPU_VENV)/bin/python -m pip install --quiet torch==2.13.0 --index-url $(GPU_TORCH_INDEX)
+	$(GPU_VENV)/bin/python -m pip install --quiet -e '.[dev]'
+	touch $(GPU_STAMP)
+
+bench-gpu: $(GPU_STAMP)
+	$(GPU_VENV)/bin/python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'bench-gpu: torch sees no CUDA device')"
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(GPU_VENV)/bin/python -m pytest -q -k cuda tests/; echo $$? > $(GPU_VENV)/cuda-tests.rc
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(GPU_VENV)/bin/python benchmarks/scaling.py --device cuda --sizes 300000,1000000 --out benchmarks/results
+	@test "$$(cat $(GPU_VENV)/cuda-tests.rc)" = 0 || { echo "bench-gpu: the CUDA tests failed (scaling records written anyway)"; exit 1; }

@@ -4,5 +4,6 @@
 from .alignment import AlignmentGuide
 from .celltype_deconvolution import CellTypeDeconvolutionGuide
 from .coral import CoralGuide
+from .domains import DomainGuide
 
-__all__ = ["AlignmentGuide", "CellTypeDeconvolutionGuide", "CoralGuide"]
+__all__ = ["AlignmentGuide", "CellTypeDeconvolutionGuide", "CoralGuide", "DomainGuide"]

@@ -12,6 +12,7 @@ model                                  guide
 :class:`CoralArcsinhModel`)
 :class:`CellTypeDeconvolutionModel`    :class:`~pyrospatial.guides.CellTypeDeconvolutionGuide`
 :class:`AlignmentModel`                :class:`~pyrospatial.guides.AlignmentGuide`
+:class:`DomainModel`                   :class:`~pyrospatial.guides.DomainGuide`
 =====================================  ==========================================
 """
 
@@ -30,6 +31,7 @@ from .blocks import (
 from .celltype_deconvolution import CellTypeDeconvolutionModel
 from .coral import CoralConfig, CoralModel
 from .coral_variants import CoralArcsinhModel, CoralCountPanelModel
+from .domains import DomainModel
 
 __all__ = [
     "AlignmentModel",
@@ -38,6 +40,7 @@ __all__ = [
     "CoralConfig",
     "CoralCountPanelModel",
     "CoralModel",
+    "DomainModel",
     "EdgeDecoder",
     "HierarchicalPrior",
     "bernoulli_edges",

@@ -41,6 +41,7 @@ _SUBMODULES = {
     "engine": "pyrospatial.engine",
     "methods": "pyrospatial.methods",
     "io": "pyrospatial.io",
+    "image": "pyrospatial.image",
     "metrics": "pyrospatial.criticism.metrics",
     "recalibration": "pyrospatial.criticism.recalibration",
     "datasets": "pyrospatial.data.datasets",
@@ -59,6 +60,7 @@ _NAMES = {
     **{name: "pyrospatial.methods" for name in (
         "CORAL", "Alignment", "Deconvolution", "align", "align_slices", "deconvolve",
     )},
+    **{name: "pyrospatial.methods.domains" for name in ("Domains", "domains")},
 }
 
 __all__ = [
@@ -66,6 +68,7 @@ __all__ = [
     "Alignment",
     "Batch",
     "Deconvolution",
+    "Domains",
     "FitResult",
     "SpatialDataset",
     "align",
@@ -78,9 +81,11 @@ __all__ = [
     "data",
     "datasets",
     "deconvolve",
+    "domains",
     "engine",
     "export",
     "fit",
+    "image",
     "io",
     "load_checkpoint",
     "methods",

@@ -2,8 +2,9 @@
 ``demo`` and ``check`` (``pyrospatial -h``; ``pyrospatial COMMAND -h`` shows every default).
 
 Every method command (and ``demo``) takes the same shared options: ``--device
-{auto,cpu,cuda}`` (default ``auto``), ``--seed``, ``--out``, ``--max-epochs`` and
-``--progress/--no-progress``. ``fit`` is an alias of ``coral``. Earlier spellings of the
+{auto,cpu,cuda}`` (default ``auto``), ``--seed``, ``--out``, ``--max-epochs``,
+``--progress/--no-progress`` and ``--threads N`` (torch's CPU threads, set before any work:
+:func:`pyrospatial.engine.device.set_num_threads`). ``fit`` is an alias of ``coral``. Earlier spellings of the
 training budget still work, hidden from the help: ``--epochs`` (``coral``/``fit``) and
 ``--steps`` (``deconvolve``, ``align``).
 
@@ -80,13 +81,14 @@ def add_format_option(p: argparse.ArgumentParser, dest: str, what: str) -> None:
 
 
 #: the options every method command shares (dest names in the parsed namespace)
-SHARED_OPTIONS = ("device", "seed", "out", "max_epochs", "progress")
+SHARED_OPTIONS = ("device", "seed", "out", "max_epochs", "progress", "threads")
 #: what ``pyrospatial -h`` says above the commands
 DESCRIPTION = """Probabilistic spatial multi-omics on Pyro: one command per method (coral, deconvolve,
-align), a demo, and posterior predictive checks (check).
+align, domains), a demo, and posterior predictive checks (check).
 
 Shared options of every method command (and demo): --device {auto,cpu,cuda} (default auto),
---seed, --out, --max-epochs, --progress/--no-progress. `pyrospatial COMMAND -h` shows every
+--seed, --out, --max-epochs, --progress/--no-progress, --threads N (torch CPU threads).
+`pyrospatial COMMAND -h` shows every
 default."""
 
 
@@ -131,6 +133,9 @@ def shared_options(
     group.add_argument("--device", default="auto", choices=DEVICES,
                        help="where to train: auto (a GPU when torch sees one, else the CPU), cpu or cuda")
     group.add_argument("--seed", type=int, default=0, help="seed of the fit and of the posterior draws")
+    group.add_argument("--threads", type=int, default=None,
+                       help="torch CPU threads (None: OMP_NUM_THREADS when set, else 1 on a machine with <= 2 cores "
+                            "or a loaded one, else min(4, cores); see docs/scaling.md)")
     group.add_argument("--out", default=out_default, required=out_default is None, help="output folder")
     group.add_argument("--max-epochs", type=int, default=max_epochs, help=max_epochs_help)
     group.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
@@ -141,6 +146,17 @@ def shared_options(
     for spelling in hidden_spellings:
         group.add_argument(spelling, dest="max_epochs", type=int, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parent
+
+
+def apply_threads(args: argparse.Namespace) -> None:
+    """Set torch's CPU threads from ``--threads`` before any work
+    (:func:`pyrospatial.engine.device.set_num_threads`) and record the number used in
+    ``args.threads`` (so ``run.json`` holds it); commands without the option are left alone."""
+    if "threads" not in vars(args):
+        return
+    from pyrospatial.engine.device import set_num_threads
+
+    args.threads = set_num_threads(args.threads)
 
 
 # ------------------------------------------------------------------------------------------
@@ -208,7 +224,7 @@ def _demo_into(args: argparse.Namespace, out: Path) -> int:
     if args.max_epochs is not None:
         config = replace(config, max_epochs=args.max_epochs)
     metrics = run_demo(out, quick=args.quick, device=args.device, seed=args.seed, config=config,
-                       progress=args.progress)
+                       progress=args.progress, full_netcdf=args.full_netcdf)
     print(json.dumps(metrics, indent=2))
     print(f"results, figures and report.md written to {args.out}")
     return 0
@@ -225,12 +241,42 @@ def _add_demo_parser(sub: argparse._SubParsersAction) -> None:
                        help="CORAL on a simulated tissue with known truth",
                        description="CORAL on a simulated tissue with known truth: results, figures and report.md.")
     p.add_argument("--quick", action="store_true", help="a small tissue (< 2 min on 2 CPU cores)")
+    add_full_netcdf_option(p)
     p.set_defaults(func=_demo)
 
 
 # ------------------------------------------------------------------------------------------
 # pyrospatial coral --cells C.h5ad --spots S.h5ad --cell-type-key KEY --out DIR   (alias: fit)
 # ------------------------------------------------------------------------------------------
+def refuse_own_outputs(args: argparse.Namespace, cells, spots) -> None:
+    """``coral``/``fit`` inputs that are outputs of pyrospatial
+    (:func:`pyrospatial.engine.export.output_markers`): an :class:`InputError` for the cells
+    (an output's ``X`` holds RNA estimates, not protein features), a warning for the spots (their
+    ``X`` still holds the counts), each naming the file and what to pass instead."""
+    import warnings
+
+    from pyrospatial.engine.export import output_markers
+
+    given = Path(args.cells).expanduser()
+    inputs = given.parent / "inputs"
+    if (inputs / "cells.h5ad").is_file():
+        instead = f"pass the inputs of that run: --cells {inputs / 'cells.h5ad'} --spots {inputs / 'spots.h5ad'}"
+    else:
+        instead = ("pass the files that run read (`pyrospatial demo` writes its simulated inputs to "
+                   "DIR/inputs/cells.h5ad and DIR/inputs/spots.h5ad)")
+    markers = output_markers(cells)
+    if markers:
+        raise InputError(
+            f"--cells {args.cells!r} looks like an output of pyrospatial ({', '.join(markers)}): its X holds "
+            f"estimated RNA, not the cells' protein features; {instead}.")
+    markers = output_markers(spots)
+    if markers:
+        warnings.warn(
+            f"--spots {args.spots!r} looks like an output of pyrospatial ({', '.join(markers)}); its X (the counts) "
+            f"is used and its other keys are ignored; {instead.replace('inputs of that run', 'original inputs')}.",
+            UserWarning, stacklevel=2)
+
+
 def _coral_into(args: argparse.Namespace, out: Path) -> int:
     from pyrospatial.methods.coral import CORAL
     from pyrospatial.plotting import plot_domains, plot_elbo, plot_interactions
@@ -238,6 +284,7 @@ def _coral_into(args: argparse.Namespace, out: Path) -> int:
     (out / "figures").mkdir(parents=True, exist_ok=True)
     cells = read_input(args, "cells")
     spots = read_input(args, "spots")
+    refuse_own_outputs(args, cells, spots)
     coral = CORAL(
         cells, spots, cell_type_key=args.cell_type_key, spot_diameter=args.spot_diameter or read_spot_diameter(spots),
         assignment=args.assignment, protein_layer=args.protein_layer, spot_layer=args.spot_layer,
@@ -249,7 +296,7 @@ def _coral_into(args: argparse.Namespace, out: Path) -> int:
     cells_out, spots_out = coral.export(n_domains=args.n_domains, seed=args.seed)
     cells_out.write_h5ad(out / "cells.h5ad")
     spots_out.write_h5ad(out / "spots.h5ad")
-    _write_inference_data(coral, out, args.seed)  # for `pyrospatial check --results OUT`
+    _write_inference_data(coral, out, args.seed, full=args.full_netcdf)  # for `pyrospatial check --results OUT`
     plot_elbo(result.elbo_history, out / "figures" / "elbo.png")
     plot_interactions(cells_out.uns["pyrospatial"]["interactions"], out / "figures" / "interactions.png")
     if args.n_domains:
@@ -286,9 +333,12 @@ def _add_coral_parser(sub: argparse._SubParsersAction, name: str, help: str) -> 
     p.add_argument("--batch-size", type=int, default=32, help="spots per minibatch")
     p.add_argument("--lr", type=float, default=1e-2, help="learning rate")
     p.add_argument("--num-samples", type=int, default=100, help="posterior draws")
-    p.add_argument("--posterior", default="refine", choices=["refine", "guide"],
-                   help="refine: HMC from the trained guide (calibrated); guide: the guide's draws (fast)")
+    p.add_argument("--posterior", default="local", choices=["local", "hmc", "refine", "guide"],
+                   help="local: HMC per spot from the trained guide, globals sampled in turn (calibrated, linear "
+                        "in cells); hmc (alias refine): one HMC over the whole tissue, for audits; guide: the "
+                        "guide's draws (fast, intervals too narrow)")
     p.add_argument("--n-domains", type=int, default=None, help="spatial domains to find (None: none)")
+    add_full_netcdf_option(p)
     add_skip_geometry_option(p)
     add_checkpoint_options(p)
     p.set_defaults(func=_coral)
@@ -435,11 +485,96 @@ def _add_align_parser(sub: argparse._SubParsersAction) -> None:
 
 
 # ------------------------------------------------------------------------------------------
+# pyrospatial domains --sections S1.h5ad [S2.h5ad ...] --n-domains K --out DIR
+# ------------------------------------------------------------------------------------------
+def _domains_into(args: argparse.Namespace, out: Path) -> int:
+    from pyrospatial.io import read
+    from pyrospatial.methods.domains import domains
+    from pyrospatial.methods.domains_report import write_domains_report
+
+    sections = [read(path, format=args.sections_format) for path in args.sections]
+    if args.image_features:
+        from pyrospatial.image import add_image_features
+
+        for adata in sections:
+            add_image_features(adata, args.morphology_key, obs_columns=tuple(args.nucleus_key or ()))
+    n_obs = sum(a.n_obs for a in sections)
+    steps = deconvolve_steps(args.max_epochs, n_obs, args.batch_size)
+    outs = domains(
+        sections, args.n_domains, modalities=args.modalities, layer=args.layer, protein_key=args.protein_key,
+        morphology_key=args.morphology_key, section_key=args.section_key, n_neighbours=args.n_neighbours,
+        smoothness=args.smoothness, max_steps=steps, lr=args.lr, batch_size=args.batch_size,
+        num_samples=args.num_samples, seed=args.seed, device=args.device, progress=args.progress,
+        **checkpoint_kwargs(args),
+    )
+    outs = outs if isinstance(outs, list) else [outs]
+    summary = write_domains_report(outs, out, names=[Path(p).name for p in args.sections])
+    print(json.dumps(summary, indent=2))
+    print(f"domains_*.h5ad, domains.json and figures written to {args.out}")
+    return 0
+
+
+#: the command: ``_domains_into`` run into a temporary folder renamed to ``--out`` at the end
+_domains_command = _into_output_folder(_domains_into)
+
+
+def _check_sections(args: argparse.Namespace) -> int:
+    """Every ``--sections`` path exists (before any heavy import), then the command."""
+    for value in args.sections:
+        if not Path(value).expanduser().exists():
+            raise InputError(f"--sections {value!r} does not exist: pass .h5ad files or platform output folders "
+                             "(one per section).")
+    return _domains_command(args)
+
+
+def _add_domains_parser(sub: argparse._SubParsersAction) -> None:
+    parent = shared_options(
+        max_epochs=1500,
+        max_epochs_help="passes over the spots, one SVI step each with the full batch (the default)",
+    )
+    p = sub.add_parser("domains", parents=[parent], formatter_class=FORMATTER,
+                       help="spatial domains of one or several sections, with their probabilities",
+                       description="Spatial domains from counts, proteins and morphology, over one section or "
+                                   "several sections fitted jointly (labels shared), with posterior probabilities.")
+    p.add_argument("--sections", nargs="+", required=True,
+                   help="one input per section (.h5ad with raw counts in X and obsm['spatial'], or a platform folder)")
+    p.add_argument("--sections-format", default="auto", choices=INPUT_FORMATS,
+                   help="format of the sections (auto: detected from each path; see pyrospatial.io.read)")
+    p.add_argument("--n-domains", type=int, required=True, help="number of domains (>= 2)")
+    p.add_argument("--modalities", nargs="+", default=None, choices=["counts", "proteins", "morphology"],
+                   help="modalities to model (None: counts, plus proteins/morphology when their obsm keys exist)")
+    p.add_argument("--layer", default=None, help="layer with the raw counts (None: X)")
+    p.add_argument("--protein-key", default="protein", help="obsm key of the proteins")
+    p.add_argument("--morphology-key", default="morphology", help="obsm key of the morphology features")
+    p.add_argument("--image-features", action="store_true",
+                   help="compute colour/texture features of each spot from the image in uns['spatial'] into "
+                        "obsm[--morphology-key] first (pyrospatial.image.add_image_features)")
+    p.add_argument("--nucleus-key", action="append", default=None,
+                   help="with --image-features: obs column(s) appended as features (e.g. nucleus counts)")
+    p.add_argument("--section-key", default=None, help="obs column splitting one input into sections")
+    p.add_argument("--n-neighbours", type=int, default=6, help="degree of the spot graph")
+    p.add_argument("--smoothness", type=float, default=1.0, help="strength of the spatial prior (0: off)")
+    p.add_argument("--lr", type=float, default=0.01, help="learning rate")
+    p.add_argument("--batch-size", type=int, default=None, help="spots per minibatch (None: all)")
+    p.add_argument("--num-samples", type=int, default=100, help="posterior draws")
+    add_checkpoint_options(p)
+    p.set_defaults(func=_check_sections)
+
+
+# ------------------------------------------------------------------------------------------
 # pyrospatial check --results DIR  (posterior predictive checks of a demo / coral output)
 # ------------------------------------------------------------------------------------------
-def _write_inference_data(coral, out: Path, seed: int) -> None:
-    """``out/inference_data.nc`` under the fit's posterior draws (:meth:`CORAL.to_inference_data`)."""
-    coral.to_inference_data(path=out / "inference_data.nc", seed=seed)
+def _write_inference_data(coral, out: Path, seed: int, *, full: bool = False) -> None:
+    """``out/inference_data.nc`` under the fit's posterior draws (:meth:`CORAL.to_inference_data`):
+    compressed, with what ``check`` reads, or every variable with ``full``."""
+    coral.to_inference_data(path=out / "inference_data.nc", seed=seed, full_netcdf=full)
+
+
+def add_full_netcdf_option(p: argparse.ArgumentParser) -> None:
+    """``--full-netcdf``: keep every posterior variable in inference_data.nc."""
+    p.add_argument("--full-netcdf", action="store_true",
+                   help="write every posterior variable to inference_data.nc (default: only what `pyrospatial check` "
+                        "reads; the per-cell draws are summarised in cells.h5ad)")
 
 
 def _check(args: argparse.Namespace) -> int:
@@ -482,6 +617,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_coral_parser(sub, "fit", help="alias of `coral`")
     _add_deconvolve_parser(sub)
     _add_align_parser(sub)
+    _add_domains_parser(sub)
     _add_demo_parser(sub)
     _add_check_parser(sub)
     return parser
@@ -494,6 +630,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         check_inputs(args)
         sniff_h5ad_inputs(args)
+        apply_threads(args)
         return args.func(args)
     except PyrospatialError as error:  # a clear message, not a traceback (--debug shows it)
         if getattr(args, "debug", False):

@@ -3,7 +3,9 @@
 A layered tissue is simulated by :func:`pyrospatial.data.sim.simulate_tissue` (cell types in
 layers, a protein panel per cell, Visium-like spot RNA, a cell graph); CORAL is fitted;
 every result is exported with its uncertainty; the results are scored against the truth and
-against two simple baselines; figures, ``metrics.json`` and ``report.md`` are written.
+against two simple baselines; figures, ``metrics.json`` and ``report.md`` are written. The
+simulated inputs are written too (``inputs/cells.h5ad``, ``inputs/spots.h5ad``: what
+``pyrospatial coral`` reads), and ``report.md`` ends with the command that refits them.
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ from pyrospatial.plotting import (
 )
 from pyrospatial.data.sim import simulate_tissue
 
-__all__ = ["DemoConfig", "run_demo", "deconvolution_metrics", "split_edges", "coverage_by_quantity"]
+__all__ = ["DemoConfig", "run_demo", "deconvolution_metrics", "split_edges", "coverage_by_quantity",
+           "write_inputs", "refit_command"]
 
 METRIC_KEYS = (
     "imputation_pearson_gene_mean",
@@ -49,6 +52,7 @@ METRIC_KEYS = (
     "n_cells",
     "n_spots",
     "cells_per_spot",
+    "n_cells_outside_spots",
     "device",
     "seed",
     "version",
@@ -140,9 +144,39 @@ def _device_name(device: str) -> str:
     return device
 
 
+def write_inputs(tissue, folder: Path) -> dict[str, Path]:
+    """The simulated tissue as the inputs of ``pyrospatial coral``: ``folder/cells.h5ad`` (protein
+    panel in ``X``, ``obs["cell_type"]``, ``obsm["spatial"]`` in µm) and ``folder/spots.h5ad``
+    (raw counts in ``X``, ``obsm["spatial"]``), without the simulator's truth."""
+    folder.mkdir(parents=True, exist_ok=True)
+    cells = AnnData(X=np.asarray(tissue.cells.X), obs=tissue.cells.obs[["cell_type"]].copy(),
+                    var=tissue.cells.var[[]].copy())
+    cells.obsm["spatial"] = np.asarray(tissue.cells.obsm["spatial"], dtype=np.float64)
+    spots = AnnData(X=np.asarray(tissue.spots.X), obs=tissue.spots.obs[[]].copy(), var=tissue.spots.var[[]].copy())
+    spots.obsm["spatial"] = np.asarray(tissue.spots.obsm["spatial"], dtype=np.float64)
+    paths = {"cells": folder / "cells.h5ad", "spots": folder / "spots.h5ad"}
+    cells.write_h5ad(paths["cells"])
+    spots.write_h5ad(paths["spots"])
+    return paths
+
+
+def refit_command(config: DemoConfig, *, n_spots: int, seed: int, out: str = "refit") -> str:
+    """The ``pyrospatial coral`` command (run in the demo's output folder) that fits the written
+    inputs with the demo's settings (the CLI's default posterior, which is ``CORAL.sample``'s)."""
+    batch_size = config.batch_size if config.batch_size is not None else n_spots  # None: all spots at once
+    return (f"pyrospatial coral --cells inputs/cells.h5ad --spots inputs/spots.h5ad --cell-type-key cell_type "
+            f"--spot-diameter {config.spot_diameter:g} --max-epochs {config.max_epochs} --batch-size {batch_size} "
+            f"--lr {config.lr:g} --num-samples {config.num_samples} --n-domains {config.n_layers} --seed {seed} "
+            f"--out {out}")
+
+
 def run_demo(out: str | Path, *, quick: bool = False, device: str = "auto", seed: int = 0,
-             config: DemoConfig | None = None, progress: bool = True) -> dict[str, Any]:
-    """Simulate, fit CORAL, export, score and report into ``out``; returns the metrics."""
+             config: DemoConfig | None = None, progress: bool = True, full_netcdf: bool = False) -> dict[str, Any]:
+    """Simulate, fit CORAL, export, score and report into ``out``; returns the metrics.
+
+    ``full_netcdf``: keep every posterior variable in ``inference_data.nc`` (default: only what
+    ``pyrospatial check`` reads; see :func:`pyrospatial.criticism.arviz.write_inference_data`).
+    """
     out = Path(out)
     (out / "figures").mkdir(parents=True, exist_ok=True)
     config = config or (DemoConfig.quick() if quick else DemoConfig())
@@ -155,6 +189,7 @@ def run_demo(out: str | Path, *, quick: bool = False, device: str = "auto", seed
         n_layers=config.n_layers, edge_z_scale=config.edge_z_scale,
     )
     truth = tissue.truth
+    write_inputs(tissue, out / "inputs")
     full = SpatialDataset.from_anndata(
         tissue.cells, tissue.spots, cell_type_key="cell_type", spot_diameter=config.spot_diameter
     ).with_edges(truth["edge_index"])
@@ -190,13 +225,14 @@ def run_demo(out: str | Path, *, quick: bool = False, device: str = "auto", seed
         n_cells=int(dataset.n_cells),
         n_spots=int(dataset.n_spots),
         cells_per_spot=float(cells_in_spots.sum() / max(dataset.n_spots, 1)),
+        n_cells_outside_spots=int((~cells_in_spots).sum()),
         device=_device_name(device),
         seed=int(seed),
         version=pyrospatial.__version__,
     )
 
     # 5. model criticism: posterior predictive checks (inference_data.nc, check.md, figures/ppc_*.png)
-    check = _model_check(out, coral, dataset, seed)
+    check = _model_check(out, coral, dataset, seed, full_netcdf=full_netcdf)
     metrics["ppc_extreme_pvalue_fraction"] = check["ppc_extreme_pvalue_fraction"]
     metrics["coverage_90_by_quantity"] = coverage_by_quantity(coral, dataset, truth, seed=seed)
     metrics["coverage_90_pit_by_quantity"] = coverage_by_quantity(coral, dataset, truth, seed=seed, pit=True)
@@ -205,11 +241,12 @@ def run_demo(out: str | Path, *, quick: bool = False, device: str = "auto", seed
 
     # 6. figures
     figures = _figures(out / "figures", coral, cells_out, dataset, truth, result.elbo_history)
-    _report(out / "report.md", metrics, config, figures)
+    _report(out / "report.md", metrics, config, figures, check=check, posterior=coral.posterior, seed=seed)
     return metrics
 
 
-def _model_check(out: Path, coral: CORAL, dataset: SpatialDataset, seed: int) -> dict[str, Any]:
+def _model_check(out: Path, coral: CORAL, dataset: SpatialDataset, seed: int, *,
+                 full_netcdf: bool = False) -> dict[str, Any]:
     """Posterior predictive checks under the demo's own posterior draws.
 
     The draws of ``coral.posterior`` hold ``expected_rna``, through which alone the model uses
@@ -217,7 +254,7 @@ def _model_check(out: Path, coral: CORAL, dataset: SpatialDataset, seed: int) ->
     """
     from pyrospatial.criticism.report import check_results
 
-    coral.to_inference_data(path=out / "inference_data.nc", seed=seed)
+    coral.to_inference_data(path=out / "inference_data.nc", seed=seed, full_netcdf=full_netcdf)
     return check_results(out)
 
 
@@ -263,11 +300,14 @@ def _figures(folder: Path, coral: CORAL, cells_out: AnnData, dataset: SpatialDat
             [(f"{name}: truth E[x]", expected[:, g]),
              ("posterior mean", cells_out.layers["expected_rna_mean"][:, g]),
              ("posterior sd", cells_out.layers["expected_rna_sd"][:, g])],
-            folder / f"gene_{name}.png", shared_scale=(0, 1),
+            folder / f"gene_{name}.png", shared_scale=(0, 1), spatial_unit="µm",
+            colorbar_labels=("E[x]: expected RNA count", "E[x]: expected RNA count", "sd of E[x] (counts)"),
+            suptitle=f"{name}: per-cell expected RNA, truth vs posterior",
         ).name
     figures["interactions"] = plot_interactions(cells_out.uns["pyrospatial"]["interactions"], folder / "interactions.png").name
     figures["domains"] = plot_domains(xy, cells_out.obs["domain"].to_numpy(), cells_out.obs["domain_confidence"].to_numpy(),
-                                      folder / "domains.png").name
+                                      folder / "domains.png", truth=truth["layer"], truth_title="true layer",
+                                      spatial_unit="µm").name
     levels = np.linspace(0.1, 0.9, 9)
     inside = dataset.cell_spot >= 0
     draws = coral.posterior.samples["expected_rna"][:, inside]
@@ -282,24 +322,89 @@ def _figures(folder: Path, coral: CORAL, cells_out: AnnData, dataset: SpatialDat
     return figures
 
 
-def _report(path: Path, metrics: dict, config: DemoConfig, figures: dict[str, str]) -> None:
+#: the calibration check passes when a 90% interval's coverage of the truth (randomised PIT)
+#: lies within this distance of 0.90
+COVERAGE_TOLERANCE = 0.05
+#: the posterior predictive check passes when at most this share of features has an extreme
+#: p-value: at level 0.05 with four statistics per feature, the union bound 4 x 0.05 (posterior
+#: predictive p-values of a well-specified model are conservative, so it gives fewer)
+PPC_MAX_EXTREME = 0.20
+
+
+def _verdict(passed: bool | None) -> str:
+    return "not assessed" if passed is None else ("passed" if passed else "**failed**")
+
+
+def _report(path: Path, metrics: dict, config: DemoConfig, figures: dict[str, str], *, check: dict,
+            posterior: Any, seed: int) -> None:
+    """``report.md``: what was fitted, the checks that passed and failed in plain words, the
+    figures inline, the files, and (last) the command that refits the written inputs."""
+    from pyrospatial.criticism.report import POSTERIOR_METHODS, convergence_summary
+
     m = metrics
+    n_out = m["n_cells_outside_spots"]
+    converged, convergence_lines = convergence_summary(posterior.diagnostics)
+    rhats = [r for r in (posterior.diagnostics.get("rhat_max") or {}).values() if np.isfinite(r)]
+    ppc = m["ppc_extreme_pvalue_fraction"]
+    groups = dict(check.get("ppc_extreme_pvalue_fraction_by_group", {}))
+    by_group = ", ".join(f"{g} {v:.2f}" for g, v in groups.items())
+    misfit = [g for g, v in groups.items() if v > PPC_MAX_EXTREME] or ([] if ppc <= PPC_MAX_EXTREME else ["all"])
+    coverage = m["coverage_90_pit_by_quantity"]
+    off = [k for k, v in coverage.items() if abs(v - 0.9) > COVERAGE_TOLERANCE]
+    graph = bool(posterior.diagnostics.get("graph", False))
+    method = POSTERIOR_METHODS.get(posterior.method, posterior.method)
     lines = [
-        "# pyrospatial demo: CORAL on a simulated tissue",
+        "# CORAL on a simulated tissue: summary",
         "",
-        f"A tissue of {m['n_cells']} cells ({config.n_types} cell types in {config.n_layers} layers) was simulated",
-        f"with a panel of {config.n_proteins} proteins per cell and {config.n_genes} genes measured only in",
-        f"{m['n_spots']} Visium-like spots ({config.spot_diameter:g} µm, {m['cells_per_spot']:.1f} cells per spot on average;",
-        "cells between spots have proteins but no RNA). CORAL was fitted by stochastic variational inference",
-        f"({config.max_epochs} epochs, {m['fit_seconds']:.0f} s on {m['device']}); the variational posterior was then refined",
-        "by Hamiltonian Monte Carlo on the model's own joint density (mean-field variational intervals are too",
-        f"narrow when several cells share one spot), and {config.num_samples} posterior draws",
-        "give every number below its uncertainty. The simulator's truth is known, so we can check the answers.",
+        f"**What was fitted.** {m['n_cells']} simulated cells ({config.n_types} cell types in {config.n_layers} layers),",
+        f"each with {config.n_proteins} proteins, and {config.n_genes} genes measured only in {m['n_spots']} Visium-like spots",
+        f"({config.spot_diameter:g} µm across, {m['cells_per_spot']:.1f} cells per spot on average). {n_out} cells",
+        f"({100 * n_out / max(m['n_cells'], 1):.0f}%) lie outside every spot: they have proteins but no RNA, so their RNA is",
+        "predicted from their proteins alone and their spot-consistent counts (`layers[\"counts_*\"]` of `cells.h5ad`)",
+        "are NaN. The model is CORAL (`pyrospatial.models.CoralModel`): each cell's type and proteins inform a latent",
+        "state, the state sets the cell's expected RNA, a spot's counts are the sum over its cells (negative binomial),",
+        "and neighbouring cells' states explain the cell graph. It was fitted by stochastic variational inference",
+        f"({config.max_epochs} epochs, {m['fit_seconds']:.0f} s on {m['device']}); the posterior is {method},",
+        f"{config.num_samples} draws. The simulator's truth is known, so the answers are scored against it",
+        f"({100 * config.holdout_edge_fraction:.0f}% of the graph's edges were held out from the fit to score edge prediction).",
         "",
+        "## Checks at a glance",
+        "",
+        "| check | what it asks | result | verdict |",
+        "|---|---|---|---|",
+        f"| convergence | do the MCMC chains agree? (split-R-hat, bulk ESS) | largest R-hat "
+        f"{max(rhats) if rhats else float('nan'):.2f} | {_verdict(converged)} |",
+        f"| posterior predictive | could the model have made these data? (share of features with an extreme "
+        f"p-value, at most {PPC_MAX_EXTREME:.2f} in each group) | {ppc:.2f} ({by_group}) | {_verdict(not misfit)}"
+        f"{' for ' + ', '.join(misfit) if misfit else ''} |",
+        f"| calibration | do 90% intervals hold the truth 90% of the time? ({0.9 - COVERAGE_TOLERANCE:.2f}-"
+        f"{0.9 + COVERAGE_TOLERANCE:.2f}) | " + ", ".join(f"{k} {v:.2f}" for k, v in coverage.items())
+        + f" | {_verdict(not off)}{' for ' + ', '.join(off) if off else ''} |",
+    ]
+    if check.get("edge_ece") is not None:
+        lines.append(f"| edge probabilities | are predicted edge probabilities right on average? (expected "
+                     f"calibration error; see the figure) | {check['edge_ece']:.4f} | read the figure |")
+    lines += ["", "**Convergence.** " + " ".join(convergence_lines), ""]
+    lines.append(
+        f"**Posterior predictive checks.** Data replicated from the fitted model are compared with the observed spots and "
+        f"proteins (mean, variance, zero fraction and dispersion per gene or protein; Bayesian p-values). A share of "
+        f"{ppc:.2f} of the features has an extreme p-value ({by_group}); "
+        + ("this is within what a well-specified model gives." if not misfit else
+           f"for {', '.join(misfit)} that is more than a well-specified model gives: `check.md` lists the features "
+           "and says what their p-values mean.")
+        + " Details: `check.md` (re-create it with `pyrospatial check --results .`).")
+    lines += ["", "**Calibration.** " + (
+        "Every quantity's 90% intervals hold the truth at close to the nominal rate." if not off else
+        "Intervals off the nominal rate: " + ", ".join(
+            f"{k} ({coverage[k]:.2f}: {'too narrow' if coverage[k] < 0.9 else 'too wide'})" for k in off) + ".")
+        + " Scored by the randomised PIT of the truth among the draws (free of finite-draw shrinkage and of the"
+          " over-coverage of integer counts by closed intervals); read off the draws directly: "
+        + ", ".join(f"{k} {v:.2f}" for k, v in m["coverage_90_by_quantity"].items()) + ".", ""]
+    lines += [
         "## How well are single-cell RNA profiles recovered?",
         "",
-        "Pearson correlation across cells, averaged over genes, between the estimate and the true",
-        "expected expression of each cell (cells inside spots):",
+        "Pearson correlation across cells, averaged over genes, between the estimate and the true expected",
+        "expression of each cell (cells inside spots):",
         "",
         "| method | Pearson |",
         "|---|---|",
@@ -307,45 +412,33 @@ def _report(path: Path, metrics: dict, config: DemoConfig, figures: dict[str, st
         f"| type split (per-type NNLS signatures, spot counts split by type) | {m['baseline_type_split_pearson']:.3f} |",
         f"| spot broadcast (each cell gets its spot's mean) | {m['baseline_spot_broadcast_pearson']:.3f} |",
         "",
-        "## Can the intervals be trusted?",
-        "",
-        f"The 90% posterior intervals contain the true value for {100 * m['interval_coverage_90']:.1f}% of",
-        "(cell, gene) pairs; a calibrated model gives about 90%. The calibration plot shows the same for",
-        "every interval level: points under the diagonal mean over-confidence, above it under-confidence.",
+        f"The 90% intervals of the expected RNA contain the truth for {100 * m['interval_coverage_90']:.1f}% of (cell, gene)",
+        "pairs. The calibration plot shows every level: points under the diagonal mean intervals too narrow.",
+        f"Per-cell counts split from the spots add up to each spot exactly (largest discrepancy: {m['spot_sum_max_abs_error']:g}).",
         "",
         f"![calibration](figures/{figures['calibration']})",
         "",
-        "Per-cell counts are also split from each spot's observed counts under every posterior draw;",
-        f"they add up to the spot exactly (largest discrepancy: {m['spot_sum_max_abs_error']:g}).",
-        "",
-        "90% interval coverage of the truth by quantity: "
-        + ", ".join(f"{k} {v:.2f}" for k, v in m["coverage_90_by_quantity"].items()) + ".",
-        "Scored by the randomised PIT of the truth among the draws (no finite-draw shrinkage, no",
-        "over-coverage of integer counts by closed intervals): "
-        + ", ".join(f"{k} {v:.2f}" for k, v in m["coverage_90_pit_by_quantity"].items()) + ".",
-        "",
-        "## Does the model fit the data? (posterior predictive checks)",
-        "",
-        "Data replicated from the fitted model under each posterior draw are compared with the observed",
-        "spots and proteins (mean, variance and zero fraction per gene / protein; Bayesian p-values).",
-        f"Fraction of features with an extreme p-value: {m['ppc_extreme_pvalue_fraction']:.2f}. Details: `check.md`",
-        "(re-create it with `pyrospatial check --results DIR`).",
-        "",
-        "![ppc p-values](figures/ppc_pvalues.png)",
-        "",
-        "## Genes in space: truth, posterior mean and posterior sd",
+        "## Does the model fit the data?",
         "",
     ]
+    lines += [f"![{name}]({fig})" for name, fig in check.get("figures", {}).items()]
+    lines += ["", "## Genes in space: truth, posterior mean and posterior sd", ""]
     lines += [f"![{k}](figures/{v})" for k, v in figures.items() if k.startswith("gene_")]
     lines += [
         "",
         "## Domains, latent state and interactions",
         "",
-        f"- Spatial domains from posterior z agree with the true layers with ARI {m['domain_ari']:.2f};",
+        f"- Spatial domains from the posterior cell states agree with the true layers with ARI {m['domain_ari']:.2f};",
         "  each cell's confidence is the fraction of posterior draws that put it in the same domain.",
         f"- The within-type continuous state v correlates with the truth at |Spearman| {m['v_spearman_abs']:.2f}",
         "  (its sign is not identifiable).",
         f"- Held-out graph edges are told apart from random non-adjacent pairs with AUC {m['edge_auc']:.2f}.",
+    ]
+    if not graph:
+        lines.append("- **Caveat**: the interaction intervals are far too narrow with this posterior, which leaves the "
+                     "cell graph out (90% coverage about 0.3 on simulations); read the means, not the intervals. "
+                     "`CORAL.interactions` says how to draw intervals worth reading.")
+    lines += [
         "",
         f"![domains](figures/{figures['domains']})",
         "",
@@ -355,16 +448,28 @@ def _report(path: Path, metrics: dict, config: DemoConfig, figures: dict[str, st
         "",
         "## Files",
         "",
+        "- `inputs/cells.h5ad` (proteins in `X`, `obs['cell_type']`, `obsm['spatial']` in µm) and `inputs/spots.h5ad`",
+        "  (raw counts in `X`, `obsm['spatial']`): the simulated data, as `pyrospatial coral` reads them.",
         "- `cells.h5ad`: cells x genes; `X` and `layers['expected_rna_*']` (mean, sd, q05, q50, q95),",
-        "  `layers['counts_*']` (spot-consistent counts), `obsm['z_*']`, `obsm['v_*']`, `obs['domain']`,",
-        "  `obs['domain_confidence']`, `obsp['edge_prob_mean'|'edge_prob_sd'|'attention']`,",
-        "  `uns['pyrospatial']['interactions']`.",
+        f"  `layers['counts_*']` (spot-consistent counts; NaN for the {n_out} cells outside every spot), `obsm['z_*']`,",
+        "  `obsm['v_*']`, `obs['domain']`, `obs['domain_confidence']`, `obsp['edge_prob_mean'|'edge_prob_sd'|'attention']`,",
+        "  `uns['pyrospatial']` (`globals`, `interactions`, `settings`, `n_cells_outside_spots`).",
         "- `spots.h5ad`: the spots with `layers['expected_counts_*']`.",
-        "- `inference_data.nc`: ArviZ InferenceData (posterior, posterior_predictive, observed_data, sample_stats);",
-        "  `check.md`, `ppc_summary.csv`, `figures/ppc_*.png`: the posterior predictive checks.",
+        "- `inference_data.nc`: ArviZ InferenceData, compressed, with what `pyrospatial check` reads (`--full-netcdf`",
+        "  keeps the per-cell draws too); `check.md`, `ppc_summary.csv`, `figures/ppc_*.png`: the posterior predictive checks.",
         "- `metrics.json`: the numbers above.",
         "",
-        f"Settings: {json.dumps(asdict(config))}",
+        f"Settings: `{json.dumps(asdict(config))}`",
+        "",
+        "## Refit from the inputs",
+        "",
+        "Run in this folder: it fits the same model with the same settings to `inputs/` and writes `refit/`. The demo",
+        "used the simulator's cell graph with some edges held out; the command builds the nearest-neighbour graph",
+        "from the coordinates, so its numbers differ slightly.",
+        "",
+        "```bash",
+        refit_command(config, n_spots=m["n_spots"], seed=seed),
+        "```",
         "",
     ]
     path.write_text("\n".join(lines))

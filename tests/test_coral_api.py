@@ -43,11 +43,15 @@ def test_export_keys_shapes_and_h5ad_round_trip(trained, tmp_path):
     assert (lo <= mid + 1e-6).all() and (mid <= hi + 1e-6).all()
     inter = cells.uns["pyrospatial"]["interactions"]
     assert inter["mean"].shape == (ds.n_types, ds.n_types)
-    assert inter["posterior"] == "method=refine, graph=False, edge decoder: point estimate"
+    assert inter["posterior"] == "method=local, graph=False, edge decoder: point estimate"
     assert inter["recalibration_factor"] == 1.0  # the recalibration is not for this posterior
-    # 30 draws of 20 chains: too few kept per chain for a split-R-hat
+    # 30 draws of 10 chains: too few kept per chain for a split-R-hat
     assert np.isnan(inter["rhat_max"])
     assert cells.obsp["edge_prob_mean"].nnz == 2 * ds.n_edges
+    # the global read-out's posterior, summarised (the default posterior samples it in turn)
+    omega = cells.uns["pyrospatial"]["globals"]["rna_weight"]
+    assert np.shape(omega["mean"]) == (ds.n_genes, trained.model.rna_width)
+    assert (np.asarray(omega["q05"]) < np.asarray(omega["q95"])).all()
     assert set(cells.obs["domain"].cat.categories) <= {"0", "1", "2"}
     assert ((cells.obs["domain_confidence"] >= 0) & (cells.obs["domain_confidence"] <= 1)).all()
     cells.write_h5ad(tmp_path / "cells.h5ad")
@@ -182,6 +186,7 @@ def test_interactions_widen_only_the_posterior_the_recalibration_was_fitted_for(
         trained.interactions(recalibrate=True)
     # pretend the posterior is the graph-conditioned one with a Bayesian decoder
     monkeypatch.setitem(trained.posterior.diagnostics, "graph", True)
+    monkeypatch.setattr(trained.posterior, "method", "hmc")  # graph=True draws with the whole-tissue HMC
     monkeypatch.setattr(trained.model, "bayesian_edge_decoder", True)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the posterior the package recommends: no warning
@@ -201,7 +206,7 @@ def test_to_inference_data_holds_the_sampled_draws_and_the_contracts_observation
     draw of each observed site the model declares."""
     import arviz as az
 
-    idata = trained.to_inference_data(path=tmp_path / "idata.nc")
+    idata = trained.to_inference_data(path=tmp_path / "idata.nc", full_netcdf=True)  # the file keeps every draw
     S = trained.posterior.num_samples
     z = idata.posterior["z"]
     assert z.dims[:3] == ("chain", "draw", "cell") and z.shape[1] == S

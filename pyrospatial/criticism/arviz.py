@@ -37,6 +37,19 @@ has them.
 - ``attrs``: ``method`` ("refine", "guide", ...), ``seed``, ``num_samples``, and
   ``n_nonedges_total`` for a data source with a graph.
 
+The netcdf file (``path``, :func:`write_inference_data`)
+-------------------------------------------------------
+Written with zlib compression (level 4, byte shuffle) for every numeric variable. By default
+it holds what ``pyrospatial check`` reads (:func:`checks_only`): ``posterior_predictive``,
+``observed_data``, ``constant_data``, ``sample_stats``, and of ``posterior`` only the global
+latents and the likelihood moments the checks use (those of the observed sites replicated
+under the posterior draws, for the dispersion statistic, and the means of pair-level sites,
+for the reliability diagram). The per-cell draws (e.g. CORAL's ``z``, ``v``,
+``expected_rna``: most of the bytes) are left out: their summaries are in the exported
+AnnData. ``full_netcdf=True`` (CLI ``--full-netcdf``) writes every variable; the file's
+attribute ``netcdf_content`` says which (``"checks"`` or ``"full"``). The returned
+``InferenceData`` always holds everything.
+
 Bayesian p-values (:func:`~pyrospatial.criticism.ppc.ppc_summary`)
 -----------------------------------------------------------------
 For a feature (a gene over spots, a protein over cells) and a statistic ``T`` (mean,
@@ -64,7 +77,7 @@ from pyrospatial.engine.device import module_device
 from pyrospatial.errors import FileInputError, InputError
 from pyrospatial.protocols import PLATE_DIMS, ModelContract, require_contract
 
-__all__ = ["to_inference_data", "load_inference_data"]
+__all__ = ["to_inference_data", "load_inference_data", "write_inference_data", "checks_only"]
 
 
 def _dims(name: str, value: np.ndarray, plate: str, contract: ModelContract) -> list[str]:
@@ -118,6 +131,7 @@ def to_inference_data(
     prior_sites: Iterable[str] = (),
     mixed_sites: Iterable[str] = (),
     path: str | Path | None = None,
+    full_netcdf: bool = False,
     progress: bool = False,
 ):
     """Posterior draws, posterior predictive, observed data and ELBO history as ``arviz.InferenceData``.
@@ -158,7 +172,11 @@ def to_inference_data(
         (comma-separated). The ``posterior`` group (likelihood moments) always comes from
         posterior replication.
     path
-        If given, the InferenceData is also written there as netcdf.
+        If given, the InferenceData is also written there as compressed netcdf
+        (:func:`write_inference_data`).
+    full_netcdf
+        Write every variable to ``path``; default: only what the checks read (module
+        docstring, :func:`checks_only`). The returned InferenceData holds everything either way.
     progress
         Progress bars.
 
@@ -227,9 +245,68 @@ def to_inference_data(
     }
     idata = az.InferenceData(**groups)
     if path is not None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        idata.to_netcdf(str(path))
+        write_inference_data(idata, path, full=full_netcdf)
     return idata
+
+
+#: zlib level of the netcdf variables (4: most of level 9's saving at a fraction of its time)
+NETCDF_COMPLEVEL = 4
+
+
+def _needed_posterior(idata) -> list[str]:
+    """Variables of ``idata.posterior`` that ``pyrospatial check`` reads or that are small:
+    the global latents (no local dimension), the likelihood moments of the observed sites
+    replicated under the posterior draws (the dispersion statistic) and the likelihood means
+    of one-dimensional (pair-level) observed sites (the reliability diagram)."""
+    post = idata.posterior
+    observed = idata.observed_data if "observed_data" in idata.groups() else {}
+    mixed = {m for m in str(idata.posterior_predictive.attrs.get("mixed_replicates", "")).split(",") if m} \
+        if "posterior_predictive" in idata.groups() else set()
+    means = dict(item.split(":", 1) for item in str(getattr(observed, "attrs", {}).get("likelihood_means", "")).split(",")
+                 if ":" in item)
+    rows = set(PLATE_DIMS.values()) | {var.dims[0] for var in getattr(observed, "data_vars", {}).values() if var.ndim}
+    keep = []
+    for name, var in post.data_vars.items():
+        site = next((s for s, mean in means.items() if mean == name), None)
+        if site is None:
+            site = next((s for s in observed if name.startswith(f"{s}_lik_")), None) if observed else None
+        if site is not None:
+            pair_level = observed[site].ndim == 1
+            if site not in mixed or (pair_level and means.get(site) == name):
+                keep.append(name)
+        elif not rows.intersection(var.dims):
+            keep.append(name)  # a global latent: no row dimension
+    return keep
+
+
+def checks_only(idata):
+    """``idata`` with only what ``pyrospatial check`` reads (module docstring): every group but
+    ``posterior``, of which the global latents and the likelihood moments the checks use."""
+    import arviz as az
+
+    groups = {name: getattr(idata, name) for name in idata.groups()}
+    if "posterior" in groups:
+        groups["posterior"] = idata.posterior[_needed_posterior(idata)]
+    return az.InferenceData(**groups)
+
+
+def write_inference_data(idata, path: str | Path, *, full: bool = False) -> Path:
+    """Write ``idata`` to ``path`` as netcdf, zlib-compressed with byte shuffle (the parent folder
+    is created). ``full=False``: only what the checks read (:func:`checks_only`); attribute
+    ``netcdf_content`` of every group: ``"checks"`` or ``"full"``. Read it back with
+    :func:`load_inference_data` (or ``arviz.from_netcdf``)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    written = idata if full else checks_only(idata)
+    mode = "w"
+    for group in written.groups():
+        data = getattr(written, group).copy()
+        data.attrs = dict(data.attrs, netcdf_content="full" if full else "checks")
+        encoding = {name: {"zlib": True, "complevel": NETCDF_COMPLEVEL, "shuffle": True}
+                    for name, var in data.variables.items() if var.dtype.kind in "biuf" and var.ndim > 0}
+        data.to_netcdf(str(path), mode=mode, group=group, engine="h5netcdf", encoding=encoding)
+        mode = "a"
+    return path
 
 
 def _constants(dataset: Any, batch: Any, contract: ModelContract, scales: Mapping[str, float],

@@ -8,10 +8,17 @@ import warnings
 import numpy as np
 
 
-__all__ = ["chain_convergence", "unconverged_sites", "warn_unconverged", "RHAT_MAX", "ESS_BULK_MIN"]
+__all__ = ["chain_convergence", "convergence_detail", "unconverged_sites", "warn_unconverged", "RHAT_MAX", "ESS_BULK_MIN"]
 
 
 def chain_convergence(draws: np.ndarray, num_chains: int, *, max_coords: int = 2000) -> tuple[float, float]:
+    """Largest split-R-hat and smallest bulk ESS (see :func:`convergence_detail`)."""
+    detail = convergence_detail(draws, num_chains, max_coords=max_coords)
+    return detail["rhat_max"], detail["ess_bulk_min"]
+
+
+def convergence_detail(draws: np.ndarray, num_chains: int, *, max_coords: int = 2000,
+                       rhat_threshold: float = 1.1) -> dict[str, float]:
     """Largest split-R-hat and smallest bulk ESS over the coordinates of ``draws``, by ArviZ
     (rank-normalised, Vehtari et al. 2021).
 
@@ -21,26 +28,32 @@ def chain_convergence(draws: np.ndarray, num_chains: int, *, max_coords: int = 2
     coordinates is checked on ``max_coords`` evenly spaced ones (ArviZ loops over coordinates);
     constant or non-finite coordinates are skipped. R-hat above about 1.05 means the chains
     disagree: the draws are not yet from the posterior.
+
+    Returns ``rhat_max``, ``ess_bulk_min`` and ``rhat_above`` (the fraction of the checked
+    coordinates whose R-hat exceeds ``rhat_threshold``: one stuck coordinate and a stuck
+    quantity read alike in the maximum, not in this fraction).
     """
     import arviz as az
 
     C = int(num_chains)
     draws = np.asarray(draws, dtype=float)
     per_chain = draws.shape[0] // max(C, 1)
+    nan = {"rhat_max": float("nan"), "ess_bulk_min": float("nan"), "rhat_above": float("nan")}
     if C < 2 or per_chain < 4:
-        return float("nan"), float("nan")
+        return nan
     x = draws[: per_chain * C].reshape(per_chain, C, -1).transpose(1, 0, 2)  # (chain, draw, coordinate)
     if x.shape[2] > max_coords:
         x = x[:, :, np.linspace(0, x.shape[2] - 1, int(max_coords)).round().astype(int)]
     x = x[:, :, np.isfinite(x).all(axis=(0, 1)) & (np.ptp(x, axis=(0, 1)) > 0)]
     if x.shape[2] == 0:
-        return float("nan"), float("nan")
+        return nan
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "more chains than draws" is the intended layout here
         data = az.convert_to_dataset({"x": x})
         rhat = az.rhat(data)["x"].values
         ess = az.ess(data, method="bulk")["x"].values
-    return float(np.nanmax(rhat)), float(np.nanmin(ess))
+    return {"rhat_max": float(np.nanmax(rhat)), "ess_bulk_min": float(np.nanmin(ess)),
+            "rhat_above": float(np.mean(rhat > rhat_threshold))}
 
 
 #: split-R-hat above this (the largest over a site's coordinates) fails the check. The largest
@@ -62,7 +75,9 @@ def unconverged_sites(diagnostics: dict, *, rhat_max: float = RHAT_MAX, ess_min:
         reasons = []
         r, e = rhats.get(name, float("nan")), esses.get(name, float("nan"))
         if np.isfinite(r) and r > rhat_max:
-            reasons.append(f"split-R-hat up to {r:.2f} (> {rhat_max})")
+            above = (diagnostics.get("rhat_above", {}) or {}).get(name, float("nan"))
+            share = f", {above:.0%} of coordinates above 1.1" if np.isfinite(above) else ""
+            reasons.append(f"split-R-hat up to {r:.2f} (> {rhat_max}{share})")
         if np.isfinite(e) and e < ess_min:
             reasons.append(f"bulk ESS down to {e:.0f} (< {ess_min:.0f})")
         if reasons:

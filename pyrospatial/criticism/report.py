@@ -14,7 +14,47 @@ from pyrospatial.criticism.plots import edge_reliability_inputs, plot_ppc, plot_
 from pyrospatial.criticism.calibration import expected_calibration_error
 from pyrospatial.criticism.arviz import load_inference_data
 
-__all__ = ["check_results"]
+__all__ = ["check_results", "convergence_summary", "POSTERIOR_METHODS"]
+
+
+#: how each posterior of the methods is made, in words (``posterior.method`` -> sentence)
+POSTERIOR_METHODS = {
+    "local": "Hamiltonian Monte Carlo per spot (every spot at once), started from the trained variational guide",
+    "hmc": "Hamiltonian Monte Carlo over every latent of the tissue at once, started from the trained guide",
+    "refine": "Hamiltonian Monte Carlo over every latent of the tissue at once, started from the trained guide",
+    "guide": "draws of the trained mean-field variational guide (fast; per-cell intervals too narrow where "
+             "cells share a spot)",
+}
+
+
+def convergence_summary(diagnostics: dict) -> tuple[bool | None, list[str]]:
+    """Whether the MCMC draws behind ``diagnostics`` passed the convergence check, and the
+    plain-word lines saying so (largest split-R-hat and smallest bulk ESS per site, and the
+    Pareto k-hat when the run reports one). ``None`` when the run reports no R-hat (draws of
+    a variational guide: no chains to compare)."""
+    from pyrospatial.criticism.convergence import ESS_BULK_MIN, RHAT_MAX, unconverged_sites
+
+    rhats = {k: v for k, v in (diagnostics.get("rhat_max") or {}).items() if np.isfinite(v)}
+    esses = diagnostics.get("ess_bulk_min") or {}
+    khat = diagnostics.get("khat", diagnostics.get("pareto_k"))
+    if not rhats:
+        lines = ["No chains to compare (draws of a variational guide, or too few draws per chain): "
+                 "convergence is not assessed."]
+        return None, lines
+    failing = unconverged_sites(diagnostics)
+    per_site = ", ".join(f"{name} {r:.2f} (ESS {esses.get(name, float('nan')):.0f})" for name, r in sorted(rhats.items()))
+    lines = [f"Largest split-R-hat per quantity, with its smallest bulk ESS: {per_site}. "
+             f"The check asks for R-hat at most {RHAT_MAX} and ESS at least {ESS_BULK_MIN:.0f}."]
+    if failing:
+        lines.append("**Failed** for " + "; ".join(f"{k} ({v})" for k, v in failing.items())
+                     + ": the intervals of these quantities are not reliable; draw more (num_warmup, num_samples) "
+                     "or train longer.")
+    else:
+        lines.append("**Passed**: the chains agree for every quantity.")
+    if isinstance(khat, (int, float)) and np.isfinite(khat):
+        lines.append(f"Pareto k-hat {khat:.2f} ({'below' if khat < 0.7 else '**above**'} 0.7, the level above which "
+                     "importance weights are unreliable).")
+    return not failing, lines
 
 
 def _top_features(summary: PPCSummary, group: str, k: int) -> list[str]:
@@ -34,8 +74,9 @@ def check_results(results: str | Path, *, out: str | Path | None = None, n_featu
     Writes ``figures/ppc_{group}.png`` for every checked observed site (CORAL:
     ``ppc_spot_counts.png``, ``ppc_proteins.png``), ``figures/ppc_pvalues.png``,
     ``figures/edge_reliability.png`` (when the model has pair-level sites), ``ppc_summary.csv`` and
-    ``check.md`` into ``out`` (default: ``results``); returns the headline numbers
-    (``ppc_extreme_pvalue_fraction``, per-group fractions, ``edge_ece``).
+    ``check.md`` into ``out`` (default: ``results``; created with its parents when missing);
+    returns the headline numbers (``ppc_extreme_pvalue_fraction``, per-group fractions,
+    ``edge_ece``).
     """
     results = Path(results)
     out = Path(out) if out is not None else results
@@ -46,6 +87,7 @@ def check_results(results: str | Path, *, out: str | Path | None = None, n_featu
             "`pyrospatial fit` (they write inference_data.nc)."
         )
     idata = load_inference_data(path)
+    out.mkdir(parents=True, exist_ok=True)
     figures = out / "figures"
     summary = ppc_summary(idata, alpha=alpha)
     summary.table.to_csv(out / "ppc_summary.csv", index=False)

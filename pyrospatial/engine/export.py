@@ -11,7 +11,7 @@ import torch
 from pyrospatial.engine.posterior import _numpy
 from pyrospatial.errors import InputError
 
-__all__ = ["NONE", "add_spatial_graph", "add_spatial_uns", "export", "frames_to_obs", "h5ad_safe"]
+__all__ = ["NONE", "add_spatial_graph", "add_spatial_uns", "export", "frames_to_obs", "h5ad_safe", "output_markers"]
 
 
 # ------------------------------------------------------------------------------------------
@@ -177,6 +177,28 @@ def export(
         record["versions"] = _versions()
         adata.uns[prefix] = record
     return cells, spots
+
+
+def output_markers(adata, *, prefix: str = "pyrospatial", limit: int = 4) -> list[str]:
+    """The keys of ``adata`` that only an output of :func:`export` (any method's) carries, as
+    readable strings (at most ``limit``; empty for an input).
+
+    A marker is ``uns[prefix]`` holding the ``sites`` or ``settings`` record :func:`export`
+    writes, or a layer / obsm entry ``{name}_mean`` that comes with ``{name}_sd`` (a posterior
+    summary). Commands use it to refuse an output passed back as an input (e.g. CORAL's cells
+    output, whose ``X`` holds RNA estimates, given as the protein input).
+    """
+    found: list[str] = []
+    record = adata.uns.get(prefix) if hasattr(adata, "uns") else None
+    if isinstance(record, dict) and ("sites" in record or "settings" in record):
+        found.append(f"uns[{prefix!r}]")
+    for slot in ("layers", "obsm"):
+        keys = set(getattr(adata, slot, {}).keys())
+        for key in sorted(keys):
+            stem = key[: -len("_mean")] if key.endswith("_mean") else None
+            if stem and all(f"{stem}_{stat}" in keys for stat in ("mean", "sd")):
+                found.append(f"{slot}[{key!r}]")
+    return found[:limit]
 
 
 # ------------------------------------------------------------------------------------------

@@ -40,7 +40,7 @@ import torch
 from pyro import poutine
 from tqdm.auto import tqdm
 
-from pyrospatial.criticism.convergence import chain_convergence, unconverged_sites
+from pyrospatial.criticism.convergence import convergence_detail, unconverged_sites
 from pyrospatial.engine.batch import Batch
 from pyrospatial.engine.device import module_device
 from pyrospatial.engine.hmc import _HMC, _log_density, _mass_windows, _Part, _sub_batch
@@ -91,7 +91,7 @@ def local_posterior(
     *,
     sites: Iterable[str] | None = None,
     num_chains: int = 10,
-    num_warmup: int = 50,
+    num_warmup: int = 40,
     thin: int = 3,
     num_steps: int = 6,
     step_size: float = 0.05,
@@ -233,10 +233,10 @@ def local_posterior(
         "graph": False,
     }
     # global latents held at guide draws differ between chains by design: not a convergence check
-    checks = {name: chain_convergence(value, C) for name, value in out.items()
+    checks = {name: convergence_detail(value, C) for name, value in out.items()
               if out.plates.get(name) != "global" or sampled_globals}
-    out.diagnostics["rhat_max"] = {name: r for name, (r, _) in checks.items()}
-    out.diagnostics["ess_bulk_min"] = {name: e for name, (_, e) in checks.items()}
+    for key in ("rhat_max", "ess_bulk_min", "rhat_above"):
+        out.diagnostics[key] = {name: detail[key] for name, detail in checks.items()}
     out.diagnostics["seconds"] = time.perf_counter() - t_start
     out.diagnostics["unconverged"] = unconverged_sites(out.diagnostics)
     return out

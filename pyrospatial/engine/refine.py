@@ -40,7 +40,7 @@ from pyro.distributions.transforms import biject_to
 from pyro.poutine.util import site_is_subsample
 from tqdm.auto import tqdm
 
-from pyrospatial.criticism.convergence import chain_convergence
+from pyrospatial.criticism.convergence import convergence_detail
 from pyrospatial.engine.batch import Batch
 from pyrospatial.engine.device import module_device
 from pyrospatial.engine.hmc import _HMC, _log_density, _mass_windows, _Part, _run_model, _Site, _sub_batch
@@ -348,9 +348,9 @@ def refine_posterior(
     }
     # convergence of every returned site (deterministic ones too, e.g. "expected_rna": latents
     # that a symmetry leaves unidentified may wander while what they determine has converged)
-    checks = {name: chain_convergence(value, C) for name, value in out.items()}
-    out.diagnostics["rhat_max"] = {name: r for name, (r, _) in checks.items()}
-    out.diagnostics["ess_bulk_min"] = {name: e for name, (_, e) in checks.items()}
+    checks = {name: convergence_detail(value, C) for name, value in out.items()}
+    for key in ("rhat_max", "ess_bulk_min", "rhat_above"):
+        out.diagnostics[key] = {name: detail[key] for name, detail in checks.items()}
     out.diagnostics["seconds"] = time.perf_counter() - t_start
     return out
 

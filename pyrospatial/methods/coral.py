@@ -14,9 +14,12 @@ whose variables are proteins, is left untouched):
 - ``layers["expected_rna_{mean,sd,q05,q50,q95}"]``: its posterior summaries;
 - ``layers["counts_{mean,sd,q05,q50,q95}"]``: spot-consistent per-cell counts
   (:meth:`CORAL.split_spot_counts`: each draw's cell counts add up exactly to the observed
-  spot counts; NaN for cells outside every spot);
+  spot counts); NaN for cells outside every spot (no counts to split; their number is
+  ``uns["pyrospatial"]["n_cells_outside_spots"]``; their ``expected_rna`` is still estimated);
 - ``obsm["z_{stat}"]``, ``obsm["v_{stat}"]`` / ``obs["v_{stat}"]`` (1-D v), ``obs["cell_size_{stat}"]``;
-- ``obs["domain"]`` (categorical), ``obs["domain_confidence"]`` (co-clustering across posterior draws);
+- ``obs["domain"]`` (categorical), ``obs["domain_confidence"]`` (co-clustering across posterior
+  draws), only with ``n_domains``; input columns of these names become ``obs["input_domain"]``
+  / ``obs["input_domain_confidence"]`` (with a warning), never passed off as this fit's;
 - scverse keys: ``uns["spatial"]`` (scanpy's layout: the spots' library and image when they
   have one, else one without image, ``spot_diameter_fullres`` in the units of
   ``obsm["spatial"]``), the cell graph as ``obsp["spatial_connectivities"]`` /
@@ -26,7 +29,9 @@ whose variables are proteins, is left untouched):
   graph (sparse, symmetric); ``obsp["attention"]``: the guide's GAT attention per edge (mean
   over heads; an encoder quantity, not a posterior one);
 - ``obsm["spatial"]``, ``obsm["proteins"]`` (the input features), ``obs`` columns of the input;
-- ``uns["pyrospatial"]``: settings, versions, global point estimates, and
+- ``uns["pyrospatial"]``: ``settings``, ``versions``, ``globals`` (for every global latent in
+  the posterior draws, e.g. the RNA read-out ``rna_weight``: ``mean``, ``sd``, ``q05``,
+  ``q50``, ``q95`` arrays), ``n_cells_outside_spots``, and
   ``"interactions"``: cell-type x cell-type interaction matrix ``mean``, ``sd``, ``q05``,
   ``q50``, ``q95``, ``n_edges`` and ``cell_types``.
 
@@ -50,7 +55,7 @@ from anndata import AnnData
 
 from pyrospatial.methods.analysis import CountSplit, interaction_matrix, spatial_domains, split_spot_counts, summarise_draws
 from pyrospatial.data.dataset import SpatialDataset
-from pyrospatial.criticism.convergence import chain_convergence
+from pyrospatial.criticism.convergence import chain_convergence, warn_unconverged
 from pyrospatial.errors import InputError
 from pyrospatial.engine.device import module_device
 from pyrospatial.engine.infer import FitResult, SVIModule, fit, load_checkpoint
@@ -63,6 +68,8 @@ from pyrospatial.criticism.recalibration import INTERACTION_RECALIBRATION, widen
 __all__ = ["LOCAL_SITES", "EDGE_DECODER_SITES", "CoralPosterior", "CORAL"]
 
 LOCAL_SITES = ("z", "v", "cell_size", "expected_rna")
+#: posteriors drawn by MCMC chains (``CoralPosterior.method``): R-hat and ESS apply
+MCMC_METHODS = ("local", "hmc", "refine")
 #: the edge decoder's latents, drawn too when the model has ``bayesian_edge_decoder``
 EDGE_DECODER_SITES = ("edge_weight", "edge_bias")
 
@@ -202,10 +209,12 @@ class CORAL:
         self.posterior = None
         return self
 
-    def to_inference_data(self, *, path: str | None = None, seed: int = 0, mixed: bool = True):
+    def to_inference_data(self, *, path: str | None = None, seed: int = 0, mixed: bool = True,
+                          full_netcdf: bool = False):
         """``arviz.InferenceData`` of the posterior drawn by :meth:`sample`, with posterior
         predictive replicates, observed data and the ELBO history
-        (:func:`pyrospatial.criticism.arviz.to_inference_data`; written to ``path`` as netCDF).
+        (:func:`pyrospatial.criticism.arviz.to_inference_data`; written to ``path`` as compressed
+        netCDF holding what ``pyrospatial check`` reads, or everything with ``full_netcdf=True``).
 
         ``mixed=True`` replicates the observations whose likelihood depends on ``z`` with ``z``
         redrawn from its prior given the other draws ("mixed" replication): a cell's own
@@ -220,7 +229,8 @@ class CORAL:
         post = self._require_posterior()
         samples = PosteriorSamples(post.samples, plates=post.plates)
         return to_inference_data(self, self.dataset, samples, method=post.method, seed=seed,
-                                 prior_sites=("rna_weight",), mixed_sites=("z",) if mixed else (), path=path)
+                                 prior_sites=("rna_weight",), mixed_sites=("z",) if mixed else (), path=path,
+                                 full_netcdf=full_netcdf)
 
     # ------------------------------------------------------------------------------------
     def sample(
@@ -228,44 +238,54 @@ class CORAL:
         num_samples: int = 100,
         *,
         seed: int = 0,
-        method: Literal["refine", "guide"] = "refine",
+        method: Literal["local", "hmc", "refine", "guide"] = "local",
         chunk_size: int | None = None,
         progress: bool = False,
         **refine_kwargs: Any,
     ) -> CoralPosterior:
         """Coherent joint posterior draws of z, v, s and rho, and per-edge probabilities.
 
-        ``method="refine"`` (default, the calibrated one): HMC on the model's joint density
-        started from the trained guide, with Monte Carlo EM of the variance-type global
-        parameters (:func:`pyrospatial.engine.refine.refine_posterior`; ``refine_kwargs`` pass
-        through, e.g. ``num_chains``, ``num_warmup``, ``graph``). ``"guide"``: draws of the
-        amortised mean-field guide (fast; its per-cell RNA intervals are too narrow, see the
-        module docstring of :mod:`pyrospatial.engine.refine`).
+        ``method="local"`` (default, calibrated, cost linear in cells): HMC per spot from the
+        trained guide, every spot at once, each chain holding one guide draw of the global
+        latents, with Monte Carlo EM of the variance-type global parameters
+        (:func:`pyrospatial.engine.local.local_posterior`; ``refine_kwargs`` pass through, e.g.
+        ``num_chains``, ``num_warmup``, ``max_cells_per_chunk``). ``"hmc"`` (``"refine"`` is
+        its former name): one HMC over every latent of the tissue, globals included, for
+        audits (:func:`pyrospatial.engine.refine.refine_posterior`; e.g. ``graph=True``).
+        ``"guide"``: draws of the amortised mean-field guide (fast; its per-cell RNA intervals
+        are too narrow).
 
-        ``graph=True`` also conditions the refined posterior on the cell graph (and re-estimates
-        a point edge decoder by EM; samples a Bayesian one): use it for :meth:`interactions`,
-        whose entries average edge probabilities over the observed edges. It costs
+        ``graph=True`` (implies ``method="hmc"``) also conditions the posterior on the cell graph (and
+        re-estimates a point edge decoder by EM; samples a Bayesian one): it costs
         ``num_chains x n_cells^2`` per leapfrog step while all non-adjacent pairs are
-        evaluated (``max_nonedges``), a few times the default on a few hundred cells.
+        evaluated (``max_nonedges``). Convergence (split-R-hat, bulk ESS) is checked after
+        every MCMC run; a warning names the sites that fail.
         """
         sites = list(LOCAL_SITES) + (list(EDGE_DECODER_SITES) if self.model.bayesian_edge_decoder else [])
-        if method == "refine":
-            from pyrospatial.engine.refine import refine_posterior
-
+        if getattr(self.model, "bayesian_decoder", False):
+            sites.append("rna_weight")  # the global read-out: summarised in uns["pyrospatial"]["globals"]
+        if method == "local" and refine_kwargs.get("graph"):
+            method = "hmc"  # the graph couples every cell: no per-spot blocks
+        if method in ("local", "hmc", "refine"):
             if self.refined:  # Monte Carlo EM ran once after training: later draws keep its estimates
                 refine_kwargs.setdefault("em_params", ())
-            draws = refine_posterior(
+            if method == "local":
+                from pyrospatial.engine.local import local_posterior as sampler
+            else:
+                from pyrospatial.engine.refine import refine_posterior as sampler
+            draws = sampler(
                 self.model, self.guide, self.dataset, num_samples, sites=sites,
                 seed=seed, progress=progress, **refine_kwargs,
             )
             self.refined = self.refined or refine_kwargs.get("em_params", None) != ()
+            warn_unconverged(draws.diagnostics, context=f"CORAL.sample(method={method!r})")
         elif method == "guide":
             draws = sample_posterior(
                 self.model, self.guide, self.dataset, num_samples, sites=sites,
                 chunk_size=chunk_size, seed=seed,
             )
         else:
-            raise ValueError(f"method must be 'refine' or 'guide', got {method!r}")
+            raise ValueError(f"method must be 'local', 'hmc' (or 'refine') or 'guide', got {method!r}")
         edge_prob = self._edge_probabilities(dict(draws), self.dataset.edges)
         self.posterior = CoralPosterior(
             samples=dict(draws), edge_prob=edge_prob, plates=dict(draws.plates), method=method,
@@ -365,9 +385,9 @@ class CORAL:
         graph = bool(posterior.diagnostics.get("graph", False))
         decoder = "bayesian" if self.model.bayesian_edge_decoder else "point estimate"
         result["posterior"] = f"method={posterior.method}, graph={graph}, edge decoder: {decoder}"
-        chains = posterior.diagnostics.get("num_chains") if posterior.method == "refine" else None
+        chains = posterior.diagnostics.get("num_chains") if posterior.method in MCMC_METHODS else None
         result["rhat_max"] = chain_convergence(draws, chains)[0] if chains else float("nan")
-        fitted_for = posterior.method == "refine" and graph and self.model.bayesian_edge_decoder
+        fitted_for = posterior.method in ("hmc", "refine") and graph and self.model.bayesian_edge_decoder
         if recalibrate and not fitted_for:
             raise InputError(
                 "interactions(recalibrate=True): the recalibration was fitted for "
@@ -413,10 +433,19 @@ class CORAL:
         """Cells x genes and spots AnnData with every result and its spread (module docstring)."""
         ds = self.dataset
         posterior = self._require_posterior()
+        # every site of the draws: local ones go to layers/obsm/obs, those with plate "global"
+        # to uns["pyrospatial"]["globals"] (mean, sd, q05, q50, q95)
         summary = summarise({k: v for k, v in posterior.samples.items()})
         summary.plates.update(posterior.plates)
 
         obs = self.cells.obs.loc[ds.cell_names].copy() if self.cells is not None else pd.DataFrame(index=ds.cell_names)
+        stale = [column for column in ("domain", "domain_confidence") if column in obs.columns]
+        if stale:  # e.g. the cells of an earlier output: never pass them off as this fit's domains
+            warnings.warn(
+                f"the input cells have obs column(s) {stale}, which CORAL.export writes itself; they are kept as "
+                f"{[f'input_{c}' for c in stale]} (this fit's domains are written only with n_domains).",
+                UserWarning, stacklevel=2)
+            obs = obs.rename(columns={column: f"input_{column}" for column in stale})
         cells_rna = AnnData(
             X=summary["expected_rna"]["mean"].astype(np.float32),
             obs=obs,
@@ -434,6 +463,7 @@ class CORAL:
         for stat in ("mean", "sd", "q05", "q50", "q95"):
             cells_rna.layers[f"counts_{stat}"] = getattr(split, stat).astype(np.float32)
         cells_rna.uns["pyrospatial"]["spot_sum_max_abs_error"] = float(split.max_abs_spot_error)
+        cells_rna.uns["pyrospatial"]["n_cells_outside_spots"] = int(np.sum(ds.cell_spot < 0))
         cells_rna.uns["pyrospatial"]["protein_names"] = np.asarray(ds.feature_names, dtype=str)
         # graph quantities
         n = ds.n_cells

@@ -69,9 +69,12 @@ def heldout_gene_score(
 # ------------------------------------------------------------------------------------------
 # figures and report (used by ``pyrospatial deconvolve``)
 # ------------------------------------------------------------------------------------------
-def plot_abundance_maps(result: AnnData, path, *, what: str = "mean", spatial_key: str = "spatial"):
+def plot_abundance_maps(result: AnnData, path, *, what: str = "mean", spatial_key: str = "spatial",
+                        spatial_unit: str = ""):
     """One spatial map per cell type of the abundance posterior ``mean`` (``what="mean"``) or
-    of its 90% interval width ``q95 - q05`` (``what="width"``). Returns the path written."""
+    of its 90% interval width ``q95 - q05`` (``what="width"``), each with a labelled colour bar
+    (cells per spot); ``spatial_unit`` (e.g. ``"µm"``) names the coordinates' unit. Returns the
+    path written."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -85,10 +88,13 @@ def plot_abundance_maps(result: AnnData, path, *, what: str = "mean", spatial_ke
     types = list(result.uns[UNS_KEY]["cell_types"])
     if what == "mean":
         values = result.obsm["abundance_mean"][types].to_numpy()
-        label = "abundance (posterior mean, cells)"
+        label = "abundance per spot: posterior mean (cells)"
+        bar_label = "cells per spot"
     else:
         values = (result.obsm["abundance_q95"][types] - result.obsm["abundance_q05"][types]).to_numpy()
-        label = "90% interval width (cells)"
+        label = "abundance per spot: 90% interval width q95 - q05 (cells)"
+        bar_label = "interval width (cells)"
+    suffix = f" ({spatial_unit})" if spatial_unit else ""
     ncol = min(6, len(types))
     nrow = int(math.ceil(len(types) / ncol))
     fig, axes = plt.subplots(nrow, ncol, figsize=(2.6 * ncol, 2.4 * nrow), squeeze=False)
@@ -99,7 +105,11 @@ def plot_abundance_maps(result: AnnData, path, *, what: str = "mean", spatial_ke
         ax.set_aspect("equal")
         ax.set_xticks([])
         ax.set_yticks([])
-        fig.colorbar(sc, ax=ax, fraction=0.046, pad=0.02).ax.tick_params(labelsize=6)
+        ax.set_xlabel("x" + suffix, fontsize=6)
+        ax.set_ylabel("y" + suffix, fontsize=6)
+        bar = fig.colorbar(sc, ax=ax, fraction=0.046, pad=0.02)
+        bar.ax.tick_params(labelsize=6)
+        bar.set_label(bar_label, fontsize=6)
     for ax in axes.ravel()[len(types):]:
         ax.axis("off")
     fig.suptitle(label)
