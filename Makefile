@@ -41,7 +41,7 @@ bench-throughput: $(STAMP)
 	$(BIN)/python benchmarks/engine_throughput.py --out benchmarks/results
 
 clean:
-	rm -rf $(VENV) $(SCVERSE_VENV) build dist *.egg-info
+	rm -rf $(VENV) $(SCVERSE_VENV) $(GPU_VENV) build dist *.egg-info
 
 # --- deconvolution benchmark (issue 5): peers live in their own venv ---------------------
 BENCH_VENV ?= .bench-venv

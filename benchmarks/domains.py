@@ -563,8 +563,11 @@ def main(argv: list[str] | None = None) -> None:
     for item in args.not_run:  # METHOD=REASON: record the runs a time budget left out, not drop them
         method, _, why = item.partition("=")
         for name, case in cases.items():
-            if method in ("aestetik", "pyrospatial_no_morphology", "pyrospatial_joint") and case["morphology"] is None:
+            if method in ("pyrospatial_no_morphology", "pyrospatial_joint") and case["morphology"] is None:
                 continue
+            reason = why
+            if method == "aestetik" and case["morphology"] is None:
+                reason = "AESTETIK needs a morphology modality and a spot grid; osmFISH has neither"
             for seed in args.seeds:
                 base = {"dataset": case["dataset"], "section": case["section"], "method": method, "seed": seed}
                 if key(base) not in records:
@@ -573,7 +576,7 @@ def main(argv: list[str] | None = None) -> None:
                         mods = mods.replace("+morphology", "").replace("+histology", "")
                     records[key(base)] = {**base, "modalities": mods, "n_domains": case["n_domains"],
                                           "ari": None, "nmi": None, "seconds": None, "peak_rss_mb": None,
-                                          "finished": False, "reason": f"not run: {why}"}
+                                          "finished": False, "reason": f"not run: {reason}"}
 
     collected = collect_outputs(args.collect, cases)
     for method, names, seed, out in collected:

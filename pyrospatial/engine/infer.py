@@ -605,6 +605,11 @@ def fit(
             weights_only=True,
         )
     seconds = time.perf_counter() - start
+    # Lightning's teardown moves the module back to the CPU: keep the trained pair on the device
+    # it was trained on, so that sampling and export run there too
+    root = trainer.strategy.root_device
+    if root.type != "cpu":
+        module.to(root)
 
     last = None
     if ckpt_dir is not None and (ckpt_dir / CHECKPOINT_NAME).exists():
