@@ -49,6 +49,7 @@ METRIC_KEYS = (
     "v_spearman_abs",
     "elbo_final",
     "fit_seconds",
+    "posterior_seconds",
     "n_cells",
     "n_spots",
     "cells_per_spot",
@@ -204,7 +205,9 @@ def run_demo(out: str | Path, *, quick: bool = False, device: str = "auto", seed
     fit_seconds = time.perf_counter() - started
 
     # 3. posterior, export
+    started = time.perf_counter()
     coral.sample(config.num_samples, seed=seed, progress=progress)
+    posterior_seconds = time.perf_counter() - started
     cells_out, spots_out = coral.export(n_domains=config.n_layers, seed=seed)
     cells_out.write_h5ad(out / "cells.h5ad")
     spots_out.write_h5ad(out / "spots.h5ad")
@@ -222,6 +225,7 @@ def run_demo(out: str | Path, *, quick: bool = False, device: str = "auto", seed
         v_spearman_abs=within_type_abs_spearman(v_mean, truth["v"], dataset.cell_type),
         elbo_final=float(np.mean(result.elbo_history[-10:])),
         fit_seconds=float(fit_seconds),
+        posterior_seconds=float(posterior_seconds),
         n_cells=int(dataset.n_cells),
         n_spots=int(dataset.n_spots),
         cells_per_spot=float(cells_in_spots.sum() / max(dataset.n_spots, 1)),
