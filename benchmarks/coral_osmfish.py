@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = {
         "quick": args.quick, "epochs": 40 if args.quick else 150, "num_samples": 30 if args.quick else 100,
         "batch_size": None if args.quick else 64, "spot_sizes_um": sizes, "split_seeds": splits, "grid": "square",
-        "panel_fraction": 0.5, "posterior": "refine (HMC from the guide, the CORAL default)",
+        "panel_fraction": 0.5, "posterior": "local (HMC per spot from the guide, the CORAL default)",
         "torch_threads": torch.get_num_threads(), "platform": platform.platform(),
         "python": sys.version.split()[0], "versions": pyrospatial.engine.infer.versions(),
     }
