@@ -37,7 +37,6 @@ from operator import attrgetter
 
 import numpy as np
 import torch
-from pyro import poutine
 from tqdm.auto import tqdm
 
 from pyrospatial.criticism.convergence import convergence_detail, unconverged_sites
@@ -45,8 +44,7 @@ from pyrospatial.engine.batch import Batch
 from pyrospatial.engine.device import module_device
 from pyrospatial.engine.hmc import _HMC, _log_density, _mass_windows, _Part, _sub_batch
 from pyrospatial.engine.posterior import PosteriorSamples, _EvalMode
-from pyrospatial.engine.refine import _assemble, _em_parameters, _latent_sites, _rows
-from pyrospatial.engine.reparam import decentred_value, noncentre
+from pyrospatial.engine.refine import _assemble, _em_parameters, _guide_starts, _rows
 from pyrospatial.errors import InputError
 from pyrospatial.protocols import contract_of
 
@@ -163,24 +161,8 @@ def local_posterior(
     keep = None if sites is None else ({sites} if isinstance(sites, str) else set(sites))
 
     with _EvalMode(model, guide):
-        with torch.no_grad():
-            guide_trace = poutine.trace(guide).get_trace(full)
-            model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(full)
-            base_model = model
-            model, renamed = noncentre(base_model, model_trace, noncentred)
-            site_list = _latent_sites(model, guide, full, renamed)
-            originals = {new: old for old, new in renamed.items()}
-            inits: dict[str, list[torch.Tensor]] = {s.name: [] for s in site_list}
-            for _ in range(C):
-                guide_trace = poutine.trace(guide).get_trace(full)
-                if renamed:
-                    model_trace = poutine.trace(poutine.replay(base_model, trace=guide_trace)).get_trace(full)
-                for s in site_list:
-                    if s.name in originals:
-                        node = model_trace.nodes[originals[s.name]]
-                        inits[s.name].append(decentred_value(node["fn"], node["value"]).detach())
-                    else:
-                        inits[s.name].append(guide_trace.nodes[s.name]["value"].detach())
+        base_model = model
+        model, renamed, site_list, inits = _guide_starts(base_model, guide, full, noncentred, C)
         moving = [s for s in site_list if s.plate in ("cells", "spots")]
         held = [s for s in site_list if s.plate not in ("cells", "spots")]
         if em_params is None:

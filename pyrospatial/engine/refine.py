@@ -77,6 +77,30 @@ def _latent_sites(model, guide, batch: Batch, renamed: dict[str, str] | None = N
     return sites
 
 
+def _guide_starts(model, guide, full, noncentred: Iterable[str], C: int):
+    """The sampled model (``noncentred`` sites in non-centred coordinates), its renamed sites,
+    its latent sites and ``C`` guide draws of each as starting states (one per chain),
+    evaluated on the full batch (graph included, as trained)."""
+    with torch.no_grad():
+        guide_trace = poutine.trace(guide).get_trace(full)
+        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(full)
+        sampled, renamed = noncentre(model, model_trace, noncentred)
+        site_list = _latent_sites(sampled, guide, full, renamed)
+        originals = {new: old for old, new in renamed.items()}
+        inits: dict[str, list[torch.Tensor]] = {s.name: [] for s in site_list}
+        for _ in range(C):
+            guide_trace = poutine.trace(guide).get_trace(full)
+            if renamed:
+                model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(full)
+            for s in site_list:
+                if s.name in originals:
+                    node = model_trace.nodes[originals[s.name]]
+                    inits[s.name].append(decentred_value(node["fn"], node["value"]).detach())
+                else:
+                    inits[s.name].append(guide_trace.nodes[s.name]["value"].detach())
+    return sampled, renamed, site_list, inits
+
+
 def _rows(value: torch.Tensor, site: _Site, index: torch.Tensor) -> torch.Tensor:
     """Rows ``index`` of a single-draw cells-plate value (the plate axis is left of the event)."""
     return value.index_select(value.dim() - site.event_dim - 1, index)
@@ -221,24 +245,8 @@ def refine_posterior(
 
     with _EvalMode(model, guide):
         # sites and initial states: C guide draws on the full batch (graph included, as trained)
-        with torch.no_grad():
-            guide_trace = poutine.trace(guide).get_trace(full)
-            model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(full)
-            base_model = model
-            model, renamed = noncentre(base_model, model_trace, noncentred)
-            site_list = _latent_sites(model, guide, full, renamed)
-            originals = {new: old for old, new in renamed.items()}
-            inits: dict[str, list[torch.Tensor]] = {s.name: [] for s in site_list}
-            for _ in range(C):
-                guide_trace = poutine.trace(guide).get_trace(full)
-                if renamed:
-                    model_trace = poutine.trace(poutine.replay(base_model, trace=guide_trace)).get_trace(full)
-                for s in site_list:
-                    if s.name in originals:
-                        node = model_trace.nodes[originals[s.name]]
-                        inits[s.name].append(decentred_value(node["fn"], node["value"]))
-                    else:
-                        inits[s.name].append(guide_trace.nodes[s.name]["value"])
+        base_model = model
+        model, renamed, site_list, inits = _guide_starts(base_model, guide, full, noncentred, C)
         # latents that enter only the graph terms (e.g. a Bayesian edge decoder): without the
         # graph in the target they would drift to their prior, so they keep the guide's draws
         graph_only = set(contract.graph_sites) if contract is not None else set()
