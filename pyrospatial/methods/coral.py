@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
+from collections.abc import Iterator
 from typing import Any, Literal
 
 import numpy as np
@@ -57,7 +58,9 @@ from pyrospatial.methods.analysis import CountSplit, interaction_matrix, spatial
 from pyrospatial.data.dataset import SpatialDataset
 from pyrospatial.criticism.convergence import chain_convergence, warn_unconverged
 from pyrospatial.errors import InputError
+from pyrospatial.engine.batch import Batch
 from pyrospatial.engine.device import module_device
+from pyrospatial.engine.replay import latent_site_plates, replay_site
 from pyrospatial.engine.infer import FitResult, SVIModule, fit, load_checkpoint
 from pyrospatial.engine.export import add_spatial_graph, add_spatial_uns
 from pyrospatial.engine.export import export as export_summaries
@@ -70,6 +73,8 @@ __all__ = ["LOCAL_SITES", "EDGE_DECODER_SITES", "CoralPosterior", "CORAL"]
 LOCAL_SITES = ("z", "v", "cell_size", "expected_rna")
 #: posteriors drawn by MCMC chains (``CoralPosterior.method``): R-hat and ESS apply
 MCMC_METHODS = ("local", "hmc", "refine")
+#: default ``max_draws_mb`` of :meth:`CORAL.sample`: larger ``expected_rna`` draws are recomputed, not kept
+DRAWS_MB = 1024.0
 #: the edge decoder's latents, drawn too when the model has ``bayesian_edge_decoder``
 EDGE_DECODER_SITES = ("edge_weight", "edge_bias")
 
@@ -89,6 +94,9 @@ class CoralPosterior:
     plates: dict[str, str]
     method: str = "guide"
     diagnostics: dict[str, Any] = field(default_factory=dict)
+    #: deterministic sites not held in ``samples`` (too large: ``max_draws_mb``) but recomputed
+    #: from the latents' draws chunk by chunk (:meth:`CORAL.draw_chunks`, :meth:`CORAL.site_draws`)
+    replayed: tuple[str, ...] = ()
 
     @property
     def num_samples(self) -> int:
@@ -173,6 +181,9 @@ class CORAL:
         self.posterior: CoralPosterior | None = None
         #: True once :meth:`sample` has re-estimated the variance-type globals by Monte Carlo EM
         self.refined = False
+        #: megabytes of draws per chunk when per-cell draws are summarised, split or recomputed
+        #: chunk by chunk (:meth:`draw_chunks`): bounds the memory of exports on large tissues
+        self.chunk_mb = 256.0
 
     # ------------------------------------------------------------------------------------
     def train(
@@ -240,6 +251,7 @@ class CORAL:
         seed: int = 0,
         method: Literal["local", "hmc", "refine", "guide"] = "local",
         chunk_size: int | None = None,
+        max_draws_mb: float | None = DRAWS_MB,
         progress: bool = False,
         **refine_kwargs: Any,
     ) -> CoralPosterior:
@@ -260,10 +272,22 @@ class CORAL:
         ``num_chains x n_cells^2`` per leapfrog step while all non-adjacent pairs are
         evaluated (``max_nonedges``). Convergence (split-R-hat, bulk ESS) is checked after
         every MCMC run; a warning names the sites that fail.
+
+        ``max_draws_mb``: when the draws of ``expected_rna`` (``num_samples x cells x genes``
+        float32) would take more than this, they are not kept: every latent site's draws are,
+        and ``expected_rna`` is recomputed from them a chunk of spots at a time wherever it is
+        used (:meth:`draw_chunks`; exports, count splits, summaries), so memory stays bounded
+        on large tissues. ``None``: always keep them.
         """
         sites = list(LOCAL_SITES) + (list(EDGE_DECODER_SITES) if self.model.bayesian_edge_decoder else [])
         if getattr(self.model, "bayesian_decoder", False):
             sites.append("rna_weight")  # the global read-out: summarised in uns["pyrospatial"]["globals"]
+        replayed: tuple[str, ...] = ()
+        draws_mb = 4.0 * num_samples * self.dataset.n_cells * self.dataset.n_genes / 2**20
+        if max_draws_mb is not None and draws_mb > float(max_draws_mb):
+            latent = latent_site_plates(self.model, next(self.dataset.chunks(1)))
+            replayed = ("expected_rna",)
+            sites = [s for s in sites if s not in replayed] + [s for s in latent if s not in sites]
         if method == "local" and refine_kwargs.get("graph"):
             method = "hmc"  # the graph couples every cell: no per-spot blocks
         if method in ("local", "hmc", "refine"):
@@ -289,9 +313,46 @@ class CORAL:
         edge_prob = self._edge_probabilities(dict(draws), self.dataset.edges)
         self.posterior = CoralPosterior(
             samples=dict(draws), edge_prob=edge_prob, plates=dict(draws.plates), method=method,
-            diagnostics=dict(getattr(draws, "diagnostics", {}) or {}),
+            diagnostics=dict(getattr(draws, "diagnostics", {}) or {}), replayed=replayed,
         )
         return self.posterior
+
+    def draw_chunks(self, name: str = "expected_rna", *, max_mb: float | None = None) -> Iterator[tuple[Batch, np.ndarray]]:
+        """``(batch, draws)`` for spot-complete chunks of the tissue covering every cell once:
+        ``draws`` are the ``(S, batch.n_cells, ...)`` posterior draws of the cells-plate site
+        ``name`` for the batch's cells (``batch.cell_index``), sliced from the kept draws or
+        recomputed from the latents' draws when the posterior did not keep them
+        (:attr:`CoralPosterior.replayed`). Chunks hold about ``max_mb`` (default
+        :attr:`chunk_mb`) of draws each."""
+        posterior = self._require_posterior()
+        max_mb = self.chunk_mb if max_mb is None else float(max_mb)
+        S = posterior.num_samples
+        width = self.dataset.n_genes if name in posterior.replayed else int(np.prod(posterior.samples[name].shape[2:]))
+        max_cells = max(1.0, max_mb * 2**20 / (4.0 * S * max(width, 1)))
+        cells_per_unit = self.dataset.n_cells / max(self.dataset.n_units, 1)
+        for batch in self.dataset.chunks(max(1, int(max_cells / cells_per_unit))):
+            if name in posterior.replayed:
+                yield batch, replay_site(self.model, batch, posterior.samples, name)
+            else:
+                yield batch, posterior.samples[name][:, batch.cell_index.numpy()]
+
+    def site_draws(self, name: str, cells: np.ndarray | None = None) -> np.ndarray:
+        """``(S, n, ...)`` posterior draws of the cells-plate site ``name`` for ``cells`` (indices;
+        default all), recomputed chunk by chunk when the posterior did not keep them."""
+        posterior = self._require_posterior()
+        if name not in posterior.replayed:
+            draws = posterior.samples[name]
+            return draws if cells is None else draws[:, np.asarray(cells)]
+        rows = np.arange(self.dataset.n_cells) if cells is None else np.asarray(cells)
+        position = np.full(self.dataset.n_cells, -1, dtype=np.int64)
+        position[rows] = np.arange(rows.size)
+        out: np.ndarray | None = None
+        for batch, draws in self.draw_chunks(name):
+            where = position[batch.cell_index.numpy()]
+            if out is None:
+                out = np.empty((draws.shape[0], rows.size) + draws.shape[2:], dtype=draws.dtype)
+            out[:, where[where >= 0]] = draws[:, where >= 0]
+        return out
 
     @torch.no_grad()
     def _edge_probabilities(self, samples: dict[str, np.ndarray], pairs: np.ndarray, chunk: int = 16) -> np.ndarray:
@@ -329,13 +390,28 @@ class CORAL:
         :func:`pyrospatial.methods.analysis.split_spot_counts`); every draw adds up exactly. With the
         model's default ``spot_dispersion="sum"``, ``theta_g`` is each cell's inverse dispersion
         (``dispersion="cell"``); with ``"spot"`` it is the spot's."""
-        posterior = self._require_posterior()
         theta = self.model.rna_inverse_dispersion.detach().cpu().numpy()
-        return split_spot_counts(
-            self.dataset.spot_counts, self.dataset.cell_spot, posterior.samples["expected_rna"],
-            method=method, inverse_dispersion=theta, seed=seed, keep_draws=keep_draws,
-            dispersion="cell" if getattr(self.model, "spot_dispersion", "spot") == "sum" else "spot",
-        )
+        dispersion = "cell" if getattr(self.model, "spot_dispersion", "spot") == "sum" else "spot"
+        N, G = self.dataset.n_cells, self.dataset.n_genes
+        stats = {stat: np.full((N, G), np.nan, dtype=np.float32) for stat in ("mean", "sd", "q05", "q50", "q95")}
+        kept = None
+        max_error = 0.0
+        # chunk by chunk of whole spots (each spot's split needs only its own cells' draws);
+        # one chunk, on a small tissue, draws exactly as one call on the whole tissue
+        for index, (batch, rates) in enumerate(self.draw_chunks("expected_rna")):
+            chunk_seed = seed if index == 0 else int(np.random.SeedSequence((seed, index)).generate_state(1)[0])
+            part = split_spot_counts(
+                batch.spot_counts.numpy(), batch.cell_spot.numpy(), rates, method=method,
+                inverse_dispersion=theta, seed=chunk_seed, keep_draws=keep_draws, dispersion=dispersion,
+            )
+            cells = batch.cell_index.numpy()
+            for stat, values in stats.items():
+                values[cells] = getattr(part, stat)
+            max_error = max(max_error, part.max_abs_spot_error)
+            if keep_draws:
+                kept = np.zeros((rates.shape[0], N, G), dtype=np.int64) if kept is None else kept
+                kept[:, cells] = part.draws
+        return CountSplit(max_abs_spot_error=max_error, draws=kept, **stats)
 
     def deconvolve_counts(self, **kwargs: Any) -> CountSplit:
         """Deprecated name of :meth:`split_spot_counts` (same keywords); warns with a
@@ -435,8 +511,10 @@ class CORAL:
         posterior = self._require_posterior()
         # every site of the draws: local ones go to layers/obsm/obs, those with plate "global"
         # to uns["pyrospatial"]["globals"] (mean, sd, q05, q50, q95)
-        summary = summarise({k: v for k, v in posterior.samples.items()})
+        summary = summarise({k: v for k, v in posterior.samples.items() if k != "expected_rna"})
         summary.plates.update(posterior.plates)
+        summary["expected_rna"], spot_stats = self._expected_rna_summaries()
+        summary.plates["expected_rna"] = "cells"
 
         obs = self.cells.obs.loc[ds.cell_names].copy() if self.cells is not None else pd.DataFrame(index=ds.cell_names)
         stale = [column for column in ("domain", "domain_confidence") if column in obs.columns]
@@ -495,8 +573,6 @@ class CORAL:
         if spots_in is not None:
             spots_out = spots_in.copy()
             member = sp.csr_matrix(ds.membership)
-            spot_means = np.stack([member @ draw for draw in posterior.samples["expected_rna"]])
-            spot_stats = summarise_draws(spot_means)
             for stat, value in spot_stats.items():
                 spots_out.layers[f"expected_counts_{stat}"] = value.astype(np.float32)
             spots_out.obs["n_cells"] = np.asarray(member.sum(1)).ravel().astype(int)
@@ -509,6 +585,34 @@ class CORAL:
             "coord_type": "generic", "graph": ds.settings.get("graph", "knn"), "n_neighbors": ds.settings.get("k"),
             "radius": ds.settings.get("graph_radius"), "transform": None})
         return cells_rna, spots_out
+
+    def _expected_rna_summaries(self) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """Summaries of ``expected_rna`` per cell and of its sum over each spot's cells (the
+        spot's expected counts), chunk by chunk (:meth:`draw_chunks`)."""
+        ds = self.dataset
+        cell_stats: dict[str, np.ndarray] = {}
+        spot_stats: dict[str, np.ndarray] = {}
+
+        def fill(store: dict[str, np.ndarray], rows: np.ndarray, total: int, stats: dict[str, np.ndarray]) -> None:
+            for stat, value in stats.items():
+                if stat not in store:
+                    store[stat] = np.zeros((total,) + value.shape[1:], dtype=np.float32)
+                store[stat][rows] = value
+
+        for batch, draws in self.draw_chunks("expected_rna"):
+            fill(cell_stats, batch.cell_index.numpy(), ds.n_cells, summarise({"x": draws})["x"])
+            fill(spot_stats, batch.spot_index.numpy(), ds.n_spots, self._spot_sums(batch, draws))
+        return cell_stats, spot_stats
+
+    @staticmethod
+    def _spot_sums(batch: Batch, draws: np.ndarray) -> dict[str, np.ndarray]:
+        """Summaries of the draws summed over each of the batch's spots' cells."""
+        if batch.n_spots == 0:
+            return {}
+        member = batch.membership.coalesce()
+        rows, cols = member.indices().numpy()
+        matrix = sp.csr_matrix((np.ones(rows.size, dtype=np.float32), (rows, cols)), shape=tuple(member.shape))
+        return summarise_draws(np.stack([matrix @ draw for draw in draws]))
 
     def _settings(self) -> dict[str, Any]:
         settings = {"method": "CORAL", **{f"data_{k}": v for k, v in self.dataset.settings.items()}}
