@@ -68,6 +68,8 @@ STAGES = ("simulate", "dataset", "fit", "posterior_guide", "posterior", "export"
 CPU_SIZES = (10_000, 30_000, 100_000)
 GPU_SIZES = (300_000, 1_000_000)
 WINDOW, REL_TOL = 10, 1e-3
+#: cells (inside spots, a fixed random subset) whose expected-RNA draws are scored for coverage
+COVERAGE_CELLS = 5000
 
 
 # ------------------------------------------------------------------------------------------
@@ -171,11 +173,14 @@ def _coverage(draws: np.ndarray, truth: np.ndarray) -> float:
 def _posterior_coverage(coral, tissue) -> dict[str, float]:
     from pyrospatial import criticism as dg
 
-    inside = coral.dataset.cell_spot >= 0
+    inside = np.flatnonzero(coral.dataset.cell_spot >= 0)
+    # a fixed random subset of the cells inside spots: the draws of all cells' expected RNA
+    # are not held on large tissues (CORAL.sample's max_draws_mb), they are recomputed
+    scored = np.sort(np.random.default_rng(0).choice(inside, size=min(inside.size, COVERAGE_CELLS), replace=False))
     samples = coral.posterior.samples
-    v_true = tissue.truth["v"].reshape(len(inside), -1)
+    v_true = tissue.truth["v"].reshape(coral.dataset.n_cells, -1)
     v = dg.align_sign(samples["v"], v_true, coral.dataset.cell_type)
-    return {"expected_rna": _coverage(samples["expected_rna"][:, inside], tissue.truth["expected_rna"][inside]),
+    return {"expected_rna": _coverage(coral.site_draws("expected_rna", scored), tissue.truth["expected_rna"][scored]),
             "v": _coverage(v, v_true)}
 
 
@@ -229,15 +234,22 @@ def run_worker(args: argparse.Namespace) -> None:
     with Stage("posterior_guide", cuda) as st:
         coral.sample(args.num_samples, method="guide", seed=args.seed)
     emit(st, coverage_90=_posterior_coverage(coral, tissue), method="guide", num_samples=args.num_samples,
-         draws_mb=_draws_mb(coral))
-    coral.posterior = None
+         draws_mb=_draws_mb(coral), replayed=list(coral.posterior.replayed))
 
-    with Stage("posterior", cuda) as st:
-        coral.sample(args.num_samples, seed=args.seed)  # the default method, whatever it is now
-    diagnostics = {k: v for k, v in coral.posterior.diagnostics.items()
-                   if isinstance(v, (int, float, str, bool)) or v is None}
-    emit(st, coverage_90=_posterior_coverage(coral, tissue), method=coral.posterior.method,
-         num_samples=args.num_samples, draws_mb=_draws_mb(coral), diagnostics=diagnostics)
+    if "posterior" in args.skip_stages:  # the export below then exports the guide's draws
+        with open(args.record, "a") as handle:
+            handle.write(json.dumps({"stage": "posterior", **common, "seconds": None, "cpu_seconds": None,
+                                     "peak_rss_mb": None, "gpu_peak_mb": None, "coverage_90": None,
+                                     "skipped": "--skip-stages posterior (export uses the guide's draws)"}) + "\n")
+    else:
+        coral.posterior = None
+        with Stage("posterior", cuda) as st:
+            coral.sample(args.num_samples, seed=args.seed)  # the default method, whatever it is now
+        diagnostics = {k: v for k, v in coral.posterior.diagnostics.items()
+                       if isinstance(v, (int, float, str, bool)) or v is None}
+        emit(st, coverage_90=_posterior_coverage(coral, tissue), method=coral.posterior.method,
+             num_samples=args.num_samples, draws_mb=_draws_mb(coral), diagnostics=diagnostics,
+             replayed=list(coral.posterior.replayed))
 
     with tempfile.TemporaryDirectory() as tmp, Stage("export", cuda) as st:
         import warnings
@@ -270,7 +282,7 @@ def fitted_exponents(records: list[dict]) -> dict[str, dict]:
     for stage in STAGES:
         for device in sorted({r["device"] for r in records}):
             rows = sorted((r["n_cells"], r["seconds"], r.get("cpu_seconds")) for r in records
-                          if r["stage"] == stage and r["device"] == device)
+                          if r["stage"] == stage and r["device"] == device and r["seconds"] is not None)
             wall = _slope([(n, s) for n, s, _ in rows])
             if wall is None:
                 continue
@@ -297,7 +309,7 @@ def write_markdown(path: Path, payload: dict) -> None:
              "|---|---|---:|---:|---:|---:|---:|---|---|"]
     for r in sorted(payload["records"], key=lambda r: (r["device"], r["n_cells"], STAGES.index(r["stage"]))):
         notes = []
-        for key in ("method", "epochs", "converged", "num_samples", "draws_mb", "h5ad_mb", "torch_threads"):
+        for key in ("method", "epochs", "converged", "num_samples", "draws_mb", "h5ad_mb", "torch_threads", "skipped"):
             if r.get(key) is not None:
                 notes.append(f"{key} {r[key]:.0f}" if isinstance(r[key], float) else f"{key} {r[key]}")
         lines.append(f"| {r['stage']} | {r['device']} | {r['n_cells']} | {_fmt(r['seconds'])} | {_fmt(r.get('cpu_seconds'))} | {_fmt(r['peak_rss_mb'], 0)} | "
@@ -327,7 +339,8 @@ def run_driver(args: argparse.Namespace) -> None:
             record_path = handle.name
         cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", str(n), "--device", args.device,
                "--record", record_path, "--max-epochs", str(args.max_epochs), "--num-samples", str(args.num_samples),
-               "--batch-spots", str(args.batch_spots), "--seed", str(args.seed)]
+               "--batch-spots", str(args.batch_spots), "--seed", str(args.seed),
+               "--skip-stages", ",".join(args.skip_stages)]
         print(f"[scaling] {n} cells on {args.device}", flush=True)
         try:
             proc = subprocess.run(cmd, check=False, env=env, timeout=args.timeout or None)
@@ -377,9 +390,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-spots", type=int, default=128, help="spots per minibatch")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--timeout", type=float, default=0, help="seconds per size before its worker is stopped (0: none)")
+    parser.add_argument("--skip-stages", default="", help="comma-separated stages not run (only 'posterior': the "
+                        "default posterior; the export then uses the guide's draws), recorded as skipped")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--record", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    args.skip_stages = [stage for stage in args.skip_stages.split(",") if stage]
+    if set(args.skip_stages) - {"posterior"}:
+        parser.error(f"--skip-stages accepts only 'posterior', got {args.skip_stages}")
     if args.max_epochs is None:
         args.max_epochs = 60 if args.quick else 200
     if args.num_samples is None:

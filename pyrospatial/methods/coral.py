@@ -390,28 +390,48 @@ class CORAL:
         :func:`pyrospatial.methods.analysis.split_spot_counts`); every draw adds up exactly. With the
         model's default ``spot_dispersion="sum"``, ``theta_g`` is each cell's inverse dispersion
         (``dispersion="cell"``); with ``"spot"`` it is the spot's."""
+        return self._per_chunk(count_method=method, seed=seed, keep_draws=keep_draws, summaries=False)[0]
+
+    def _per_chunk(self, *, count_method: str, seed: int, keep_draws: bool = False, summaries: bool = True,
+                   ) -> tuple[CountSplit, dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """One pass over spot-complete chunks (:meth:`draw_chunks`) computing what needs the
+        draws of ``expected_rna``: the count split (:meth:`split_spot_counts`) and, with
+        ``summaries``, the summaries of ``expected_rna`` per cell and of its sum over each
+        spot's cells (the spot's expected counts). A chunk's split needs only its own spots'
+        cells; one chunk, on a small tissue, draws exactly as one call on the whole tissue."""
+        ds = self.dataset
         theta = self.model.rna_inverse_dispersion.detach().cpu().numpy()
         dispersion = "cell" if getattr(self.model, "spot_dispersion", "spot") == "sum" else "spot"
-        N, G = self.dataset.n_cells, self.dataset.n_genes
-        stats = {stat: np.full((N, G), np.nan, dtype=np.float32) for stat in ("mean", "sd", "q05", "q50", "q95")}
+        split = {stat: np.full((ds.n_cells, ds.n_genes), np.nan, dtype=np.float32)
+                 for stat in ("mean", "sd", "q05", "q50", "q95")}
+        cell_stats: dict[str, np.ndarray] = {}
+        spot_stats: dict[str, np.ndarray] = {}
         kept = None
         max_error = 0.0
-        # chunk by chunk of whole spots (each spot's split needs only its own cells' draws);
-        # one chunk, on a small tissue, draws exactly as one call on the whole tissue
+
+        def fill(store: dict[str, np.ndarray], rows: np.ndarray, total: int, stats: dict[str, np.ndarray]) -> None:
+            for stat, value in stats.items():
+                if stat not in store:
+                    store[stat] = np.zeros((total,) + value.shape[1:], dtype=np.float32)
+                store[stat][rows] = value
+
         for index, (batch, rates) in enumerate(self.draw_chunks("expected_rna")):
+            cells = batch.cell_index.numpy()
             chunk_seed = seed if index == 0 else int(np.random.SeedSequence((seed, index)).generate_state(1)[0])
             part = split_spot_counts(
-                batch.spot_counts.numpy(), batch.cell_spot.numpy(), rates, method=method,
+                batch.spot_counts.numpy(), batch.cell_spot.numpy(), rates, method=count_method,
                 inverse_dispersion=theta, seed=chunk_seed, keep_draws=keep_draws, dispersion=dispersion,
             )
-            cells = batch.cell_index.numpy()
-            for stat, values in stats.items():
+            for stat, values in split.items():
                 values[cells] = getattr(part, stat)
             max_error = max(max_error, part.max_abs_spot_error)
             if keep_draws:
-                kept = np.zeros((rates.shape[0], N, G), dtype=np.int64) if kept is None else kept
+                kept = np.zeros((rates.shape[0], ds.n_cells, ds.n_genes), dtype=np.int64) if kept is None else kept
                 kept[:, cells] = part.draws
-        return CountSplit(max_abs_spot_error=max_error, draws=kept, **stats)
+            if summaries:
+                fill(cell_stats, cells, ds.n_cells, summarise({"x": rates})["x"])
+                fill(spot_stats, batch.spot_index.numpy(), ds.n_spots, self._spot_sums(batch, rates))
+        return CountSplit(max_abs_spot_error=max_error, draws=kept, **split), cell_stats, spot_stats
 
     def deconvolve_counts(self, **kwargs: Any) -> CountSplit:
         """Deprecated name of :meth:`split_spot_counts` (same keywords); warns with a
@@ -513,7 +533,7 @@ class CORAL:
         # to uns["pyrospatial"]["globals"] (mean, sd, q05, q50, q95)
         summary = summarise({k: v for k, v in posterior.samples.items() if k != "expected_rna"})
         summary.plates.update(posterior.plates)
-        summary["expected_rna"], spot_stats = self._expected_rna_summaries()
+        split, summary["expected_rna"], spot_stats = self._per_chunk(count_method=count_method, seed=seed)
         summary.plates["expected_rna"] = "cells"
 
         obs = self.cells.obs.loc[ds.cell_names].copy() if self.cells is not None else pd.DataFrame(index=ds.cell_names)
@@ -537,7 +557,6 @@ class CORAL:
             cells_rna, None, summary, settings=self._settings(), locations=locations,
         )
         # spot-consistent counts
-        split = self.split_spot_counts(method=count_method, seed=seed)
         for stat in ("mean", "sd", "q05", "q50", "q95"):
             cells_rna.layers[f"counts_{stat}"] = getattr(split, stat).astype(np.float32)
         cells_rna.uns["pyrospatial"]["spot_sum_max_abs_error"] = float(split.max_abs_spot_error)
@@ -585,24 +604,6 @@ class CORAL:
             "coord_type": "generic", "graph": ds.settings.get("graph", "knn"), "n_neighbors": ds.settings.get("k"),
             "radius": ds.settings.get("graph_radius"), "transform": None})
         return cells_rna, spots_out
-
-    def _expected_rna_summaries(self) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-        """Summaries of ``expected_rna`` per cell and of its sum over each spot's cells (the
-        spot's expected counts), chunk by chunk (:meth:`draw_chunks`)."""
-        ds = self.dataset
-        cell_stats: dict[str, np.ndarray] = {}
-        spot_stats: dict[str, np.ndarray] = {}
-
-        def fill(store: dict[str, np.ndarray], rows: np.ndarray, total: int, stats: dict[str, np.ndarray]) -> None:
-            for stat, value in stats.items():
-                if stat not in store:
-                    store[stat] = np.zeros((total,) + value.shape[1:], dtype=np.float32)
-                store[stat][rows] = value
-
-        for batch, draws in self.draw_chunks("expected_rna"):
-            fill(cell_stats, batch.cell_index.numpy(), ds.n_cells, summarise({"x": draws})["x"])
-            fill(spot_stats, batch.spot_index.numpy(), ds.n_spots, self._spot_sums(batch, draws))
-        return cell_stats, spot_stats
 
     @staticmethod
     def _spot_sums(batch: Batch, draws: np.ndarray) -> dict[str, np.ndarray]:
