@@ -11,8 +11,11 @@ model                                  guide
 (:class:`CoralCountPanelModel`,        (both take one :class:`CoralConfig`)
 :class:`CoralArcsinhModel`)
 :class:`CellTypeDeconvolutionModel`    :class:`~pyrospatial.guides.CellTypeDeconvolutionGuide`
+:class:`CellTypeStatesModel`           :class:`~pyrospatial.guides.CellTypeStatesGuide`
+:class:`CellTypeStateReferenceModel`   :class:`~pyrospatial.guides.CellTypeStateReferenceGuide`
 :class:`AlignmentModel`                :class:`~pyrospatial.guides.AlignmentGuide`
 :class:`DomainModel`                   :class:`~pyrospatial.guides.DomainGuide`
+:class:`MappingModel`                  :class:`~pyrospatial.guides.MappingGuide`
 =====================================  ==========================================
 """
 
@@ -29,13 +32,21 @@ from .blocks import (
     spot_sum,
 )
 from .celltype_deconvolution import CellTypeDeconvolutionModel
+from .celltype_states import (
+    CellTypeStateReferenceModel,
+    CellTypeStatesModel,
+    TypeStateDecoder,
+)
 from .coral import CoralConfig, CoralModel
 from .coral_variants import CoralArcsinhModel, CoralCountPanelModel
 from .domains import DomainModel
+from .mapping import MappingModel
 
 __all__ = [
     "AlignmentModel",
     "CellTypeDeconvolutionModel",
+    "CellTypeStateReferenceModel",
+    "CellTypeStatesModel",
     "CoralArcsinhModel",
     "CoralConfig",
     "CoralCountPanelModel",
@@ -43,6 +54,8 @@ __all__ = [
     "DomainModel",
     "EdgeDecoder",
     "HierarchicalPrior",
+    "MappingModel",
+    "TypeStateDecoder",
     "bernoulli_edges",
     "blocks",
     "contrastive_factor",

@@ -61,6 +61,7 @@ _NAMES = {
         "CORAL", "Alignment", "Deconvolution", "align", "align_slices", "deconvolve",
     )},
     **{name: "pyrospatial.methods.domains" for name in ("Domains", "domains")},
+    **{name: "pyrospatial.methods.mapping" for name in ("MappingResult", "map_cells")},
 }
 
 __all__ = [
@@ -70,6 +71,7 @@ __all__ = [
     "Deconvolution",
     "Domains",
     "FitResult",
+    "MappingResult",
     "SpatialDataset",
     "align",
     "align_slices",
@@ -88,6 +90,7 @@ __all__ = [
     "image",
     "io",
     "load_checkpoint",
+    "map_cells",
     "methods",
     "metrics",
     "recalibration",

@@ -1,4 +1,4 @@
-"""Command line: one command per method, ``pyrospatial coral | deconvolve | align``, plus
+"""Command line: one command per method, ``pyrospatial coral | deconvolve | align | map``, plus
 ``demo`` and ``check`` (``pyrospatial -h``; ``pyrospatial COMMAND -h`` shows every default).
 
 Every method command (and ``demo``) takes the same shared options: ``--device
@@ -28,7 +28,7 @@ DEVICES = ("auto", "cpu", "cuda")
 INPUT_FORMATS = ("auto", "visium", "xenium", "cosmx", "merscope", "10x_h5", "spatialdata", "h5ad")
 #: input dest -> its format option's dest, for every command that reads data
 INPUT_OPTIONS = {"cells": "cells_format", "spots": "spots_format", "reference": "reference_format",
-                 "a": "a_format", "b": "b_format"}
+                 "a": "a_format", "b": "b_format", "atlas": "atlas_format"}
 
 
 def check_inputs(args: argparse.Namespace) -> None:
@@ -485,6 +485,49 @@ def _add_align_parser(sub: argparse._SubParsersAction) -> None:
 
 
 # ------------------------------------------------------------------------------------------
+# pyrospatial map --cells C.h5ad --atlas A.h5ad --out DIR
+# ------------------------------------------------------------------------------------------
+def _map_into(args: argparse.Namespace, out: Path) -> int:
+    from pyrospatial.methods.mapping import map_cells
+
+    cells, atlas = read_input(args, "cells"), read_input(args, "atlas")
+    res = map_cells(cells, atlas, label_keys=args.label_keys, layer_cells=args.layer_cells,
+                    layer_atlas=args.layer_atlas, n_components=args.n_components, k=args.k, seed=args.seed,
+                    device=args.device, progress=args.progress, spatial_key=args.spatial_key, lam=args.lam,
+                    em_iter=args.max_epochs, num_samples=args.num_samples)
+    res.write(out)
+    print(json.dumps({k: res.diagnostics[k] for k in ("temperature", "mean_entropy", "mean_radius_90")}, indent=2))
+    print(f"cells_mapped.h5ad, atlas_projected.h5ad, report.md and figures written to {args.out}")
+    return 0
+
+
+_map = _into_output_folder(_map_into)  # run into a temporary folder renamed to --out at the end
+
+
+def _add_map_parser(sub: argparse._SubParsersAction) -> None:
+    parent = shared_options(max_epochs=50, max_epochs_help="EM steps per round (plan, then closed-form noise)")
+    p = sub.add_parser("map", parents=[parent], formatter_class=FORMATTER,
+                       help="map dissociated cells (no coordinates) onto a spatial atlas, with a posterior per cell",
+                       description="Map cells without coordinates onto an atlas with coordinates by expression: a "
+                                   "posterior per cell over atlas locations (mean, sd, 90% radius), atlas labels "
+                                   "carried to the cells, the expected single-cell profile of every location.")
+    p.add_argument("--cells", required=True, help="cells .h5ad: counts in X (no coordinates needed)")
+    p.add_argument("--atlas", required=True, help="atlas .h5ad: counts in X, obsm['spatial']")
+    add_format_option(p, "cells", "--cells")
+    add_format_option(p, "atlas", "--atlas")
+    p.add_argument("--label-keys", "--label-key", dest="label_keys", nargs="+", action="extend", default=None,
+                   help="atlas.obs columns carried to the cells with their probabilities")
+    p.add_argument("--layer-cells", default=None, help="layer of the cells with the counts (None: X)")
+    p.add_argument("--layer-atlas", default=None, help="layer of the atlas with the counts (None: X)")
+    p.add_argument("--spatial-key", default="spatial", help="obsm key of the atlas coordinates")
+    p.add_argument("--n-components", type=int, default=30, help="principal components of the shared genes")
+    p.add_argument("--k", type=int, default=100, help="candidate atlas locations per cell")
+    p.add_argument("--lam", type=float, default=0.0, help="strength of the share-of-cells constraint (0: off)")
+    p.add_argument("--num-samples", type=int, default=8, help="posterior draws of the temperature")
+    p.set_defaults(func=_map)
+
+
+# ------------------------------------------------------------------------------------------
 # pyrospatial domains --sections S1.h5ad [S2.h5ad ...] --n-domains K --out DIR
 # ------------------------------------------------------------------------------------------
 def _domains_into(args: argparse.Namespace, out: Path) -> int:
@@ -617,6 +660,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_coral_parser(sub, "fit", help="alias of `coral`")
     _add_deconvolve_parser(sub)
     _add_align_parser(sub)
+    _add_map_parser(sub)
     _add_domains_parser(sub)
     _add_demo_parser(sub)
     _add_check_parser(sub)
