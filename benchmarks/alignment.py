@@ -130,6 +130,36 @@ def shared_genes(a, b):
     return a[:, genes].copy(), b[:, genes].copy()
 
 
+DLPFC_PAIR = ("151673", "151674")
+
+
+def load_dlpfc(section: str):
+    """One DLPFC Visium section (``shared/data/dlpfc_visium``) with its manual layer labels,
+    restricted to the labelled spots (``obs["layer"]``; full-resolution pixel coordinates)."""
+    import anndata as ad
+    import pandas as pd
+    import scipy.io
+
+    from pyrospatial.data.datasets import shared_data_dir
+
+    root = shared_data_dir()
+    if root is None or not (root / "dlpfc_visium").is_dir():
+        raise SystemExit("shared data folder dlpfc_visium not found (set PYROSPATIAL_SHARED_DATA)")
+    d = root / "dlpfc_visium"
+    X = scipy.io.mmread(d / section / "counts.mtx.gz").tocsr().astype(np.float32)
+    bc = pd.read_csv(d / section / "barcodes.tsv", header=None)[0].astype(str).to_numpy()
+    genes = pd.read_csv(d / section / "genes.tsv", header=None)[0].astype(str).to_numpy()
+    pos = pd.read_csv(d / section / "tissue_positions_list.txt", header=None, index_col=0,
+                      names=["barcode", "in_tissue", "array_row", "array_col", "pxl_row", "pxl_col"]).loc[bc]
+    lab = pd.read_csv(d / "barcode_level_layer_map.tsv", sep="\t", header=None, names=["barcode", "sample", "layer"])
+    layer = lab[lab["sample"] == int(section)].set_index("barcode")["layer"].reindex(bc)
+    a = ad.AnnData(X=X, obs=pd.DataFrame({"layer": layer.to_numpy(dtype=object)}, index=bc),
+                   var=pd.DataFrame(index=genes))
+    a.obsm["spatial"] = pos[["pxl_col", "pxl_row"]].to_numpy().astype(np.float64)
+    keep = a.obs["layer"].notna().to_numpy()
+    return a[keep].copy()
+
+
 def joint_clusters(a, b, k: int = 5, seed: int = 0):
     from sklearn.cluster import KMeans
 
@@ -209,14 +239,24 @@ def run_pot_fgw(a, b, **_):
     return np.asarray(G), {}
 
 
-def run_pyrospatial(a, b, *, quick: bool = False, **_):
+def run_pyrospatial(a, b, *, quick: bool = False, labels_b: np.ndarray | None = None, **_):
     from pyrospatial.methods.alignment import align
 
+    label_keys = None
+    if labels_b is not None:  # b is the reference: its labels are transferred to a (a's are never seen)
+        b = b.copy()
+        b.obs["bench_label"] = np.asarray(labels_b).astype(str)
+        label_keys = ["bench_label"]
     res = align(a, b, features="shared" if len(set(a.var_names) & set(b.var_names)) >= 2 else "separate",
-                num_samples=20 if quick else 30, progress=False, seed=0)
+                num_samples=20 if quick else 30, progress=False, seed=0, label_keys=label_keys)
     extras = {"angle_q05": res.transform["angle"]["q05"], "angle_q95": res.transform["angle"]["q95"],
               "angle_mean": res.transform["angle"]["mean"], "best": np.asarray(res.match_prob.argmax(1)).ravel(),
-              "best_p": np.asarray(res.match_prob.max(1).todense()).ravel(), "p_unmatched": res.p_unmatched}
+              "best_p": np.asarray(res.match_prob.max(1).todense()).ravel(), "p_unmatched": res.p_unmatched,
+              "sigma_xy_spacings": res.settings["sigma_xy"] / res.settings["unit"], "power": res.settings["power"],
+              "p_unmatched_mean": float(np.mean(res.p_unmatched))}
+    if label_keys:
+        probs = res.adata.obsm["align_bench_label_probs"]
+        extras["label_probs"], extras["label_categories"] = probs.to_numpy(), np.asarray(probs.columns)
     return (res.match_prob / a.n_obs).tocsr(), extras
 
 
@@ -266,6 +306,50 @@ def match_ece(best: np.ndarray, best_p: np.ndarray, p_unmatched: np.ndarray, tru
     return float(ece)
 
 
+def ece(conf: np.ndarray, correct: np.ndarray, bins: int = 10) -> float:
+    """Expected calibration error: 10 equal-width bins of ``conf``, mass-weighted |accuracy - confidence|."""
+    edges = np.linspace(0, 1, bins + 1)
+    which = np.clip(np.digitize(conf, edges[1:-1]), 0, bins - 1)
+    total = 0.0
+    for k in range(bins):
+        sel = which == k
+        if sel.any():
+            total += sel.mean() * abs(correct[sel].astype(float).mean() - conf[sel].mean())
+    return float(total)
+
+
+def label_metrics(G, la: np.ndarray, lb: np.ndarray, label_probs: np.ndarray | None = None,
+                  categories: np.ndarray | None = None) -> dict:
+    """Calibration of a coupling against labels on both sides (the same for every method).
+
+    The coupling is row-normalised (each a spot's distribution over b's spots given a
+    partner). ``match_ece``: ECE of the best partner's probability against "the best partner
+    has a's label"; ``label_transfer_accuracy`` and ``label_ece``: the transferred label
+    (argmax of ``sum_j P_ij [l_j = c]``, or the method's own ``label_probs`` over
+    ``categories``) and its probability against a's label. Rows without mass count as wrong
+    with confidence 0.
+    """
+    import scipy.sparse as sp
+
+    P = G.tocsr() if sp.issparse(G) else sp.csr_matrix(np.asarray(G))
+    rows = np.asarray(P.sum(1)).ravel()
+    Pn = sp.diags(1.0 / np.maximum(rows, 1e-300)) @ P
+    best = np.asarray(Pn.argmax(axis=1)).ravel()
+    best_p = np.where(rows > 0, np.asarray(Pn.max(axis=1).todense()).ravel(), 0.0)
+    agree = (la == lb[best]) & (rows > 0)
+    if label_probs is None:
+        categories, codes = np.unique(lb, return_inverse=True)
+        onehot = sp.csr_matrix((np.ones(len(lb)), (np.arange(len(lb)), codes)), shape=(len(lb), len(categories)))
+        label_probs = np.asarray((Pn @ onehot).todense())
+    categories = np.asarray(categories).astype(str)
+    pred = categories[label_probs.argmax(1)]
+    conf = label_probs.max(1)
+    hit = (pred == la.astype(str)) & (conf > 0)
+    return {"match_ece": ece(best_p, agree), "best_match_prob_mean": float(best_p.mean()),
+            "best_match_agreement": float(agree.mean()), "label_transfer_accuracy": float(hit.mean()),
+            "label_ece": ece(conf, hit), "label_prob_mean": float(conf.mean())}
+
+
 # ------------------------------------------------------------------------------------------
 # worker (one process per method and group of runs)
 # ------------------------------------------------------------------------------------------
@@ -289,6 +373,11 @@ def make_case(spec: dict):
         a, b, truth = stahl_sim_pair(spec["slice"], spec["noise"], spec["run"])
         a, b = shared_genes(a, b)
         return a, b, {"truth": truth, "true_angle": STAHL_ANGLE}
+    if spec["case"] == "dlpfc":
+        a, b = shared_genes(load_dlpfc(spec["slices"][0]), load_dlpfc(spec["slices"][1]))
+        la, lb = a.obs["layer"].astype(str).to_numpy(), b.obs["layer"].astype(str).to_numpy()
+        a.obs, b.obs = a.obs.drop(columns="layer"), b.obs.drop(columns="layer")
+        return a, b, {"labels": (la, lb)}
     if spec["case"] == "stahl_real":
         a, b = shared_genes(load_stahl(spec["slices"][0]), load_stahl(spec["slices"][1]))
         la, lb = joint_clusters(a, b)
@@ -312,7 +401,8 @@ def worker(method: str, specs: list[dict], quick: bool, out_path: Path) -> None:
                 record["n_cells_b"] = int(b.n_obs)
                 _reset_peak()
                 start, cpu_start = time.perf_counter(), time.process_time()
-                G, extras = RUNNERS[method](a, b, quick=quick)
+                labels_b = truth["labels"][1] if "labels" in truth else None
+                G, extras = RUNNERS[method](a, b, quick=quick, labels_b=labels_b)
                 record["seconds"] = time.perf_counter() - start
                 record["cpu_seconds"] = time.process_time() - cpu_start
                 record["peak_mem_mb"] = _peak_mb()
@@ -320,7 +410,12 @@ def worker(method: str, specs: list[dict], quick: bool, out_path: Path) -> None:
                     record["accuracy"] = truth_accuracy(G, truth["truth"])
                     record["top1_accuracy"] = top1_accuracy(G, truth["truth"])
                 else:
-                    record["accuracy"] = label_agreement(G, *truth["labels"])
+                    la, lb = truth["labels"]
+                    record["accuracy"] = label_agreement(G, la, lb)
+                    record.update(label_metrics(G, la, lb, extras.get("label_probs"), extras.get("label_categories")))
+                    for key in ("sigma_xy_spacings", "power", "p_unmatched_mean"):
+                        if key in extras:
+                            record[key] = extras[key]
                 if method == "pyrospatial":
                     record["angle_mean"] = extras["angle_mean"]
                     if "true_angle" in truth:
@@ -380,7 +475,9 @@ def main(argv=None) -> int:
     parser.add_argument("--sizes", default=None, help="scaling sizes, cells per side (comma separated)")
     parser.add_argument("--time-limit", type=float, default=600.0, help="seconds per scaling run")
     parser.add_argument("--mem-limit-gb", type=float, default=12.0, help="address-space cap of a worker")
-    parser.add_argument("--skip", default="", help="cases to skip (comma separated)")
+    parser.add_argument("--skip", default="", help="cases to skip (comma separated: stahl_sim, dlpfc, stahl_real, "
+                        "scaling)")
+    parser.add_argument("--name", default="alignment", help="stem of the output files (NAME.json, NAME.md)")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--collect", default=None,
                         help="write --out/alignment.json from the finished runs of a stopped run whose output folder "
@@ -467,6 +564,11 @@ def main(argv=None) -> int:
                   "(all its threads); the machine (2 cores) was shared with other jobs, so cpu_seconds is the "
                   "fairer comparison; the scaling limit is on wall time",
         "stahl_real_metric": "mass between spots of the same joint k-means cluster (k=5), coupling normalised to 1",
+        "dlpfc": "151673 -> 151674 (labelled spots only, shared genes), labels = manual layers",
+        "label_metrics": "coupling row-normalised for every method: match_ece = ECE (10 bins) of the best partner's "
+                         "probability vs 'best partner has a's label'; label_transfer_accuracy / label_ece = argmax of "
+                         "the transferred label distribution and its probability vs a's label (pyrospatial: its own "
+                         "label transfer, averaged over posterior draws)",
         "machine": {"cpu_count": os.cpu_count(), "python": sys.version.split()[0]},
     }
     versions = {}
@@ -495,13 +597,18 @@ def main(argv=None) -> int:
     groups = []
     if "stahl_sim" not in skip:
         groups += [("stahl_sim", m, sim_specs) for m in methods]
+    dlpfc_specs = [{"case": "dlpfc", "slices": list(DLPFC_PAIR), "noise": None}]
+    if "dlpfc" not in skip:
+        groups += [("dlpfc", m, dlpfc_specs) for m in methods]
     if "stahl_real" not in skip:
         groups += [("stahl_real", m, real_specs) for m in methods]
     for case, method, specs in tqdm(groups, desc="stahl cases"):
         if unavailable[method]:
             record_unavailable(method, specs)
             continue
-        results += run_group(method, specs, args.quick, tmp, None, args.mem_limit_gb)
+        # the DLPFC pair (~3,600 spots a side) runs under the scaling runs' wall-time limit
+        results += run_group(method, specs, args.quick, tmp, args.time_limit if case == "dlpfc" else None,
+                             args.mem_limit_gb)
     if "scaling" not in skip:
         for method in tqdm(methods, desc="scaling"):
             stop_reason = unavailable[method]
@@ -523,8 +630,8 @@ def main(argv=None) -> int:
         r.pop("traceback", None)
         r.pop("slice", None) if r.get("case") != "stahl_sim" else None
     payload = {"settings": settings, "results": results}
-    (out / "alignment.json").write_text(json.dumps(payload, indent=1, default=float))
-    (out / "alignment.md").write_text(markdown(payload))
+    (out / f"{args.name}.json").write_text(json.dumps(payload, indent=1, default=float))
+    (out / f"{args.name}.md").write_text(markdown(payload))
     print(markdown(payload))
     return 0
 
@@ -570,6 +677,18 @@ def markdown(payload: dict) -> str:
                 f"{sum(1 for r in py if r['noise'] == p)}" for p in PSEUDOCOUNTS if any(r['noise'] == p for r in py))
                 + f"; overall angle coverage {np.mean([r['angle_covered'] for r in py]):.3f}, "
                 f"mean ECE {np.mean([r['match_ece'] for r in py]):.3f}"]
+    labelled = [r for r in res if r["case"] in ("dlpfc", "stahl_real")]
+    if labelled:
+        lines += ["", "## Real labelled pairs: label mass, label transfer and calibration", "",
+                  ("| case | pair | method | accuracy | label transfer acc. | match ECE | label ECE | best-match p (mean) | "
+                   "best-match agreement | seconds | finished |"), "|---" * 11 + "|"]
+        for r in sorted(labelled, key=lambda r: (r["case"], str(r["slices"]),
+                                                 METHODS.index(r["method"]) if r["method"] in METHODS else 99)):
+            lines.append(f"| {r['case']} | {'-'.join(map(str, r['slices']))} | {r['method']} | {_fmt(r['accuracy'])} | "
+                         f"{_fmt(r.get('label_transfer_accuracy'))} | {_fmt(r.get('match_ece'))} | "
+                         f"{_fmt(r.get('label_ece'))} | {_fmt(r.get('best_match_prob_mean'))} | "
+                         f"{_fmt(r.get('best_match_agreement'))} | {_fmt(r['seconds'], 1)} | {r['finished']} |"
+                         + ("" if r["finished"] else f" {(r.get('error') or '')[:100]}"))
     real = [r for r in res if r["case"] == "stahl_real"]
     if real:
         lines += ["", "## Ståhl consecutive pairs: same-cluster mass after alignment", "",

@@ -27,17 +27,6 @@ from pyrospatial.models.alignment import (
 __all__ = ["AlignmentGuide", "sparse_unbalanced_sinkhorn", "coupling_scores"]
 
 
-def _segment_logsumexp(values: torch.Tensor, index: torch.Tensor, size: int) -> torch.Tensor:
-    """``out[j] = log sum_{e: index[e] = j} exp(values[e])`` (``-inf`` for empty segments)."""
-    finite = torch.isfinite(values)
-    safe = torch.where(finite, values, torch.full_like(values, -1e30))
-    peak = torch.full((size,), -1e30, dtype=values.dtype, device=values.device)
-    peak = peak.scatter_reduce(0, index, safe, reduce="amax", include_self=True)
-    total = torch.zeros(size, dtype=values.dtype, device=values.device)
-    total = total.index_add(0, index, torch.where(finite, torch.exp(safe - peak[index]), torch.zeros_like(safe)))
-    return torch.where(total > 0, peak + torch.log(total.clamp_min(1e-300)), torch.full_like(total, float("-inf")))
-
-
 def sparse_unbalanced_sinkhorn(
     scores: torch.Tensor,
     candidates: torch.Tensor,
@@ -49,7 +38,7 @@ def sparse_unbalanced_sinkhorn(
     g_init: torch.Tensor | None = None,
     tol: float = 1e-4,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    r"""Entropic unbalanced OT plan over sparse candidates, with a dustbin, in the log domain.
+    r"""Entropic unbalanced OT plan over sparse candidates, with a dustbin.
 
     Maximises over ``T`` (an ``(n, k + 1)`` table: ``k`` candidate partners per row plus the
     unmatched slot ``k``)::
@@ -67,7 +56,10 @@ def sparse_unbalanced_sinkhorn(
     POT's solvers (``ot.unbalanced.sinkhorn_unbalanced``) take a dense ``n x m`` cost; this
     is the same iteration on the candidate list, so memory stays O(n k). Tests check it
     against POT on a problem small enough to be dense. ``lam = 0`` gives independent row
-    softmaxes (no column constraint).
+    softmaxes (no column constraint). It runs in the scaling form (kernel ``exp(S_ic - max_c
+    S_ic)`` in float64, see the comment in the code): a pair more than ~700 nats below its
+    row's best has kernel 0 and gets no mass, and a column whose pairs all have kernel 0 keeps
+    ``g_j = 0``.
 
     Returns
     -------
@@ -75,24 +67,38 @@ def sparse_unbalanced_sinkhorn(
         The plan ``(n, k + 1)`` (rows sum to 1) and the column potentials ``(n_b,)``, which
         can warm-start the next call (``g_init``).
     """
-    n, k1 = scores.shape
-    k = k1 - 1
-    g = torch.zeros(n_b, dtype=scores.dtype, device=scores.device) if g_init is None else g_init.clone()
+    k = scores.shape[1] - 1
+    out_dtype = scores.dtype
+    # The same iteration in the scaling form, in float64: with r_i = max_c S_ic the kernel
+    # K_ic = exp(S_ic - r_i) lies in [0, 1] (0 for invalid pairs), v_j = exp(g_j), and
+    #   Z_i = sum_c K_ic v_j(i,c) + K_i,dust          (f_i = -r_i - log Z_i)
+    #   v_j = (beta_j / sum_{(i,c): j(i,c) = j} K_ic / Z_i) ^ (lam / (lam + 1))
+    # (r_i cancels from the column sums), i.e. one gather and one index_add per iteration
+    # instead of segment log-sum-exps; exact in exact arithmetic.
+    S = scores.to(torch.float64)
+    K = torch.exp(S - S.max(dim=1, keepdim=True).values)
+    K_pairs, K_dust = K[:, :k], K[:, k]
     flat_idx = candidates.reshape(-1)
-    log_beta = torch.log(beta)
+    g = torch.zeros(n_b, dtype=torch.float64, device=scores.device) if g_init is None else g_init.to(torch.float64).clone()
+    v = torch.exp(g)
     exponent = lam / (lam + 1.0)
-    if lam > 0:
-        for _ in range(int(n_iter)):
-            full = torch.cat([scores[:, :k] + g[candidates], scores[:, k:]], dim=1)
-            f = -torch.logsumexp(full, dim=1)
-            col = _segment_logsumexp((scores[:, :k] + f.unsqueeze(1)).reshape(-1), flat_idx, n_b)
-            g_new = torch.where(torch.isfinite(col), exponent * (log_beta - col), torch.zeros_like(col))
-            delta = float((g_new - g).abs().max()) if n_b else 0.0
+    if lam > 0 and n_b:
+        log_beta = torch.log(beta.to(torch.float64))
+        for it in range(int(n_iter)):
+            Z = (K_pairs * v[candidates]).sum(1) + K_dust
+            col = torch.zeros(n_b, dtype=torch.float64, device=scores.device)
+            col = col.index_add(0, flat_idx, (K_pairs / Z.unsqueeze(1)).reshape(-1))
+            has = col > 0
+            g_new = torch.where(has, exponent * (log_beta - torch.log(torch.where(has, col, torch.ones_like(col)))),
+                                torch.zeros_like(col))
+            delta = float((g_new - g).abs().max())
             g = g_new
+            v = torch.exp(g)
             if delta < tol:
                 break
-    full = torch.cat([scores[:, :k] + g[candidates], scores[:, k:]], dim=1)
-    T = torch.softmax(full, dim=1)
+    num = torch.cat([K_pairs * v[candidates], K_dust.unsqueeze(1)], dim=1)
+    T = (num / num.sum(1, keepdim=True)).to(out_dtype)
+    g = g.to(out_dtype)
     return T, g
 
 

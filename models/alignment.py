@@ -37,6 +37,7 @@ __all__ = [
     "match_log_likelihood",
     "noise_update",
     "best_power",
+    "min_sigma",
     "TRANSFORM_NAMES",
 ]
 
@@ -218,14 +219,27 @@ def noise_update(
             "background_scale": u_a.pow(2).mean(0).clamp_min(1e-8).sqrt()}
 
 
-def best_power(power_stats: torch.Tensor, mass: torch.Tensor) -> tuple[float, torch.Tensor]:
+def min_sigma(power: float, min_var: float) -> float:
+    """The smallest GenNormal scale whose per-axis variance ``sigma^2 Gamma(3/p) / Gamma(1/p)`` is
+    at least ``min_var`` (0 when ``min_var`` is 0)."""
+    if min_var <= 0:
+        return 0.0
+    return math.sqrt(min_var * math.exp(math.lgamma(1.0 / power) - math.lgamma(3.0 / power)))
+
+
+def best_power(power_stats: torch.Tensor, mass: torch.Tensor, min_var: float = 0.0) -> tuple[float, torch.Tensor]:
     """The grid shape ``p`` and scale ``sigma`` maximising the expected spatial log-likelihood
     ``sum W log GenNormal`` given its statistics ``S_p = sum W |dx|^p`` and ``mass = sum W``:
-    ``sigma_p^p = p S_p / (2 mass)`` and value ``2 mass (log p - log 2 sigma_p - lgamma(1/p) - 1/p)``."""
+    ``sigma_p^p = p S_p / (2 mass)``, held at or above :func:`min_sigma` (the footprint: the
+    per-axis variance of the error is at least ``min_var``; the expected log-likelihood is
+    unimodal in ``sigma``, so the constrained maximiser is the larger of the two), and value
+    ``2 mass (log p - log 2 sigma_p - lgamma(1/p)) - S_p / sigma_p^p``."""
     best = None
     for i, p in enumerate(POWER_GRID):
         sigma = (p * power_stats[i] / (2.0 * mass)).clamp_min(1e-6) ** (1.0 / p)
-        value = float(2.0 * mass * (math.log(p) - torch.log(2.0 * sigma) - math.lgamma(1.0 / p) - 1.0 / p))
+        sigma = sigma.clamp_min(min_sigma(p, min_var))
+        value = float(2.0 * mass * (math.log(p) - torch.log(2.0 * sigma) - math.lgamma(1.0 / p))
+                      - power_stats[i] / sigma**p)
         if best is None or value > best[0]:
             best = (value, p, sigma)
     return best[1], best[2]
@@ -303,7 +317,8 @@ class AlignmentModel(PyroModule):
     shape of the spatial error (per axis; ``power = 2`` is an isotropic Normal, a large power
     the uniform error of positions snapped to a grid in b's frame); ``slope``, ``tau``, ``nu``
     the per-dimension regression, scales and degrees of freedom of the embedding match;
-    ``background_scale`` the embedding's marginal sd. These are point estimates fitted by
+    ``background_scale`` the embedding's marginal sd (``sigma_xy`` is held at or above the
+    partner's footprint, ``footprint_var``, see below). These are point estimates fitted by
     variational EM, not by gradient steps: after every SVI step a Lightning callback
     (:class:`~pyrospatial.methods.alignment_em.NoiseMStep`) calls :meth:`update_noise` (the
     closed-form / grid M-step of :func:`noise_update` given the guide's last plan, damped over
@@ -360,6 +375,17 @@ class AlignmentModel(PyroModule):
     observed_embedding
         Use the features as the shared embedding (needs ``n_features_a == n_features_b ==
         embedding_dim``); no encoders, decoders or ``u`` sites.
+    footprint_var
+        Lower bound of the per-axis variance of the spatial error (coordinate units squared):
+        the footprint of a *b* cell or spot. A partner is a spot centre, but the tissue that
+        matches a's cell lies anywhere in the partner's footprint, so the error is
+        ``footprint + deformation`` and its variance is at least the footprint's (a square of
+        side ``h`` gives ``h^2 / 12``). Without it, two sections sampled on one lattice (Visium,
+        ST arrays) put every moved *a* spot exactly on a *b* spot once the grids coincide, the
+        spatial likelihood is unbounded as ``sigma_xy -> 0`` and the M-step collapses
+        ``sigma_xy`` (and the coupling) onto the nearest spot whatever the embeddings say. 0
+        (the default here) leaves ``sigma_xy`` free; :func:`pyrospatial.align` sets ``1 / 12``
+        in units of b's spacing.
     """
 
     #: The sites the engine and criticism read (pyrospatial.protocols); the two slices' cells
@@ -392,6 +418,7 @@ class AlignmentModel(PyroModule):
         nu_init: float = 8.0,
         noise_damping: float = 0.5,
         observed_embedding: bool = False,
+        footprint_var: float = 0.0,
     ) -> None:
         super().__init__()
         if not 0.0 < rho < 1.0:
@@ -426,6 +453,9 @@ class AlignmentModel(PyroModule):
         self.register_buffer("power_stats", torch.zeros(len(POWER_GRID)))  # running M-step statistics
         self.register_buffer("stat_mass", torch.zeros(()))
         self.noise_damping = float(noise_damping)
+        if footprint_var < 0:
+            raise ValueError(f"footprint_var must be >= 0, got {footprint_var}.")
+        self.footprint_var = float(footprint_var)
 
     @torch.no_grad()
     def update_noise(self, T: torch.Tensor, moved: torch.Tensor, coords_b: torch.Tensor, u_a: torch.Tensor,
@@ -443,7 +473,7 @@ class AlignmentModel(PyroModule):
         else:
             self.power_stats.copy_(new["power_stats"])
             self.stat_mass.copy_(new["mass"])
-        power, sigma = best_power(self.power_stats, self.stat_mass)
+        power, sigma = best_power(self.power_stats, self.stat_mass, self.footprint_var)
         self.power.fill_(power)
         self.sigma_xy.copy_(sigma)
         self.tau.copy_(torch.exp(keep * torch.log(self.tau) + (1 - keep) * torch.log(new["tau"])))

@@ -177,6 +177,7 @@ class Alignment:
         spatial_weight: float = 1.0,
         embedding_weight: float = 1.0,
         sinkhorn_iter: int = 20,
+        footprint: float = 1.0,
         seed: int = 0,
     ) -> None:
         started = time.perf_counter()
@@ -196,6 +197,9 @@ class Alignment:
             raise InputError(f"radius must be > 0 (in units of b's cell spacing), got {radius}.")
         if not 0 < rho < 1:
             raise InputError(f"rho (prior probability of no partner) must lie in (0, 1), got {rho}.")
+        if not footprint >= 0:
+            raise InputError(f"footprint must be >= 0 (side of a b spot's footprint in units of b's spacing), "
+                             f"got {footprint}.")
         pyro.set_rng_seed(seed)
 
         x_a, x_b, mode, shared = prepare_features(a, b, features=features, n_components=n_components,
@@ -225,6 +229,7 @@ class Alignment:
             x_a.shape[1], x_b.shape[1], x_a.shape[1], torch.tensor(loc), torch.tensor(sd), sigma_xy_init=0.5, rho=rho,
             lam=lam, beta=beta, spatial_weight=spatial_weight, embedding_weight=embedding_weight,
             identity_decoders=(mode == "shared"), k=k, observed_embedding=(mode == "shared"), radius=radius,
+            footprint_var=float(footprint) ** 2 / 12.0,
         )
         self.guide = AlignmentGuide(self.model, x_a.shape[1], x_b.shape[1], identity_encoders=(mode == "shared"),
                                     n_iter=sinkhorn_iter)
@@ -241,6 +246,7 @@ class Alignment:
             "translation_prior_sd": translation_prior_sd * unit, "k": int(k), "radius": radius * unit,
             "unit": unit, "rho": rho, "lam": lam, "beta": beta, "spatial_weight": spatial_weight,
             "embedding_weight": embedding_weight, "sinkhorn_iter": int(sinkhorn_iter), "seed": int(seed),
+            "footprint": float(footprint) * unit,
             "centre_a": pre["centre_a"], "label_keys": label_keys, "feature_keys": feature_keys,
         }
         self.setup_seconds = time.perf_counter() - started
@@ -520,6 +526,7 @@ def align(
     lr: float = 0.02,
     num_samples: int = 50,
     sinkhorn_iter: int = 20,
+    footprint: float = 1.0,
     seed: int = 0,
     device: str = "cpu",
     progress: bool = True,
@@ -573,6 +580,14 @@ def align(
         Posterior draws for the summaries (each draw: transform, embeddings, Sinkhorn plan).
     sinkhorn_iter
         Sinkhorn iterations per step (warm-started; 5x on the first step and on each draw).
+    footprint
+        Side of a b cell's or spot's footprint in units of b's spacing ``h`` (1 by default: a
+        spot stands for the tissue of its grid cell). The tissue matching an a cell lies anywhere
+        in its partner's footprint, so the per-axis variance of the spatial error is held at or
+        above ``(footprint h)^2 / 12`` (see ``footprint_var`` of
+        :class:`~pyrospatial.models.alignment.AlignmentModel`); this keeps two sections on one
+        spot lattice from collapsing the spatial error, and the coupling, onto the nearest spot
+        once the grids coincide. 0 leaves the spatial error scale free.
     seed, device, progress, checkpoint_dir, resume
         As for :func:`pyrospatial.fit` (``last.ckpt`` written in ``checkpoint_dir`` during
         training; ``resume="last"`` continues a killed fit from it).
@@ -591,7 +606,7 @@ def align(
         n_components=n_components, label_keys=label_keys, feature_keys=feature_keys, scale=scale, init=init,
         angle_prior_sd=angle_prior_sd, translation_prior_sd=translation_prior_sd, k=k, radius=radius, rho=rho,
         lam=lam, spatial_weight=spatial_weight, embedding_weight=embedding_weight, sinkhorn_iter=sinkhorn_iter,
-        seed=seed,
+        footprint=footprint, seed=seed,
     )
     method.train(steps, lr=lr, seed=seed, device=device, progress=progress, checkpoint_dir=checkpoint_dir,
                  resume=resume)
