@@ -1,10 +1,18 @@
-"""Cell-type deconvolution of osmFISH pseudo-spots: pyrospatial against peers and baselines.
+"""Cell-type deconvolution of pseudo-spots: pyrospatial against peers and baselines.
 
-Construction: the valid cells of ../shared/data/osmfish_sscortex (4839 cells, 33 genes, 31
-types) are split at random (seed 0) into a labelled reference half and a spatial half; the
-spatial half is aggregated into square pseudo-spots of 100 µm and 50 µm
-(:func:`pyrospatial.data.sim.pseudo_spots`). The truth is each spot's cell-type counts (31 types,
-and 7 major classes).
+Data sets (``--datasets``):
+
+- ``osmfish_100um``, ``osmfish_50um``: the valid cells of ../shared/data/osmfish_sscortex (4839
+  cells, 33 genes, 31 types) are split at random (seed 0) into a labelled reference half and a
+  spatial half; the spatial half is aggregated into square pseudo-spots of 100 µm and 50 µm
+  (:func:`pyrospatial.data.sim.pseudo_spots`). The truth is each spot's cell-type counts (31
+  types, and 7 major classes);
+- ``osmfish_broad_100um``, ``osmfish_broad_50um``: the same split and spots with the 31 types
+  merged into broad classes (:data:`BROAD`), in reference and truth alike, so that every type
+  varies inside (issue 21);
+- ``sim_gradient``: :func:`pyrospatial.data.sim_deconvolution.simulate_deconvolution` with
+  :data:`SIM_GRADIENT`: 6 types whose expression shifts smoothly with x (a per-type low-rank
+  log-expression shift), half of the cells the reference, the rest in 100 µm spots.
 
 Methods, each in its own process (its peak resident memory is its own):
 
@@ -13,6 +21,8 @@ Methods, each in its own process (its peak resident memory is its own):
   signatures (:func:`pyrospatial.methods.deconvolution.nnls_abundance`);
 - ``pyrospatial``: :func:`pyrospatial.deconvolve` with its defaults (``concentration_mean=0.3``,
   ``max_steps=250``), which were chosen by ``--select`` below, never by the truth;
+- ``pyrospatial_states``: :func:`pyrospatial.deconvolve` with ``model="states"`` (a continuous
+  state per spot and type); recorded as not finished, with the reason, where that option is absent;
 - ``cell2location``, ``stereoscope``, ``destvi`` (scvi-tools), ``tangram`` (cluster mode):
   run with the Python of ``--peer-python`` (default ``.bench-venv/bin/python``, made by
   ``make bench-env``), never in pyrospatial's environment.
@@ -26,8 +36,9 @@ shared), ``peak_mem_mb``
 (the process's maximum resident set size); ``rmse_major``/``pearson_major`` on the 7 classes.
 
     python benchmarks/deconvolution.py [--quick] [--methods nnls prior_mean pyrospatial ...] --out DIR
+        [--out-name NAME] [--method-timeouts '{"destvi": 2400}']
 
-writes ``DIR/deconvolution.json`` and ``DIR/deconvolution.md``. Methods run in the order
+writes ``DIR/NAME.json`` and ``DIR/NAME.md`` (NAME defaults to ``deconvolution``). Methods run in the order
 given, one process each, in one invocation per dataset, so that time ratios within a dataset
 compare like with like (``cpu_seconds`` stays comparable when other jobs share the machine).
 
@@ -61,8 +72,37 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-ALL_METHODS = ["prior_mean", "nnls", "pyrospatial", "tangram", "stereoscope", "destvi", "cell2location"]
+ALL_METHODS = ["prior_mean", "nnls", "pyrospatial", "pyrospatial_states", "tangram", "stereoscope", "destvi",
+               "cell2location"]
 PEERS = {"tangram", "stereoscope", "destvi", "cell2location"}
+#: data sets: the 31 osmFISH types, the same cells with the types merged into broad classes, and the
+#: simulator whose types shift their expression across the tissue (issue 21)
+ALL_DATASETS = ["osmfish_100um", "osmfish_50um", "sim_gradient", "osmfish_broad_100um", "osmfish_broad_50um"]
+#: the simulator's settings for ``sim_gradient`` (pyrospatial.data.sim_deconvolution defaults, spelt out)
+SIM_GRADIENT = {"n_cells": 6000, "n_types": 6, "n_genes": 60, "width": 1500.0, "spot_size": 100.0,
+                "gradient_strength": 1.0, "state_dim": 2, "seed": 0}
+#: osmFISH's 31 ClusterName types merged into broad classes (``osmfish_broad_*``). Ependymal cells
+#: and the choroid plexus line the ventricles and belong to none of the six classes of issue 21,
+#: so they form a seventh class rather than being forced into one.
+BROAD = {
+    "Pyramidal L2-3": "Excitatory neurons", "Pyramidal L2-3 L5": "Excitatory neurons",
+    "Pyramidal L3-4": "Excitatory neurons", "pyramidal L4": "Excitatory neurons",
+    "Pyramidal L5": "Excitatory neurons", "Pyramidal L6": "Excitatory neurons",
+    "Pyramidal Cpne5": "Excitatory neurons", "Pyramidal Kcnip2": "Excitatory neurons",
+    "Hippocampus": "Excitatory neurons",
+    "Inhibitory CP": "Inhibitory neurons", "Inhibitory Cnr1": "Inhibitory neurons",
+    "Inhibitory Crhbp": "Inhibitory neurons", "Inhibitory IC": "Inhibitory neurons",
+    "Inhibitory Kcnip2": "Inhibitory neurons", "Inhibitory Pthlh": "Inhibitory neurons",
+    "Inhibitory Vip": "Inhibitory neurons",
+    "Astrocyte Gfap": "Astrocytes", "Astrocyte Mfge8": "Astrocytes",
+    "Oligodendrocyte COP": "Oligodendrocyte lineage", "Oligodendrocyte MF": "Oligodendrocyte lineage",
+    "Oligodendrocyte Mature": "Oligodendrocyte lineage", "Oligodendrocyte NF": "Oligodendrocyte lineage",
+    "Oligodendrocyte Precursor cells": "Oligodendrocyte lineage",
+    "Endothelial": "Vascular", "Endothelial 1": "Vascular", "Pericytes": "Vascular",
+    "Vascular Smooth Muscle": "Vascular",
+    "Microglia": "Immune (microglia, macrophages)", "Perivascular Macrophages": "Immune (microglia, macrophages)",
+    "Ependymal": "Ventricle (ependymal, choroid plexus)", "C. Plexus": "Ventricle (ependymal, choroid plexus)",
+}
 MAJOR = {
     "Astrocyte": "Astrocyte", "Oligodendrocyte": "Oligodendrocyte", "Inhibitory": "Inhibitory",
     "Pyramidal": "Excitatory", "pyramidal": "Excitatory", "Hippocampus": "Excitatory",
@@ -117,6 +157,24 @@ def run_method(method: str, data_dir: Path, epochs: dict, out_path: Path) -> Non
         rec = out.uns["deconvolution"]
         info = {"model_interval_mass": float(rec["cell_count_interval_mass"]["overall"]),
                 "steps": int(rec["settings"]["steps"])}
+    elif method == "pyrospatial_states":
+        import inspect
+
+        import pyrospatial as ps
+
+        if "model" not in inspect.signature(ps.deconvolve).parameters:
+            raise SystemExit("pyrospatial.deconvolve has no model= option yet (the states variant of issue 21)")
+        steps = {} if epochs.get("pyrospatial") is None else {"max_steps": int(epochs["pyrospatial"])}
+        out = ps.deconvolve(spots, ref, "cell_type", model="states", progress=False, seed=0, **steps)
+        prop = out.obsm["proportion_mean"][types].to_numpy()
+        if "cell_count_q05" in out.obsm:
+            lo = out.obsm["cell_count_q05"][types].to_numpy()
+            hi = out.obsm["cell_count_q95"][types].to_numpy()
+        rec = out.uns.get("deconvolution", {})
+        if "cell_count_interval_mass" in rec:
+            info["model_interval_mass"] = float(rec["cell_count_interval_mass"]["overall"])
+        if "steps" in rec.get("settings", {}):
+            info["steps"] = int(np.asarray(rec["settings"]["steps"]).ravel()[0])
     elif method == "cell2location":
         from cell2location.models import Cell2location, RegressionModel
 
@@ -193,19 +251,31 @@ def jsd(p: np.ndarray, q: np.ndarray) -> float:
     return float(np.mean(0.5 * kl(p, m) + 0.5 * kl(q, m)))
 
 
-def metrics(prop: np.ndarray, truth: np.ndarray, types: list[str], lo=None, hi=None) -> dict:
+def class_of(dataset: str):
+    """The map from a data set's types to the coarser classes of ``rmse_major`` (None: no coarser level)."""
+    if dataset.startswith("osmfish_broad"):
+        return lambda name: name  # the types already are the broad classes
+    if dataset.startswith("osmfish"):
+        return major_class
+    return None
+
+
+def metrics(prop: np.ndarray, truth: np.ndarray, types: list[str], lo=None, hi=None, classes_of=major_class) -> dict:
     tp = truth / truth.sum(1, keepdims=True)
-    classes = sorted({major_class(t) for t in types})
-    agg = np.stack([[major_class(t) == c for t in types] for c in classes], 1).astype(float)  # T x C
-    pm, tm = prop @ agg, tp @ agg
+    if classes_of is None:
+        pm = tm = None
+    else:
+        classes = sorted({classes_of(t) for t in types})
+        agg = np.stack([[classes_of(t) == c for t in types] for c in classes], 1).astype(float)  # T x C
+        pm, tm = prop @ agg, tp @ agg
     return {
         "rmse": float(np.sqrt(np.mean((prop - tp) ** 2))),
         "pearson": float(np.corrcoef(prop.ravel(), tp.ravel())[0, 1]),
         "jsd": jsd(tp, prop),
         "coverage_90": None if lo is None else float(np.mean((truth >= lo) & (truth <= hi))),
         "coverage_90_nonzero": None if lo is None else float(np.mean(((truth >= lo) & (truth <= hi))[truth > 0])),
-        "rmse_major": float(np.sqrt(np.mean((pm - tm) ** 2))),
-        "pearson_major": float(np.corrcoef(pm.ravel(), tm.ravel())[0, 1]),
+        "rmse_major": None if pm is None else float(np.sqrt(np.mean((pm - tm) ** 2))),
+        "pearson_major": None if pm is None else float(np.corrcoef(pm.ravel(), tm.ravel())[0, 1]),
     }
 
 
@@ -213,18 +283,36 @@ def make_datasets(quick: bool, seed: int = 0, only: list[str] | None = None) -> 
     from pyrospatial.data.datasets import load_osmfish
     from pyrospatial.data.sim import pseudo_spots
 
-    cells = load_osmfish()
-    perm = np.random.default_rng(seed).permutation(cells.n_obs)
-    half = cells.n_obs // 2
-    reference = cells[np.sort(perm[:half])].copy()
-    spatial = cells[np.sort(perm[half:])].copy()
-    sizes = [100.0] if quick else [100.0, 50.0]
-    if only:  # in the order asked for
-        sizes = [s for n in only for s in sizes if n == f"osmfish_{int(s)}um"]
+    names = only or (["osmfish_100um"] if quick else ["osmfish_100um", "osmfish_50um"])
+    unknown = [n for n in names if n not in ALL_DATASETS]
+    if unknown:
+        raise SystemExit(f"unknown data sets {unknown}: choose from {ALL_DATASETS}")
     out = {}
-    for size in sizes:
-        _, spots = pseudo_spots(spatial, size, grid="square", cell_type_key="cell_type")
-        out[f"osmfish_{int(size)}um"] = (reference, spots)
+    if any(n.startswith("osmfish") for n in names):
+        cells = load_osmfish()
+        missing = sorted(set(cells.obs["cell_type"].astype(str)) - set(BROAD))
+        if missing:
+            raise SystemExit(f"osmFISH types missing from BROAD: {missing}")
+        perm = np.random.default_rng(seed).permutation(cells.n_obs)
+        half = cells.n_obs // 2
+        reference = cells[np.sort(perm[:half])].copy()
+        spatial = cells[np.sort(perm[half:])].copy()
+    for name in names:  # in the order asked for
+        if name == "sim_gradient":
+            from pyrospatial.data.sim_deconvolution import simulate_deconvolution
+
+            spots, ref = simulate_deconvolution(**{**SIM_GRADIENT, "seed": SIM_GRADIENT["seed"] + seed})
+            del ref.obsm["true_state"], ref.uns["sim_deconvolution"]  # the truth stays with the simulator
+            out[name] = (ref, spots)
+            continue
+        size = float(name.rsplit("_", 1)[1][:-2])
+        ref, spa = reference, spatial
+        if name.startswith("osmfish_broad"):
+            ref, spa = reference.copy(), spatial.copy()
+            for frame in (ref.obs, spa.obs):
+                frame["cell_type"] = frame["cell_type"].astype(str).map(BROAD).astype("category")
+        _, spots = pseudo_spots(spa, size, grid="square", cell_type_key="cell_type")
+        out[name] = (ref, spots)
     return out
 
 
@@ -270,15 +358,18 @@ def select_settings(quick: bool, datasets: list[str] | None, out: Path, grid: li
 
 def markdown(payload: dict) -> str:
     rows = payload["results"]
-    lines = ["# Cell-type deconvolution on osmFISH pseudo-spots", "",
+    lines = ["# Cell-type deconvolution on pseudo-spots", "",
              f"Command: `{payload['settings']['command']}`", "",
-             "Proportion RMSE / Pearson / JSD over 31 types; `coverage_90`: true integer counts inside the 90% "
-             "interval; ratios are to pyrospatial on the same dataset (rmse ratio > 1: worse than pyrospatial; "
-             "seconds ratio: times pyrospatial's time).", ""]
+             ("Proportion RMSE / Pearson / JSD over the data set's types (osmfish_*: 31 types; osmfish_broad_*: "
+             "the broad classes of `BROAD`; sim_gradient: 6 simulated types whose expression shifts with x); "
+             "`coverage_90`: true integer counts inside the method's 90% interval (— when it gives none); "
+             "`rmse (classes)`: over the 7 major classes (osmfish_*) or the types themselves (osmfish_broad_*); "
+             "ratios are to pyrospatial on the same dataset (rmse ratio > 1: worse than pyrospatial; "
+             "seconds ratio: times pyrospatial's time)."), ""]
     for dataset in dict.fromkeys(r["dataset"] for r in rows):
         ref = next((r for r in rows if r["dataset"] == dataset and r["method"] == "pyrospatial" and r.get("finished")), None)
         lines += [f"## {dataset}", "",
-                  "| method | rmse | pearson | jsd | coverage_90 | coverage_90 (true count > 0) | rmse (7 classes) | seconds | cpu seconds | peak MB | rmse / pyrospatial | seconds / pyrospatial | cpu seconds / pyrospatial |",
+                  "| method | rmse | pearson | jsd | coverage_90 | coverage_90 (true count > 0) | rmse (classes) | seconds | cpu seconds | peak MB | rmse / pyrospatial | seconds / pyrospatial | cpu seconds / pyrospatial |",
                   "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in rows:
             if r["dataset"] != dataset:
@@ -294,12 +385,13 @@ def markdown(payload: dict) -> str:
             cpu = r.get("cpu_seconds")
             cratio = f"{cpu / ref['cpu_seconds']:.2f}" if ref and cpu and ref.get("cpu_seconds") else "—"
             cpu_s = "—" if cpu is None else f"{cpu:.1f}"
+            major = "—" if r.get("rmse_major") is None else f"{r['rmse_major']:.4f}"
             lines.append(f"| {name} | {r['rmse']:.4f} | {r['pearson']:.3f} | {r['jsd']:.3f} | {cov} | {cov_nz} | "
-                         f"{r['rmse_major']:.4f} | {r['seconds']:.1f} | {cpu_s} | {r['peak_mem_mb']:.0f} | {ratio} | "
+                         f"{major} | {r['seconds']:.1f} | {cpu_s} | {r['peak_mem_mb']:.0f} | {ratio} | "
                          f"{sratio} | {cratio} |")
         extra = [r for r in rows if r["dataset"] == dataset and r.get("model_interval_mass") is not None]
         for r in extra:
-            lines.append(f"pyrospatial: {r.get('steps')} steps; posterior mass inside its integer 90% intervals "
+            lines.append(f"{r['method']}: {r.get('steps')} steps; posterior mass inside its integer 90% intervals "
                          f"(the coverage a perfectly calibrated posterior would reach): {r['model_interval_mass']:.3f}.")
         lines.append("")
     invocations = payload["settings"].get("invocations")
@@ -310,8 +402,8 @@ def markdown(payload: dict) -> str:
     selection = payload.get("selection")
     if selection:
         lines += ["## How pyrospatial's defaults were chosen (no ground truth)", "",
-                  f"Criterion: {selection['criterion']}. Pseudo-spots of the reference/spatial split seed 1 "
-                  "(the benchmark uses seed 0); the true cell counts are deleted before any fit.", "",
+                  (f"Criterion: {selection['criterion']}. Pseudo-spots of the reference/spatial split seed 1 "
+                   "(the benchmark uses seed 0); the true cell counts are deleted before any fit."), "",
                   "| dataset | concentration_mean | max_steps | init_prior_weight | held-out deviance | cpu seconds | run by |",
                   "|---|---|---|---|---|---|---|"]
         for r in selection["results"]:
@@ -329,8 +421,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="100 µm only, short training (development)")
     parser.add_argument("--methods", nargs="+", default=ALL_METHODS, choices=ALL_METHODS)
     parser.add_argument("--out", required=True)
-    parser.add_argument("--datasets", nargs="+", default=None, choices=["osmfish_100um", "osmfish_50um"],
-                        help="run only these (default: both; --quick: 100 µm)")
+    parser.add_argument("--datasets", nargs="+", default=None, choices=ALL_DATASETS,
+                        help="run these, in this order (default: osmfish_100um osmfish_50um; --quick: 100 µm)")
+    parser.add_argument("--out-name", default="deconvolution",
+                        help="write DIR/<out-name>.json and .md (e.g. deconvolution_broad)")
+    parser.add_argument("--method-timeouts", default=None,
+                        help="JSON dict of seconds per method, replacing --timeout for those methods")
     parser.add_argument("--merge", nargs="+", default=None,
                         help="instead of running: merge the deconvolution.json of these folders into --out")
     parser.add_argument("--peer-python", default=str(ROOT / ".bench-venv" / "bin" / "python"))
@@ -362,8 +458,11 @@ def main(argv: list[str] | None = None) -> int:
                         json.loads(args.select_grid) if args.select_grid else None, args.split_seed)
         return 0
     if args.merge:
-        parts = [json.loads((Path(d) / "deconvolution.json").read_text()) for d in args.merge]
-        settings = dict(parts[-1]["settings"])
+        parts = [json.loads((Path(d) / f"{args.out_name}.json").read_text()) for d in args.merge]
+        settings = {}
+        for p in parts:  # a later invocation's settings win; keys of earlier ones are kept
+            settings.update(p["settings"])
+        settings["datasets"] = list(dict.fromkeys(d for p in parts for d in p["settings"].get("datasets", [])))
         settings["command"] = " ; ".join(p["settings"]["command"] for p in parts)
         settings["spot_sizes_um"] = sorted({s for p in parts for s in p["settings"]["spot_sizes_um"]}, reverse=True)
         settings["invocations"] = [p["settings"]["command"] for p in parts]
@@ -376,15 +475,16 @@ def main(argv: list[str] | None = None) -> int:
                     row.setdefault(key, None)  # the issue's schema, also for a method that did not finish
                 rows[(r["dataset"], r["method"])] = row
         order = {m: k for k, m in enumerate(ALL_METHODS)}
-        results = sorted(rows.values(), key=lambda r: (r["dataset"] != "osmfish_100um", order.get(r["method"], 99)))
+        data_order = {d: k for k, d in enumerate(ALL_DATASETS)}
+        results = sorted(rows.values(), key=lambda r: (data_order.get(r["dataset"], 99), order.get(r["method"], 99)))
         settings["note"] = args.note or ""
         payload = {"settings": settings, "results": results}
         if args.selection:
             payload["selection"] = json.loads(Path(args.selection).read_text())
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "deconvolution.json").write_text(json.dumps(payload, indent=2))
-        (out / "deconvolution.md").write_text(markdown(payload))
+        (out / f"{args.out_name}.json").write_text(json.dumps(payload, indent=2))
+        (out / f"{args.out_name}.md").write_text(markdown(payload))
         print(markdown(payload))
         return 0
 
@@ -400,9 +500,13 @@ def main(argv: list[str] | None = None) -> int:
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", MPLBACKEND="Agg")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH", "")]))
     peer_ok = Path(args.peer_python).exists()
+    timeouts = {m: args.timeout for m in ALL_METHODS}
+    if args.method_timeouts:
+        timeouts.update(json.loads(args.method_timeouts))
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for name, (reference, spots) in make_datasets(args.quick, only=args.datasets).items():
+            classes_of = class_of(name)
             data = Path(tmp) / name
             data.mkdir()
             truth_frame = spots.obsm["cell_type_counts"]
@@ -426,20 +530,19 @@ def main(argv: list[str] | None = None) -> int:
                 started = time.perf_counter()
                 load_start = os.getloadavg()[0]
                 try:
-                    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
+                    proc = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=timeouts[method])
                     failed = proc.returncode != 0
                     reason = (proc.stderr or proc.stdout)[-600:] if failed else ""
                 except subprocess.TimeoutExpired:
-                    failed, reason = True, f"timed out after {args.timeout:.0f} s"
+                    failed, reason = True, f"timed out after {timeouts[method]:.0f} s"
                 wall = time.perf_counter() - started
                 record["load_average_1min"] = [round(load_start, 2), round(os.getloadavg()[0], 2)]
                 if failed or not result.exists():
                     record.update(finished=False, reason=reason.strip().replace("\n", " ")[-400:], wall_seconds=wall)
                 else:
                     got = np.load(result)
-                    lo = got["lo"] if "lo" in got else None
-                    hi = got["hi"] if "hi" in got else None
-                    record.update(metrics(got["prop"], truth, types, lo, hi), seconds=float(got["seconds"]),
+                    lo, hi = got.get("lo"), got.get("hi")
+                    record.update(metrics(got["prop"], truth, types, lo, hi, classes_of), seconds=float(got["seconds"]),
                                   cpu_seconds=float(got["cpu_seconds"]) if "cpu_seconds" in got else None,
                                   peak_mem_mb=float(got["peak_mem_mb"]), wall_seconds=wall, finished=True)
                     for key in ("model_interval_mass", "steps"):
@@ -447,10 +550,13 @@ def main(argv: list[str] | None = None) -> int:
                             record[key] = got[key].item()
                 print(json.dumps(record), flush=True)
                 results.append(record)
+    datasets = args.datasets or (["osmfish_100um"] if args.quick else ["osmfish_100um", "osmfish_50um"])
     settings = {
         "command": "python benchmarks/deconvolution.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "quick": bool(args.quick), "split_seed": 0, "grid": "square", "spot_sizes_um": [int(n.split("_")[1][:-2]) for n in (args.datasets or (["osmfish_100um"] if args.quick else ["osmfish_100um", "osmfish_50um"]))],
-        "epochs": epochs, "threads_per_process": 1, "machine": platform.platform(), "processor": platform.processor(),
+        "quick": bool(args.quick), "split_seed": 0, "grid": "square",
+        "datasets": datasets, "spot_sizes_um": sorted({int(n.rsplit("_", 1)[1][:-2]) for n in datasets
+                                                       if n.startswith("osmfish")}, reverse=True),
+        "epochs": epochs, "timeouts_s": {m: timeouts[m] for m in args.methods}, "threads_per_process": 1, "machine": platform.platform(), "processor": platform.processor(),
         "cpu_count": os.cpu_count(),
         "pyrospatial": "pyrospatial.deconvolve defaults (concentration_mean=0.3, max_steps=250, init_prior_weight=0.75; "
                        "chosen by held-out-gene prediction on split seed 1, `--select`, never by the truth)",
@@ -458,9 +564,13 @@ def main(argv: list[str] | None = None) -> int:
                                "pyrospatial estimates it from library sizes (its default)",
         "peer_python": os.path.relpath(args.peer_python, ROOT) if peer_ok else "missing",
     }
+    if any(n.startswith("osmfish_broad") for n in datasets):
+        settings["broad_classes"] = BROAD
+    if "sim_gradient" in datasets:
+        settings["sim_gradient"] = dict(SIM_GRADIENT, simulator="pyrospatial.data.sim_deconvolution.simulate_deconvolution")
     payload = {"settings": settings, "results": results}
-    (out / "deconvolution.json").write_text(json.dumps(payload, indent=2))
-    (out / "deconvolution.md").write_text(markdown(payload))
+    (out / f"{args.out_name}.json").write_text(json.dumps(payload, indent=2))
+    (out / f"{args.out_name}.md").write_text(markdown(payload))
     print(markdown(payload))
     return 0
 

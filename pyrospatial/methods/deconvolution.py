@@ -149,6 +149,11 @@ class Deconvolution:
     NoSharedGenesError, ReferenceTypeError, CountsError, EmptySpotError, InputError
     """
 
+    #: global sites summarised into ``uns["deconvolution"]["globals"]`` (a variant may differ)
+    global_sites: tuple[str, ...] = GLOBAL_SITES
+    #: ArviZ dims of every site
+    dims: dict[str, tuple[str, ...]] = DIMS
+
     def __init__(
         self,
         spots: AnnData,
@@ -213,9 +218,12 @@ class Deconvolution:
         self.spots, self.reference = spots, reference
         self.cell_types, self.genes, self.n_reference_cells = types, genes, n_ref
         self.hint = hint
+        # kept for variants built on these inputs (deconvolution_states)
+        self._ref_counts, self._spot_counts, self._labels = ref_counts, spot_counts, labels
         self.data = SpotCounts(spot_counts, coords, len(types), n_neighbours=n_neighbours if smoothness > 0 else 0,
                                gene_names=genes)
         init = guide_start(nnls_abundance(spot_counts, shape / rate), hint, n_ref / n_ref.sum(), init_prior_weight)
+        self._init_abundance = init
         total_cv_value = _total_cv(total_cv, ref_counts, hint)
         self.model = CellTypeDeconvolutionModel(
             torch.as_tensor(shape), torch.as_tensor(rate), torch.as_tensor(excess),
@@ -300,7 +308,7 @@ class Deconvolution:
         (numpy generator seeded with ``seed``)."""
         self._require_trained()
         started = time.perf_counter()
-        sites = ["abundance", "proportion", *GLOBAL_SITES]
+        sites = ["abundance", "proportion", *self.global_sites]
         if self.settings["detection_cv"] > 0:
             sites.append("detection")
         if return_expression:
@@ -327,7 +335,7 @@ class Deconvolution:
         index = pd.Index(out.obs_names)
         local = ["abundance", "cell_count", "proportion"]
         local += [site for site in ("expected_expression", "detection") if site in draws]
-        summary = summarise({site: np.asarray(draws[site], dtype=np.float64) for site in local + list(GLOBAL_SITES)},
+        summary = summarise({site: np.asarray(draws[site], dtype=np.float64) for site in local + list(self.global_sites)},
                             integer_sites=["cell_count"])
         for name in ("abundance", "cell_count", "proportion"):
             for stat, v in summary[name].items():
@@ -357,7 +365,7 @@ class Deconvolution:
             "versions": record["versions"],
             "elbo": np.asarray(record["elbo"], dtype=np.float64),
             "fit_seconds": float(record["seconds"] + self.sample_record["seconds"]),
-            "globals": {site: dict(summary[site]) for site in GLOBAL_SITES},
+            "globals": {site: dict(summary[site]) for site in self.global_sites},
             "cell_count_interval_mass": {"overall": float(inside.mean()), "per_type": inside.mean(0).astype(np.float64)},
         }
         if keep_draws:
@@ -373,7 +381,7 @@ class Deconvolution:
         draws = self._require_draws()
         coords = {"spot": list(map(str, self.spots.obs_names)), "cell_type": self.cell_types, "gene": self.genes}
         return draws_to_inference_data(
-            draws, DIMS, coords, observed={"spot_counts": self.data.counts},
+            draws, self.dims, coords, observed={"spot_counts": self.data.counts},
             elbo=self.train_record["elbo"] if self.train_record else None,
             attrs={"method": "Deconvolution", "seed": self.sample_record["seed"]},
         )
@@ -431,7 +439,7 @@ def deconvolve(
     min_cells_per_type: int = 5,
     concentration_mean: float = 0.3,
     concentration_shape: float = 1000.0,
-    init_shape: float = 2.0,
+    init_shape: float | None = None,
     init_prior_weight: float = 0.75,
     platform_cv: float = 0.3,
     detection_cv: float = 0.1,
@@ -439,6 +447,10 @@ def deconvolve(
     smoothness: float = 0.0,
     total_cv: float | str | None = None,
     n_neighbours: int = 6,
+    model: str = "signatures",
+    n_states: int = 3,
+    expression_genes: list[str] | None = None,
+    reference_steps: int = 400,
     max_steps: int = 250,
     min_steps: int = 200,
     convergence_window: int | None = None,
@@ -477,6 +489,18 @@ def deconvolve(
     concentration_mean, concentration_shape, platform_cv, detection_cv, background_fraction, smoothness
         Priors of the model (see its docstring); ``smoothness > 0`` adds the spatial term over
         a ``n_neighbours``-nearest-spot graph.
+    model
+        ``"signatures"`` (default): fixed per-type signatures
+        (:class:`~pyrospatial.models.celltype_deconvolution.CellTypeDeconvolutionModel`).
+        ``"states"``: a continuous state per spot and type shifting the type's expression through
+        a decoder learnt on the reference cells
+        (:class:`~pyrospatial.methods.deconvolution_states.StateDeconvolution`; adds the keys
+        ``type_state_*`` and, with ``expression_genes``, ``type_expression_*``, documented in
+        that module). Choose between them without the truth with
+        :func:`~pyrospatial.methods.deconvolution_states.choose_settings` (held-out genes).
+    n_states, expression_genes, reference_steps
+        ``model="states"`` only: dimension ``K >= 1`` of each type's state; genes whose expected
+        per-type expression is exported per spot; Adam steps of the reference model.
     total_cv
         ``None`` (default): the model's story 3 (one Gamma per abundance). A number, or
         ``"reference"`` (``cv_cell / sqrt(N_j)``, with ``cv_cell`` the coefficient of variation
@@ -486,7 +510,8 @@ def deconvolve(
         minibatch (``None``: full batch). The guide starts at the non-negative least-squares
         abundances, so the number of steps also sets how far the fit moves from that start.
     init_shape, init_prior_weight
-        Start of the abundances' Gamma guide (:func:`guide_start`): shape ``init_shape`` at the
+        Start of the abundances' Gamma guide (:func:`guide_start`): shape ``init_shape``
+        (``None``: 2 for ``model="signatures"``, 10 for ``model="states"``) at the
         mean ``(1 - init_prior_weight) * NNLS + init_prior_weight * N_j f_t`` (``f_t`` the
         reference's type frequencies, ``N_j`` the cells-per-spot hint).
     min_steps, convergence_window
@@ -528,15 +553,32 @@ def deconvolve(
     ------
     NoSharedGenesError, ReferenceTypeError, CountsError, EmptySpotError, InputError
     """
-    method = Deconvolution(
-        spots, reference, cell_type_key, cells_per_spot=cells_per_spot, layer=layer,
-        reference_layer=reference_layer, spatial_key=spatial_key, min_cells_per_type=min_cells_per_type,
-        concentration_mean=concentration_mean, concentration_shape=concentration_shape, init_shape=init_shape,
-        init_prior_weight=init_prior_weight, platform_cv=platform_cv, detection_cv=detection_cv,
-        background_fraction=background_fraction, smoothness=smoothness, total_cv=total_cv, n_neighbours=n_neighbours,
+    from pyrospatial.methods.deconvolution_states import (
+        StateDeconvolution,
+        check_model_name,
+        check_n_states,
     )
+
+    common: dict[str, Any] = {
+        "cells_per_spot": cells_per_spot, "layer": layer, "reference_layer": reference_layer,
+        "spatial_key": spatial_key, "min_cells_per_type": min_cells_per_type,
+        "concentration_mean": concentration_mean, "concentration_shape": concentration_shape,
+        "init_prior_weight": init_prior_weight, "platform_cv": platform_cv,
+        "detection_cv": detection_cv, "background_fraction": background_fraction, "smoothness": smoothness,
+        "total_cv": total_cv, "n_neighbours": n_neighbours,
+    }
+    if init_shape is not None:
+        common["init_shape"] = init_shape
+    extra: dict[str, Any] = {}
+    n_states = check_n_states(n_states)
+    if check_model_name(model) == "states":
+        method = StateDeconvolution(spots, reference, cell_type_key, n_states=n_states, seed=seed,
+                                    expression_genes=expression_genes, **common)
+        extra["reference_steps"] = reference_steps
+    else:
+        method = Deconvolution(spots, reference, cell_type_key, **common)
     method.train(max_steps, min_steps=min_steps, convergence_window=convergence_window, lr=lr, batch_size=batch_size,
-                 seed=seed, device=device, progress=progress, checkpoint_dir=checkpoint_dir, resume=resume)
+                 seed=seed, device=device, progress=progress, checkpoint_dir=checkpoint_dir, resume=resume, **extra)
     method.sample(num_samples, return_expression=return_expression, seed=seed)
     return method.export(keep_draws=keep_draws)
 
