@@ -54,12 +54,17 @@ bench-env: $(BENCH_STAMP)
 $(BENCH_STAMP): benchmarks/requirements-peers-deconvolution.txt constraints-cpu.txt
 	test -x $(BENCH_VENV)/bin/python || $(PYTHON) -m venv $(BENCH_VENV)
 	$(BENCH_VENV)/bin/python -m pip install --quiet --upgrade pip
-	$(BENCH_VENV)/bin/python -m pip install --quiet -c constraints-cpu.txt torch
+	$(BENCH_VENV)/bin/python -m pip install --quiet torch==2.13.0
 	$(BENCH_VENV)/bin/python -m pip install --quiet -c constraints-cpu.txt -r benchmarks/requirements-peers-deconvolution.txt
 	touch $(BENCH_STAMP)
 
 bench-deconvolution: $(STAMP) $(BENCH_STAMP)
 	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN)/python benchmarks/deconvolution.py --peer-python $(BENCH_VENV)/bin/python --out benchmarks/results
+	# data sets where types vary inside (issue 21); DestVI shortened to 500 epochs to fit a CPU session
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN)/python benchmarks/deconvolution.py --peer-python $(BENCH_VENV)/bin/python \
+		--datasets sim_gradient osmfish_broad_100um osmfish_broad_50um --epochs-override '{"destvi": 500}' \
+		--method-timeouts '{"pyrospatial_states": 1200, "stereoscope": 1200, "cell2location": 1800, "destvi": 2700}' \
+		--timeout 900 --out benchmarks/results --out-name deconvolution_broad
 
 # --- alignment benchmark (issue 7): PASTE, moscot, POT in their own venv ------------------
 # CPU torch first (never a CUDA build), then the peers, then pyrospatial itself (editable):
@@ -113,6 +118,33 @@ bench-env-domains:
 
 bench-domains: $(STAMP)
 	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN)/python benchmarks/domains.py --venv-prefix $(BENCH_DOMAINS_VENV) --out benchmarks/results
+
+# --- mapping benchmark (issue 20): Tangram, novoSpaRc, POT in .bench-venv-mapping ------------
+# CPU torch==2.13.0 first (never a CUDA build; without it tangram-sc is not installed), then each
+# line of the requirements on its own: a line pip cannot install is logged as "FAILED: <line>"
+# in $(BENCH_MAPPING_VENV)/install.log and benchmarks/mapping.py records the methods needing it
+# as finished: false with that reason. pyrospatial runs in .venv. ~25 min on one CPU thread.
+BENCH_MAPPING_VENV ?= .bench-venv-mapping
+BENCH_MAPPING_STAMP := $(BENCH_MAPPING_VENV)/.installed
+
+.PHONY: bench-env-mapping bench-mapping
+
+bench-env-mapping: $(BENCH_MAPPING_STAMP)
+
+$(BENCH_MAPPING_STAMP): benchmarks/requirements-peers-mapping.txt
+	test -x $(BENCH_MAPPING_VENV)/bin/python || $(PYTHON) -m venv $(BENCH_MAPPING_VENV)
+	@log=$(BENCH_MAPPING_VENV)/install.log; pip="$(BENCH_MAPPING_VENV)/bin/python -m pip install --quiet"; \
+	$$pip --upgrade pip > $$log 2>&1; \
+	if $$pip torch==2.13.0 >> $$log 2>&1; then torch=ok; else torch=; echo "FAILED: torch==2.13.0" | tee -a $$log; fi; \
+	for req in $$(grep -v '^#' benchmarks/requirements-peers-mapping.txt); do \
+	  case $$req in tangram*) test -n "$$torch" || { echo "FAILED: $$req (needs the CPU torch)" | tee -a $$log; continue; };; esac; \
+	  echo "== $$req" >> $$log; \
+	  $$pip $$req >> $$log 2>&1 || echo "FAILED: $$req" | tee -a $$log; \
+	done
+	touch $(BENCH_MAPPING_STAMP)
+
+bench-mapping: $(STAMP) $(BENCH_MAPPING_STAMP)
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN)/python benchmarks/mapping.py --peer-python $(BENCH_MAPPING_VENV)/bin/python --out benchmarks/results
 
 # --- scaling (issue 23): wall time, peak RSS and coverage per stage vs cells -----------------
 .PHONY: bench-scaling bench-gpu
