@@ -154,3 +154,29 @@ def test_marginal_constraint_keeps_rows_normalised():
     res = map_cells(cells, atlas, lam=1.0, k=30, progress=False, project=False)
     np.testing.assert_allclose(np.asarray(res.cells.obsm["map_prob"].sum(1)).ravel(), 1.0, atol=1e-9)
     assert res.settings["lam"] == 1.0
+
+
+def test_duplicated_atlas_records_leave_the_heldout_problem():
+    """An atlas holding duplicated records (osmFISH's valid cells hold 124 pairs with identical
+    counts and position) with cells as deep as the atlas: held out unthinned, each duplicated
+    location finds its twin at distance 0, and the leave-one-out maximum likelihood of the noise
+    collapsed to ~0 (tau_atlas ~1e-4, temperature stuck at its bound, held-out coverage ~0.5,
+    cells' coverage ~0.6 on osmFISH). Twins now leave the held-out problem with the location:
+    the atlas's noise stays on the cells' scale and the temperature calibrates the held-out
+    locations and the cells (measured at seed 3: held-out 0.90, cells 0.88)."""
+    import anndata as ad
+
+    cells, atlas, truth = simulate_mapping(500, 300, n_genes=30, seed=3)
+    twins = np.random.default_rng(0).choice(atlas.n_obs, size=100, replace=False)  # 100 of 500 duplicated
+    copies = atlas[twins].copy()
+    copies.obs_names = [f"{name}_copy" for name in copies.obs_names]
+    atlas = ad.concat([atlas, copies], merge="same")
+    res = map_cells(cells, atlas, progress=False, project=False, seed=0, k=50)
+    d = res.diagnostics
+    assert d["n_heldout_with_twins"] >= 150  # both members of every held-out pair
+    ratio = np.median(np.asarray(d["tau_atlas"]) / np.asarray(d["tau"]))
+    assert 0.3 < ratio < 3.0, ratio  # not collapsed (was ~1e-3)
+    assert abs(d["heldout_coverage_90"] - 0.9) < 0.05
+    err = np.sqrt(((res.cells.obsm["spatial_mapped"] - truth["xy"]) ** 2).sum(1))
+    coverage = float((err <= res.cells.obs["map_radius_90"].to_numpy()).mean())
+    assert 0.83 <= coverage <= 0.97, coverage

@@ -148,28 +148,44 @@ def temperature_posterior(u_atlas: torch.Tensor, xy: np.ndarray, held: np.ndarra
     the atlas locations ``held`` is left out and its location predicted from its expression
     ``u_heldout`` by the rest (the model's EM fitted on this leave-one-out problem first;
     :func:`map_cells` thins the held-out counts to the cells' depth, so that the problem has the
-    cells' noise), and ``t`` (within ``bounds``) is the value at which the discs holding
+    cells' noise; atlas rows identical in expression to a held-out location, i.e. duplicated
+    records, leave with it: a cell is never a copy of an atlas row, and twins at distance 0
+    collapse the leave-one-out noise to 0), and ``t`` is the value at which the discs holding
     ``level`` of each held-out posterior cover a fraction ``level`` of the held-out locations
-    (bisection, common random numbers). Its sd is the binomial sd of that coverage carried to
+    (bisection, common random numbers; ``bounds`` is the first bracket, widened by 1.5 at a time,
+    up to 4 past either end, until the coverage crosses ``level`` or turns back: at extreme ``t``
+    the kernel underflows). Its sd is the binomial sd of that coverage carried to
     ``t`` through the coverage's slope (a normal approximation of ``t``'s posterior). The cells'
     own EM scale absorbs their depth, and the mapping uses ``exp(t) tau_cells``.
 
     Returns ``{"mode", "sd", "h", "heldout_coverage_90", "heldout_mean_distance", "tau_atlas",
-    "n_heldout"}``.
+    "n_heldout", "n_heldout_with_twins"}``.
     """
     m = len(u_atlas)
     ua, uh = u_atlas.cpu().numpy(), u_heldout.cpu().numpy()
     model = MappingModel(u_atlas.shape[1]).to(u_atlas.device)
 
+    # a held-out location's twins: atlas rows whose embedding equals its own (a duplicated record,
+    # or counts too low to tell apart). A cell being mapped is a measurement of its own, never a
+    # copy of an atlas row, so twins leave the held-out problem with the location itself;
+    # otherwise every twin sits at distance 0, the kernel's maximum likelihood scale collapses to
+    # 0 and no temperature can widen it.
+    _, group, size = np.unique(np.round(ua, 9), axis=0, return_inverse=True, return_counts=True)
+    group = np.asarray(group).ravel()
+    n_twins = size[group[held]] - 1  # twins of each held-out location, itself excluded
+    k_fetch = min(m, k + 1 + int(n_twins.max(initial=0)))
+
     def loo_batch() -> tuple[np.ndarray, MappingBatch]:
-        cand = candidate_locations(uh, ua, model.scales().cpu().numpy(), model.slope.cpu().numpy(),
-                                   min(k + 1, m))
-        # drop each held-out location itself (the nearest, at distance 0); keep k others
-        own = cand == held[:, None]
-        own[~own.any(1), -1] = True  # (duplicated expression: the last one goes instead)
-        cand = cand[~own].reshape(len(held), -1)
+        cand = candidate_locations(uh, ua, model.scales().cpu().numpy(), model.slope.cpu().numpy(), k_fetch)
+        # drop each held-out location itself and its twins; keep the k nearest others
+        drop = (cand == held[:, None]) | (group[cand] == group[held][:, None])
+        keep_n = min(k, m - 1 - int(n_twins.max(initial=0))) if m > 1 else 1
+        keep_n = max(1, keep_n)
+        order = np.argsort(drop, axis=1, kind="stable")[:, :keep_n]  # the kept ones first, in order
+        cand = np.take_along_axis(cand, order, axis=1)
+        valid = ~np.take_along_axis(drop, order, axis=1)
         ct = torch.as_tensor(cand, device=u_atlas.device)
-        return cand, MappingBatch(u_heldout, u_atlas, ct, torch.ones_like(ct, dtype=torch.bool))
+        return cand, MappingBatch(u_heldout, u_atlas, ct, torch.as_tensor(valid, device=u_atlas.device))
 
     for _ in range(int(em_rounds)):
         _, batch = loo_batch()
@@ -192,10 +208,24 @@ def temperature_posterior(u_atlas: torch.Tensor, xy: np.ndarray, held: np.ndarra
         return float((err <= radius).mean()), float(err.mean())
 
     h = float(h_init)
+    # bracket the level (the coverage rises with t), widening the bounds by 1.5 at a time, to at
+    # most 4 past them; a step against that monotonicity (at extreme t the kernel underflows and
+    # every posterior falls on one candidate) ends the widening. Then bisection.
     low, high = float(bounds[0]), float(bounds[1])
-    if coverage(low)[0] >= level:
+    c_low, c_high = coverage(low)[0], coverage(high)[0]
+    while c_low >= level and low > bounds[0] - 4.0:
+        c = coverage(low - 1.5)[0]
+        if c > c_low:
+            break
+        high, c_high, low, c_low = low, c_low, low - 1.5, c
+    while c_high < level and high < bounds[1] + 4.0:
+        c = coverage(high + 1.5)[0]
+        if c < c_high:
+            break
+        low, c_low, high, c_high = high, c_high, high + 1.5, c
+    if c_low >= level:
         mode = low
-    elif coverage(high)[0] <= level:
+    elif c_high < level:
         mode = high
     else:
         for _ in range(int(n_bisect)):
@@ -208,7 +238,8 @@ def temperature_posterior(u_atlas: torch.Tensor, xy: np.ndarray, held: np.ndarra
     sd = float(min(1.0, math.sqrt(level * (1 - level) / len(held)) / max(slope, 1e-3)))
     achieved, distance = coverage(mode)
     return {"mode": float(mode), "sd": sd, "h": h, "heldout_coverage_90": achieved,
-            "heldout_mean_distance": distance, "tau_atlas": model.tau.cpu().tolist(), "n_heldout": len(held)}
+            "heldout_mean_distance": distance, "tau_atlas": model.tau.cpu().tolist(), "n_heldout": len(held),
+            "n_heldout_with_twins": int((n_twins > 0).sum())}
 
 
 def _heldout_embedding(cells: ad.AnnData, atlas: ad.AnnData, shared: Sequence[str], held: np.ndarray,
@@ -502,7 +533,7 @@ def map_cells(
         "temperature": {"mean": math.exp(t_mode + 0.5 * t_sd**2), "sd": math.exp(t_mode) * t_sd},
         "tau_atlas": calib["tau_atlas"], "spatial_bandwidth": sd_loc,
         "heldout_coverage_90": calib["heldout_coverage_90"], "heldout_mean_distance": calib["heldout_mean_distance"],
-        "n_heldout": calib["n_heldout"],
+        "n_heldout": calib["n_heldout"], "n_heldout_with_twins": calib["n_heldout_with_twins"],
         "heldout_depth_ratio": depth_ratio,
         "em_steps": em_steps, "mean_entropy": float(entropy.mean()), "mean_p_unmatched": float(p_unmatched.mean()),
         "mean_radius_90": float(radius.mean()), "mean_best_prob": float(out.obs["map_best_prob"].mean()),
