@@ -168,3 +168,19 @@ def test_save_load_gives_the_same_draws(tmp_path):
         np.testing.assert_allclose(first[site], again[site], rtol=1e-5)
     assert first["expected_expression"].shape == (20, spots.n_obs, N_TYPES, N_GENES)
     assert "state" in loaded.to_inference_data().posterior
+
+
+def test_counts_round_the_abundances_and_the_elbo_narrows_their_width(gradient, states_fit):
+    from pyrospatial.methods.deconvolution_states import WIDTH_FACTORS
+
+    out = states_fit
+    # cell counts are the abundance draws rounded at random (mean kept), not Poisson(w): their
+    # interval sits inside the abundance interval's integer hull (a Poisson(3) alone spans 0..6)
+    a_lo, a_hi = out.obsm["abundance_q05"].to_numpy(), out.obsm["abundance_q95"].to_numpy()
+    n_lo, n_hi = out.obsm["cell_count_q05"].to_numpy(), out.obsm["cell_count_q95"].to_numpy()
+    assert (n_lo >= np.floor(a_lo) - 1).all() and (n_hi <= np.ceil(a_hi) + 1).all()
+    diff = np.abs(out.obsm["cell_count_mean"].to_numpy() - out.obsm["abundance_mean"].to_numpy())
+    assert diff.max() < 0.3, diff.max()
+    # the ELBO picks the width of q(w) after training; the guide starts wider than the ELBO's choice
+    factor = out.uns[UNS_KEY]["states"]["abundance_width_factor"]
+    assert factor in WIDTH_FACTORS and factor > 1.0, factor
