@@ -135,7 +135,11 @@ def match_log_likelihood(
     (1 = the plain likelihood, the default); the negative of this table is the Sinkhorn cost.
     """
     d = u_a.shape[-1]
-    dxy = (moved_a.unsqueeze(1) - coords_b[candidates]).abs()  # (n, k, 2)
+    # invalid candidates (padding: index 0, possibly far away) get a zero offset before the power:
+    # |dx / sigma|^power of a far pair overflows to inf, and its gradient times the zero weight of
+    # a masked entry is NaN (0 * inf), which reached the transform at 10,000 cells per side
+    dxy = torch.where(valid.unsqueeze(-1), (moved_a.unsqueeze(1) - coords_b[candidates]).abs(),
+                      torch.zeros((), dtype=moved_a.dtype, device=moved_a.device))  # (n, k, 2)
     power = torch.as_tensor(power, dtype=dxy.dtype, device=dxy.device)
     sigma_xy = torch.as_tensor(sigma_xy, dtype=dxy.dtype, device=dxy.device)
     log_xy = (-((dxy + 1e-12) / sigma_xy) ** power).sum(-1) + 2.0 * (
@@ -196,9 +200,13 @@ def noise_update(
     d = u_a.shape[-1]
     W = T[:, :-1] * valid
     total = W.sum().clamp_min(1e-12)
-    dxy = (moved_a.unsqueeze(1) - coords_b[candidates]).abs() + 1e-12  # (n, k, 2)
-    # sufficient statistics of the spatial shape: sum W |dx|^p for every p of the grid (both axes)
-    power_stats = torch.stack([(W.unsqueeze(-1) * dxy**p).sum() for p in POWER_GRID])
+    # invalid candidates: zero offset (their weight is 0; a far padding pair's |dx|^16 would overflow)
+    dxy = torch.where(valid.unsqueeze(-1), (moved_a.unsqueeze(1) - coords_b[candidates]).abs(),
+                      torch.zeros((), dtype=moved_a.dtype, device=moved_a.device)) + 1e-12  # (n, k, 2)
+    # sufficient statistics of the spatial shape: sum W |dx|^p for every p of the grid (both axes),
+    # all grid values at once: |dx|^p = exp(p log |dx|)
+    grid_p = torch.tensor(POWER_GRID, dtype=dxy.dtype, device=dxy.device)
+    power_stats = torch.einsum("nk,nkg->g", W, torch.exp(torch.log(dxy).unsqueeze(-1) * grid_p).sum(2))
     ub = u_b[candidates]  # (n, k, d)
     delta2 = (((u_a.unsqueeze(1) - slope * ub) / tau) ** 2).sum(-1)
     # slope: weighted least squares of u_a on its partners' u_b (Student-t weights of the current fit)
@@ -206,15 +214,18 @@ def noise_update(
     slope = (weight * u_a.unsqueeze(1) * ub).sum((0, 1)) / (weight * ub**2).sum((0, 1)).clamp_min(1e-12)
     du2 = (u_a.unsqueeze(1) - slope * ub) ** 2
     delta2 = (du2 / tau**2).sum(-1)
-    best_nu = None
-    for v in NU_GRID:  # for each nu: one EM step of tau from the current tau, then its log-likelihood
-        weight = (v + d) / (v + delta2)
-        tau_v = (((W * weight).unsqueeze(-1) * du2).sum((0, 1)) / total).clamp_min(1e-8).sqrt()
-        dv = (du2 / tau_v**2).sum(-1)
-        ll = (W * (math.lgamma(0.5 * (v + d)) - math.lgamma(0.5 * v) - 0.5 * d * math.log(v * math.pi)
-                   - torch.log(tau_v).sum() - 0.5 * (v + d) * torch.log1p(dv / v))).sum()
-        if best_nu is None or ll > best_nu[0]:
-            best_nu = (float(ll), v, tau_v)
+    # for every nu of the grid at once: one EM step of tau from the current tau, then its
+    # expected log-likelihood; the best nu (the first of equals) wins
+    grid_nu = torch.tensor(NU_GRID, dtype=du2.dtype, device=du2.device)  # (v,)
+    weight = (grid_nu + d) / (grid_nu + delta2.unsqueeze(-1))  # (n, k, v)
+    tau_v = (torch.einsum("nkv,nkd->vd", W.unsqueeze(-1) * weight, du2) / total).clamp_min(1e-8).sqrt()  # (v, d)
+    dv = torch.einsum("nkd,vd->nkv", du2, 1.0 / tau_v**2)
+    const = torch.tensor([math.lgamma(0.5 * (v + d)) - math.lgamma(0.5 * v) - 0.5 * d * math.log(v * math.pi)
+                          for v in NU_GRID], dtype=du2.dtype, device=du2.device)
+    ll = total * (const - torch.log(tau_v).sum(-1)) - 0.5 * (grid_nu + d) * torch.einsum(
+        "nk,nkv->v", W, torch.log1p(dv / grid_nu))
+    best = int(torch.argmax(ll))
+    best_nu = (float(ll[best]), NU_GRID[best], tau_v[best])
     return {"power_stats": power_stats, "mass": total, "tau": best_nu[2], "nu": best_nu[1], "slope": slope,
             "background_scale": u_a.pow(2).mean(0).clamp_min(1e-8).sqrt()}
 
@@ -234,15 +245,16 @@ def best_power(power_stats: torch.Tensor, mass: torch.Tensor, min_var: float = 0
     per-axis variance of the error is at least ``min_var``; the expected log-likelihood is
     unimodal in ``sigma``, so the constrained maximiser is the larger of the two), and value
     ``2 mass (log p - log 2 sigma_p - lgamma(1/p)) - S_p / sigma_p^p``."""
-    best = None
-    for i, p in enumerate(POWER_GRID):
-        sigma = (p * power_stats[i] / (2.0 * mass)).clamp_min(1e-6) ** (1.0 / p)
-        sigma = sigma.clamp_min(min_sigma(p, min_var))
-        value = float(2.0 * mass * (math.log(p) - torch.log(2.0 * sigma) - math.lgamma(1.0 / p))
-                      - power_stats[i] / sigma**p)
-        if best is None or value > best[0]:
-            best = (value, p, sigma)
-    return best[1], best[2]
+    # every shape of the grid at once; the first of equal values wins
+    grid = torch.tensor(POWER_GRID, dtype=power_stats.dtype, device=power_stats.device)
+    floor = torch.tensor([min_sigma(p, min_var) for p in POWER_GRID], dtype=power_stats.dtype,
+                         device=power_stats.device)
+    sigma = torch.maximum((grid * power_stats / (2.0 * mass)).clamp_min(1e-6) ** (1.0 / grid), floor)
+    log_norm = torch.tensor([math.log(p) - math.lgamma(1.0 / p) for p in POWER_GRID], dtype=power_stats.dtype,
+                            device=power_stats.device)
+    value = 2.0 * mass * (log_norm - torch.log(2.0 * sigma)) - power_stats / sigma**grid
+    best = int(torch.argmax(value))
+    return POWER_GRID[best], sigma[best]
 
 
 class CouplingPrior(dist.TorchDistribution):

@@ -101,3 +101,25 @@ def test_lattice_sections_keep_the_spatial_error_away_from_zero():
 
     assert gap(res1) < gap(res0), (gap(res0), gap(res1))
     assert res1.settings["footprint"] == 1.0  # recorded in a's units (spacing 1 here)
+
+
+def test_far_padding_candidates_give_finite_gradients_and_statistics():
+    # a candidate beyond the search radius is padded with b's cell 0; when that cell lies far
+    # away (large tissue), |dx / sigma|^16 overflows float32 (300 / 0.5 = 600; 600^16 ~ 3e44),
+    # and 0 * inf in the masked entry's gradient made the transform NaN at 10,000 cells a side
+    from pyrospatial.models.alignment import match_log_likelihood, noise_update
+
+    moved = torch.tensor([[300.0, 300.0], [1.0, 1.0]], requires_grad=True)
+    coords_b = torch.tensor([[0.0, 0.0], [300.2, 299.9], [1.1, 0.8]])
+    cand = torch.tensor([[1, 0], [2, 0]])  # second candidate of row 0 is padding (cell 0, far away)
+    valid = torch.tensor([[True, False], [True, True]])
+    u = torch.zeros(2, 3)
+    ll = match_log_likelihood(moved, coords_b, u, torch.zeros(3, 3), cand, valid, 0.5, torch.ones(3), 5.0,
+                              power=16.0)
+    assert torch.isneginf(ll[0, 1]) and torch.isfinite(ll[0, 0])
+    T = torch.tensor([[0.9, 0.0, 0.1], [0.5, 0.4, 0.1]])
+    expected = torch.where(T > 0, T * ll, torch.zeros_like(ll)).sum()
+    (grad,) = torch.autograd.grad(expected, moved)
+    assert torch.isfinite(grad).all(), grad
+    out = noise_update(T, moved.detach(), coords_b, u, torch.zeros(3, 3), cand, valid, torch.ones(3), 8.0)
+    assert torch.isfinite(out["power_stats"]).all(), out["power_stats"]
