@@ -462,22 +462,29 @@ def main(argv: list[str] | None = None) -> int:
         settings = {}
         for p in parts:  # a later invocation's settings win; keys of earlier ones are kept
             settings.update(p["settings"])
-        settings["datasets"] = list(dict.fromkeys(d for p in parts for d in p["settings"].get("datasets", [])))
+        named = [d for p in parts for d in p["settings"].get("datasets", [])] + [r["dataset"] for p in parts for r in p["results"]]
+        settings["datasets"] = sorted(dict.fromkeys(named), key=lambda d: ALL_DATASETS.index(d) if d in ALL_DATASETS else 99)
         settings["command"] = " ; ".join(p["settings"]["command"] for p in parts)
         settings["spot_sizes_um"] = sorted({s for p in parts for s in p["settings"]["spot_sizes_um"]}, reverse=True)
-        settings["invocations"] = [p["settings"]["command"] for p in parts]
+        # a part that is itself a merge brings its invocations (and its rows' numbers) along
+        invocations: list[str] = []
+        notes = [p["settings"]["note"] for p in parts if p["settings"].get("note")]
         # a later invocation's row replaces an earlier one for the same dataset and method
         rows: dict = {}
-        for i, p in enumerate(parts):
+        for p in parts:
+            base = len(invocations)
+            nested = p["settings"].get("invocations")
+            invocations += list(nested) if nested else [p["settings"]["command"]]
             for r in p["results"]:
-                row = dict(r, invocation=i)
+                row = dict(r, invocation=base + (int(r.get("invocation", 0)) if nested else 0))
                 for key in ("rmse", "pearson", "jsd", "coverage_90", "seconds", "peak_mem_mb"):
                     row.setdefault(key, None)  # the issue's schema, also for a method that did not finish
                 rows[(r["dataset"], r["method"])] = row
         order = {m: k for k, m in enumerate(ALL_METHODS)}
         data_order = {d: k for k, d in enumerate(ALL_DATASETS)}
         results = sorted(rows.values(), key=lambda r: (data_order.get(r["dataset"], 99), order.get(r["method"], 99)))
-        settings["note"] = args.note or ""
+        settings["invocations"] = invocations
+        settings["note"] = " ".join(notes + ([args.note] if args.note else []))
         payload = {"settings": settings, "results": results}
         if args.selection:
             payload["selection"] = json.loads(Path(args.selection).read_text())

@@ -39,8 +39,11 @@ Why the default of :func:`~pyrospatial.methods.deconvolution.deconvolve` stays
 predicted held-out genes far better (Poisson deviance 2.66 against 5.34, and 3.10 against
 6.02, simulation seeds 1 and 2) and its proportions were better on 3 of 5 simulations (mean
 RMSE 0.0794 against 0.0821), but on osmFISH 100 µm pseudo-spots (tutorial 03, quick settings)
-it was slightly worse (0.069 against 0.066), it costs a reference fit (about twice the time),
-and it has not been run on the benchmark's data sets. Use :func:`choose_settings` per data set.
+it was slightly worse (0.069 against 0.066) and it costs a reference fit (about 2.5 times the
+CPU time). On the benchmark's data sets where types vary inside
+(``benchmarks/results/deconvolution_broad.md``, scored after the fact, not used to choose) it had
+the lower proportion RMSE on all three: sim_gradient 0.0553 against 0.0739, osmfish_broad 100 µm
+0.1186 against 0.1235, 50 µm 0.1624 against 0.1687. Use :func:`choose_settings` per data set.
 """
 
 from __future__ import annotations
@@ -237,7 +240,7 @@ class StateDeconvolution(Deconvolution):
         After :meth:`train`'s steps the Gamma shapes of ``q(w_jt)`` are still near their start
         (``init_shape``): the means settle in a few hundred steps, the widths do not (on
         ``sim_gradient``-type simulations, seeds 1 and 2, the median shape of present types moved
-        from 10 to 10.6 in 250 steps while the ELBO was best at 4 to 8 times that). Here every
+        from 10 to 10.6 in 250 steps while the ELBO was best at 4 times that). Here every
         shape and rate is multiplied by one factor ``c`` from :data:`WIDTH_FACTORS` (the mean
         ``shape / rate`` is unchanged, the coefficient of variation shrinks by ``sqrt(c)``),
         choosing the ``c`` of the lowest ELBO loss (:data:`WIDTH_PARTICLES` particles, the same
