@@ -728,11 +728,12 @@ def markdown(payload: dict) -> str:
         lines += ["", "## Ståhl consecutive pairs: same-cluster mass after alignment", "",
                   "| method | " + " | ".join(f"{a}-{b}" for a, b in sorted({tuple(r['slices']) for r in real})) + " | seconds (median) |",
                   "|---" * (2 + len({tuple(r['slices']) for r in real})) + "|"]
+        pairs = sorted({tuple(r["slices"]) for r in real})
         for m in methods:
             rows = {tuple(r["slices"]): r for r in real if r["method"] == m}
             secs = [r["seconds"] for r in rows.values() if r["seconds"] is not None and r["finished"]]
             lines.append(f"| {m} | " + " | ".join(_fmt(rows[k]["accuracy"]) if k in rows else "–"
-                                                  for k in sorted(rows)) + f" | {_fmt(float(np.median(secs)) if secs else None, 2)} |")
+                                                  for k in pairs) + f" | {_fmt(float(np.median(secs)) if secs else None, 2)} |")
     scal = [r for r in res if r["case"] == "scaling"]
     if scal:
         lines += ["", "## Scaling (simulated tissue, cells per side)", "",
