@@ -123,3 +123,26 @@ def test_far_padding_candidates_give_finite_gradients_and_statistics():
     assert torch.isfinite(grad).all(), grad
     out = noise_update(T, moved.detach(), coords_b, u, torch.zeros(3, 3), cand, valid, torch.ones(3), 8.0)
     assert torch.isfinite(out["power_stats"]).all(), out["power_stats"]
+
+
+def test_benchmark_label_metrics_separate_over_from_under_confidence():
+    # benchmarks/alignment.py scores every method's coupling the same way; the one-sided part
+    # of the match ECE counts only probabilities above the observed agreement
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "alignment.py"
+    spec = importlib.util.spec_from_file_location("bench_alignment", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    la = np.array(["x", "x", "y", "y"])
+    lb = np.array(["x", "x", "y", "y"])
+    # a spread coupling over same-label spots: best partner p = 0.5, agreement 1 -> under-confident only
+    spread = np.array([[0.5, 0.5, 0, 0], [0.5, 0.5, 0, 0], [0, 0, 0.5, 0.5], [0, 0, 0.5, 0.5]]) / 4
+    m = bench.label_metrics(spread, la, lb)
+    assert abs(m["match_ece"] - 0.5) < 1e-12 and m["match_overconfidence"] == 0.0
+    assert m["best_label_ece"] == 0.0  # all the mass carries the best partner's label, which is a's
+    # a hard coupling onto wrong-label spots: p = 1, agreement 0 -> all of it is over-confidence
+    wrong = np.array([[0, 0, 1, 0], [0, 0, 0, 1], [1, 0, 0, 0], [0, 1, 0, 0]]) / 4
+    m = bench.label_metrics(wrong, la, lb)
+    assert m["match_ece"] == m["match_overconfidence"] == 1.0 and m["label_transfer_accuracy"] == 0.0
