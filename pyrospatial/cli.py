@@ -367,7 +367,7 @@ def _deconvolve_into(args: argparse.Namespace, out: Path) -> int:
         reference_layer=args.reference_layer, min_cells_per_type=args.min_cells_per_type,
         smoothness=args.smoothness, max_steps=steps, lr=args.lr, batch_size=args.batch_size,
         num_samples=args.num_samples, return_expression=args.expression, seed=args.seed, device=args.device,
-        progress=args.progress, **checkpoint_kwargs(args),
+        model=args.model, n_states=args.n_states, progress=args.progress, **checkpoint_kwargs(args),
     )
     summary = write_report(result, out, spots_path=args.spots, reference_path=args.reference)
     print(json.dumps({k: v for k, v in summary.items() if not isinstance(v, dict)}, indent=2))
@@ -406,6 +406,9 @@ def _add_deconvolve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=None, help="spots per minibatch (None: all)")
     p.add_argument("--num-samples", type=int, default=300, help="posterior draws")
     p.add_argument("--expression", action="store_true", help="also export per-spot per-type expression")
+    p.add_argument("--model", choices=("signatures", "states"), default="signatures",
+                   help="fixed per-type signatures, or a continuous state per spot and type (obsm type_state_*)")
+    p.add_argument("--n-states", type=int, default=3, help="dimension of each type's state (--model states)")
     add_checkpoint_options(p)
     p.set_defaults(func=_deconvolve)
 

@@ -184,3 +184,22 @@ def test_counts_round_the_abundances_and_the_elbo_narrows_their_width(gradient, 
     # the ELBO picks the width of q(w) after training; the guide starts wider than the ELBO's choice
     factor = out.uns[UNS_KEY]["states"]["abundance_width_factor"]
     assert factor in WIDTH_FACTORS and factor > 1.0, factor
+
+
+def test_cli_model_states_writes_the_type_states(tmp_path):
+    # `pyrospatial deconvolve --model states`: the states reach result.h5ad under the documented keys
+    from pyrospatial import cli
+
+    reference, spots, _, _ = simulate_gradient(n_spots=16, n_ref=20, seed=5)
+    reference.write_h5ad(tmp_path / "r.h5ad")
+    spots.write_h5ad(tmp_path / "s.h5ad")
+    out = tmp_path / "out"
+    code = cli.main(["deconvolve", "--spots", str(tmp_path / "s.h5ad"), "--reference", str(tmp_path / "r.h5ad"),
+                     "--cell-type-key", "cell_type", "--model", "states", "--n-states", "2", "--max-epochs", "5",
+                     "--num-samples", "5", "--out", str(out), "--no-progress"])
+    assert code == 0
+    result = ad.read_h5ad(out / "result.h5ad")
+    states = result.obsm["type_state_mean"]
+    assert list(states.columns) == [f"{t}_v{k}" for t in TYPES for k in (1, 2)]
+    assert states.shape[0] == spots.n_obs and np.isfinite(np.asarray(states, dtype=float)).all()
+    assert int(result.uns[UNS_KEY]["states"]["n_states"]) == 2
