@@ -296,26 +296,15 @@ def match_ece(best: np.ndarray, best_p: np.ndarray, p_unmatched: np.ndarray, tru
     pred_unmatched = p_unmatched > best_p
     conf = np.where(pred_unmatched, p_unmatched, best_p)
     correct = np.where(pred_unmatched, truth < 0, best == truth)
-    edges = np.linspace(0, 1, bins + 1)
-    which = np.clip(np.digitize(conf, edges[1:-1]), 0, bins - 1)
-    ece = 0.0
-    for k in range(bins):
-        sel = which == k
-        if sel.any():
-            ece += sel.mean() * abs(correct[sel].mean() - conf[sel].mean())
-    return float(ece)
+    return ece(conf, correct, bins)
 
 
 def ece(conf: np.ndarray, correct: np.ndarray, bins: int = 10) -> float:
-    """Expected calibration error: 10 equal-width bins of ``conf``, mass-weighted |accuracy - confidence|."""
-    edges = np.linspace(0, 1, bins + 1)
-    which = np.clip(np.digitize(conf, edges[1:-1]), 0, bins - 1)
-    total = 0.0
-    for k in range(bins):
-        sel = which == k
-        if sel.any():
-            total += sel.mean() * abs(correct[sel].astype(float).mean() - conf[sel].mean())
-    return float(total)
+    """Expected calibration error: equal-width bins of ``conf``, mass-weighted |accuracy - confidence|
+    (:func:`pyrospatial.criticism.calibration.expected_calibration_error`)."""
+    from pyrospatial.criticism.calibration import expected_calibration_error
+
+    return expected_calibration_error(conf, np.asarray(correct, dtype=np.float64), n_bins=bins)
 
 
 def overconfidence(conf: np.ndarray, correct: np.ndarray, bins: int = 10) -> float:
