@@ -5,8 +5,8 @@
     python benchmarks/coral_osmfish.py --splits 0 --out OUT0   (... 1, 2)
     python benchmarks/coral_osmfish.py --merge OUT0/coral_osmfish.json OUT1/... --out benchmarks/results
 
-Construction (the CORAL paper's downsampling, on osmFISH; Codeluppi et al. 2018): the 4839
-valid cells of ../shared/data/osmfish_sscortex are binned into square pseudo-spots of 100 µm
+Construction (the CORAL paper's downsampling, on osmFISH; Codeluppi et al. 2018): the 4,363
+valid cells (476 duplicated records dropped by the loader) of ../shared/data/osmfish_sscortex are binned into square pseudo-spots of 100 µm
 and 50 µm; a random half of the 33 genes (per ``split_seed``) stays per cell as the
 single-cell "protein" panel, the other half is summed into the spots' counts. CORAL, with a
 negative-binomial likelihood for the count panel (:class:`CoralCountPanelModel`, a one-block

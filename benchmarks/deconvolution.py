@@ -2,8 +2,8 @@
 
 Data sets (``--datasets``):
 
-- ``osmfish_100um``, ``osmfish_50um``: the valid cells of ../shared/data/osmfish_sscortex (4839
-  cells, 33 genes, 31 types) are split at random (seed 0) into a labelled reference half and a
+- ``osmfish_100um``, ``osmfish_50um``: the valid cells of ../shared/data/osmfish_sscortex (4,363
+  cells after the loader drops 476 duplicated records, 33 genes, 31 types) are split at random (seed 0) into a labelled reference half and a
   spatial half; the spatial half is aggregated into square pseudo-spots of 100 µm and 50 µm
   (:func:`pyrospatial.data.sim.pseudo_spots`). The truth is each spot's cell-type counts (31
   types, and 7 major classes);

@@ -13,7 +13,7 @@ depths 1.0, 0.5 and 0.2. The true positions of the cells stay in this process.
 ``osmfish``
     osmFISH mouse somatosensory cortex (Codeluppi et al. 2018) through
     ``pyrospatial.data.datasets.load_osmfish``: the 4,839 valid cells less the 476 duplicated
-    records (identical counts and position, :func:`first_records`), i.e. 4,363 cells, 33 genes, µm.
+    records (identical counts and position; the loader drops them), i.e. 4,363 cells, 33 genes, µm.
 ``sim``
     ``pyrospatial.data.sim.simulate_tissue`` (``--sim-cells`` cells, 100 genes, seed 0): the cells'
     own RNA counts (``truth["counts"]``) and true positions.
@@ -165,20 +165,6 @@ def thin(counts: np.ndarray, depth: float, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).binomial(n, depth).astype(np.float32)
 
 
-def first_records(x: np.ndarray, xy: np.ndarray) -> np.ndarray:
-    """Mask keeping the first of every group of records with identical counts and position.
-
-    The osmFISH table holds 476 of its 4,839 valid cells twice (same counts in every gene, same
-    position; the loader makes the repeated CellIDs unique). Split at random, about half the
-    pairs put a cell in the atlas and its copy among the cells, which then has an exact twin at
-    its true location: a leak that is no measurement of mapping and collapses any noise fitted by
-    maximum likelihood. One record of each is kept."""
-    import pandas as pd
-
-    table = pd.DataFrame(np.hstack([np.asarray(x, np.float64), np.asarray(xy, np.float64)]))
-    return ~table.duplicated(keep="first").to_numpy()
-
-
 def load_dataset(name: str, sim_cells: int) -> tuple[np.ndarray, np.ndarray, list[str], dict[str, Any]]:
     """(counts cells x genes, positions, gene names, description) of a data set."""
     if name == "osmfish":
@@ -187,10 +173,10 @@ def load_dataset(name: str, sim_cells: int) -> tuple[np.ndarray, np.ndarray, lis
         a = load_osmfish()
         x = a.X.toarray() if sp.issparse(a.X) else np.asarray(a.X)
         xy = np.asarray(a.obsm["spatial"], float)
-        keep = first_records(x, xy)
-        return x[keep], xy[keep], list(a.var_names), {
+        dropped = int(a.uns["pyrospatial_dataset"]["n_duplicates_dropped"])
+        return x, xy, list(a.var_names), {
             "source": "osmFISH SScortex (Codeluppi et al. 2018), valid cells, duplicated records dropped",
-            "units": "µm", "duplicated_records_dropped": int((~keep).sum()), "n_records": len(keep)}
+            "units": "µm", "duplicated_records_dropped": dropped, "n_records": len(x) + dropped}
     if name == "sim":
         from pyrospatial.data.sim import simulate_tissue
 

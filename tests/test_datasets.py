@@ -27,7 +27,7 @@ def osmfish():
 
 def test_load_osmfish(osmfish) -> None:
     a = osmfish
-    assert a.shape == (4839, 33)
+    assert a.shape == (4363, 33)  # 4,839 valid records less 476 duplicated ones
     assert a.X.dtype == np.float32
     assert np.all(a.X >= 0) and np.all(a.X == np.round(a.X)) and a.X.sum() > 0
     assert a.obs_names.is_unique and a.var_names.is_unique
@@ -35,12 +35,26 @@ def test_load_osmfish(osmfish) -> None:
     assert "Excluded" not in set(a.obs["cell_type"]) and "Excluded" not in set(a.obs["region"])
     assert a.obs["region"].nunique() == 11
     xy = a.obsm["spatial"]
-    assert xy.shape == (4839, 2) and np.isfinite(xy).all()
+    assert xy.shape == (4363, 2) and np.isfinite(xy).all()
     # micrometres: the section spans ~1.5 x 3 mm (pixels would be ~20x larger, mm ~1000x smaller)
     extent = xy.max(0) - xy.min(0)
     assert np.all(extent > 500) and np.all(extent < 5000)
     assert xy.min() >= 0
     assert a.uns["pyrospatial_dataset"]["pixel_size_um"] == pytest.approx(0.065)
+
+
+def test_load_osmfish_drops_duplicated_records(osmfish) -> None:
+    """No two kept cells share counts and position; keeping the copies gives back all 4,839
+    records, and every dropped record is an exact copy of a kept one."""
+    table = np.hstack([osmfish.X, osmfish.obsm["spatial"]])
+    assert len(np.unique(table, axis=0)) == osmfish.n_obs
+    assert osmfish.uns["pyrospatial_dataset"]["n_duplicates_dropped"] == 476
+    full = load_osmfish(_osmfish_dir(), drop_duplicates=False)
+    assert full.n_obs == 4839 and full.uns["pyrospatial_dataset"]["n_duplicates_dropped"] == 0
+    full_table = np.hstack([full.X, full.obsm["spatial"]])
+    kept_rows = {row.tobytes() for row in table}
+    assert all(row.tobytes() in kept_rows for row in full_table)
+    assert len(np.unique(full_table, axis=0)) == osmfish.n_obs
 
 
 def test_load_osmfish_file_path_equals_folder(osmfish) -> None:

@@ -49,7 +49,9 @@ def _as_str(a: np.ndarray) -> np.ndarray:
     return a.astype(str).astype(object)
 
 
-def load_osmfish(path: str | os.PathLike | None = None) -> ad.AnnData:
+def load_osmfish(
+    path: str | os.PathLike | None = None, *, drop_duplicates: bool = True
+) -> ad.AnnData:
     """Load the osmFISH mouse somatosensory cortex data (Codeluppi et al. 2018).
 
     Parameters
@@ -57,16 +59,23 @@ def load_osmfish(path: str | os.PathLike | None = None) -> ad.AnnData:
     path
         The loom file ``osmFISH_SScortex_mouse_all_cells.loom`` or a folder containing it.
         ``None`` looks in ``shared_data_dir() / "osmfish_sscortex"``.
+    drop_duplicates
+        The loom holds 476 of its 4,839 valid cells twice (the same counts in every gene at the
+        same position, under a repeated CellID). ``True`` (default) keeps the first record of
+        each, leaving 4,363 cells; ``False`` keeps every record (CellIDs made unique). Keeping the
+        copies lets a cell and its exact twin fall on both sides of any split (reference and
+        spots, atlas and query), which is a leak rather than a measurement.
 
     Returns
     -------
     anndata.AnnData
-        The 4839 valid cells (``Valid == 1``) x 33 genes: ``.X`` raw molecule counts
-        (float32 holding integers), ``obs["cell_type"]`` (ClusterName, categorical, 31
-        types), ``obs["region"]`` (Region, categorical), ``obs["cluster_id"]``,
+        The valid cells (``Valid == 1``; 4,363 without duplicates, 4,839 with) x 33 genes:
+        ``.X`` raw molecule counts (float32 holding integers), ``obs["cell_type"]``
+        (ClusterName, categorical, 31 types), ``obs["region"]`` (Region, categorical), ``obs["cluster_id"]``,
         ``obs["total_molecules"]``, ``obs["size_um2"]``, ``obsm["spatial"]`` = pixel
         X, Y times 0.065 µm/pixel, obs_names the CellID (made unique),
-        ``uns["pyrospatial_dataset"]`` with the source and pixel size.
+        ``uns["pyrospatial_dataset"]`` with the source, pixel size and
+        ``n_duplicates_dropped``.
 
     Raises
     ------
@@ -111,7 +120,14 @@ def load_osmfish(path: str | os.PathLike | None = None) -> ad.AnnData:
             raise ValueError(f"{str(file)!r} is not the expected osmFISH loom layout: {err}") from err
 
     keep = valid == 1
-    X = np.asarray(matrix).T[keep].astype(np.float32)
+    counts = np.asarray(matrix).T
+    n_dropped = 0
+    if drop_duplicates:
+        table = pd.DataFrame(np.hstack([counts, px]).astype(np.float64))
+        first = ~table.duplicated(keep="first").to_numpy()
+        n_dropped = int((keep & ~first).sum())
+        keep &= first
+    X = counts[keep].astype(np.float32)
     obs = pd.DataFrame(
         {
             "cell_type": pd.Categorical(cluster[keep]),
@@ -135,7 +151,8 @@ def load_osmfish(path: str | os.PathLike | None = None) -> ad.AnnData:
                 "file": str(file),
                 "pixel_size_um": OSMFISH_PIXEL_SIZE_UM,
                 "spatial_units": "um",
-                "filter": "Valid == 1",
+                "filter": "Valid == 1" + (", duplicated records dropped" if drop_duplicates else ""),
+                "n_duplicates_dropped": n_dropped,
             }
         },
     )
