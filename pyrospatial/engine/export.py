@@ -323,9 +323,13 @@ def frames_to_obs(adata, keys: list[str]) -> None:
     scanpy's ``color=`` reaches them. The obsm DataFrames stay."""
     import pandas as pd
 
+    columns: dict = {}
     for key in keys:
         frame = adata.obsm[key]
         if not isinstance(frame, pd.DataFrame):
             raise InputError(f"obsm['{key}'] must be a DataFrame (cell types as columns) to be copied into obs.")
         for column in frame.columns:
-            adata.obs[f"{key}_{column}"] = frame[column].to_numpy()
+            columns[f"{key}_{column}"] = frame[column].to_numpy()
+    # all columns joined at once: inserting hundreds one by one fragments the frame (pandas warns)
+    kept = adata.obs.drop(columns=[c for c in columns if c in adata.obs.columns])
+    adata.obs = pd.concat([kept, pd.DataFrame(columns, index=adata.obs.index)], axis=1)

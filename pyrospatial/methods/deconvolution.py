@@ -386,7 +386,8 @@ class Deconvolution:
         for name in ("abundance", "cell_count", "proportion"):
             for stat, v in summary[name].items():
                 out.obsm[f"{name}_{stat}"] = pd.DataFrame(v, index=index, columns=types)
-                frames_to_obs(out, [f"{name}_{stat}"])
+        frames_to_obs(out, [f"{name}_{stat}" for name in ("abundance", "cell_count", "proportion")
+                            for stat in summary[name]])
         if "expected_expression" in draws:
             for stat, v in summary["expected_expression"].items():
                 out.obsm[f"expected_expression_{stat}"] = v.astype(np.float32)
