@@ -60,12 +60,13 @@ class CellTypeDeconvolutionModel(PyroModule):
        ``c_j ~ Gamma(1 / cv_j^2, 1 / (cv_j^2 N_j))`` (mean ``N_j``, coefficient of variation
        ``cv_j = total_cv``), ``u_jt ~ Gamma(a * rho_t, 1)``, ``w_jt = c_j u_jt / sum_t u_jt``
        (sites ``total_cells`` and ``composition``; ``abundance`` becomes deterministic).
-    4. **Integer cell counts**, the quantity a pseudo-spot truth or a segmentation reports,
-       ``n_jt | w_jt ~ Poisson(w_jt)``. The likelihood below uses ``w_jt`` (the mean of the
-       sum of ``n_jt`` cells); the extra variance of the integer sum is absorbed by the
-       negative-binomial dispersion. ``n_jt`` is drawn after inference from the posterior of
-       ``w_jt`` (:func:`pyrospatial.deconvolve` exports its summaries as ``cell_count_*``), so
-       its 90% interval can contain 0 and is read against integer truth.
+    4. **Integer cell counts**, the quantity a pseudo-spot truth or a segmentation reports:
+       the likelihood below reads ``w_jt`` as the spot's number of cells of type ``t`` (its
+       expression is the sum of ``w_jt`` cells'), so the integer count ``n_jt`` is ``w_jt``
+       rounded, not a further ``Poisson(w_jt)`` draw, which would sample the cells twice. It is
+       drawn after inference, each posterior draw of ``w_jt`` rounded at random (mean kept;
+       :func:`pyrospatial.methods.deconvolution.round_at_random`, exported as
+       ``cell_count_*``), so its 90% interval can contain 0 and is read against integer truth.
     5. **Gene-specific platform effects** between reference and spots,
        ``m_g ~ Gamma(1 / cv_m^2, 1 / cv_m^2)`` (mean 1, coefficient of variation
        ``platform_cv``).

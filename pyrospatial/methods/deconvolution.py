@@ -31,8 +31,9 @@ For ``stat`` in ``mean, sd, q05, q50, q95`` (posterior mean, standard deviation 
 - ``obsm[f"abundance_{stat}"]``: DataFrame spots x cell types, ``w_jt``, the expected
   number of cells of each type in each spot (continuous, never exactly 0);
 - ``obsm[f"cell_count_{stat}"]``: DataFrame spots x cell types, the integer number of cells
-  ``n_jt ~ Poisson(w_jt)`` under the posterior of ``w``: read its ``[q05, q95]`` as the 90%
-  interval of a spot's cell count (it contains 0 when absence is plausible);
+  ``n_jt``: each posterior draw of ``w_jt`` rounded at random (:func:`round_at_random`): read
+  its ``[q05, q95]`` as the 90% interval of a spot's cell count (it contains 0 when absence is
+  plausible);
 - ``obsm[f"proportion_{stat}"]``: DataFrame spots x cell types, ``w_jt / sum_t w_jt``;
 - ``obs[f"{quantity}_{stat}_{cell_type}"]`` for ``quantity`` in abundance, cell_count,
   proportion: every column of those DataFrames, for scanpy's ``color=`` (e.g.
@@ -108,7 +109,7 @@ from pyrospatial.methods.method_io import (
 )
 
 __all__ = ["STATS", "UNS_KEY", "WIDTH_FACTORS", "Deconvolution", "EmptySpotError", "NoSharedGenesError",
-           "ReferenceTypeError", "deconvolve", "elbo_converged", "guide_start", "nnls_abundance", "signature_prior"]
+           "ReferenceTypeError", "deconvolve", "round_at_random", "elbo_converged", "guide_start", "nnls_abundance", "signature_prior"]
 
 
 #: Statistics exported for every inferred quantity.
@@ -350,8 +351,8 @@ class Deconvolution:
     def sample(self, num_samples: int = 300, *, return_expression: bool = False, seed: int = 0) -> dict[str, np.ndarray]:
         """Joint posterior draws (site -> ``(num_samples, ...)``) of the abundances, proportions,
         globals, detection (when ``detection_cv > 0``), per-spot per-type expected expression
-        (``return_expression``), and the integer cell counts ``cell_count ~ Poisson(abundance)``
-        (numpy generator seeded with ``seed``)."""
+        (``return_expression``), and the integer cell counts: each abundance draw rounded at
+        random (:func:`round_at_random`, numpy generator seeded with ``seed``)."""
         self._require_trained()
         started = time.perf_counter()
         sites = ["abundance", "proportion", *self.global_sites]
@@ -366,7 +367,7 @@ class Deconvolution:
                                               sites=sites, seed=seed))
         finally:
             self.model.record_expression = False
-        draws["cell_count"] = np.random.default_rng(seed).poisson(draws["abundance"].astype(np.float64))
+        draws["cell_count"] = round_at_random(draws["abundance"], seed)
         self.draws = draws
         self.sample_record = {"num_samples": int(num_samples), "seed": int(seed),
                               "seconds": time.perf_counter() - started}
@@ -629,6 +630,22 @@ def deconvolve(
                  seed=seed, device=device, progress=progress, checkpoint_dir=checkpoint_dir, resume=resume, **extra)
     method.sample(num_samples, return_expression=return_expression, seed=seed)
     return method.export(keep_draws=keep_draws)
+
+
+def round_at_random(abundance: np.ndarray, seed: int) -> np.ndarray:
+    """Integer cell counts from abundance draws: ``floor(w) + 1`` with probability
+    ``w - floor(w)``, else ``floor(w)`` (mean ``w``; int64).
+
+    Why not ``Poisson(w)``: the likelihood reads ``w`` as the spot's number of cells (its
+    expression is the sum of ``w`` cells' expression), so the data already pin the count; a
+    Poisson draw on top samples the cells a second time. Measured with the randomised PIT of
+    the true counts (nominal 0.5 / 0.9 when calibrated), signatures model after the ELBO's
+    width choice: on the ``sim_gradient`` simulator, seeds 1 and 2 (the benchmark scores seed 0),
+    Poisson 0.71 / 0.97 and 0.67 / 0.96, rounded 0.50 / 0.89 and 0.48 / 0.87; on the simulation
+    of ``tests/test_deconvolution.py`` Poisson 0.75 / 0.97, rounded 0.50 / 0.94."""
+    w = np.asarray(abundance, dtype=np.float64)
+    base = np.floor(w)
+    return (base + (np.random.default_rng(seed).random(w.shape) < w - base)).astype(np.int64)
 
 
 def _cells_per_spot(cells_per_spot, spots: AnnData, spot_counts: np.ndarray, ref_counts: np.ndarray) -> np.ndarray:

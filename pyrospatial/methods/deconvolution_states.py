@@ -26,8 +26,6 @@ q50, q95``):
 - ``uns["deconvolution"]["states"]``: ``n_states``, ``state_columns``, ``expression_genes``,
   the reference fit (``reference_steps``, ``reference_final_loss``) and
   ``abundance_width_factor`` (the ELBO's scaling of ``q(w)``'s width after training);
-- ``obsm[f"cell_count_{stat}"]``: here the abundance draws rounded at random (mean kept), not
-  ``Poisson(w)`` (see :meth:`StateDeconvolution.sample`);
 - ``uns["deconvolution"]["globals"]`` has no ``signature`` (the decoders replace it).
 
 :func:`choose_settings` scores candidate settings (model and steps) by held-out genes and
@@ -69,6 +67,7 @@ from pyrospatial.methods.deconvolution import (  # noqa: F401  (WIDTH_FACTORS re
     UNS_KEY,
     WIDTH_FACTORS,
     Deconvolution,
+    round_at_random,
 )
 
 __all__ = ["MODELS", "StateDeconvolution", "check_model_name", "check_n_states", "choose_settings",
@@ -252,9 +251,7 @@ class StateDeconvolution(Deconvolution):
         with pyro.validation_enabled(False):
             draws = dict(sample_posterior(self.model, self.guide, self.data, num_samples=int(num_samples),
                                           sites=sites, seed=seed))
-        w = draws["abundance"].astype(np.float64)
-        base = np.floor(w)
-        draws["cell_count"] = (base + (np.random.default_rng(seed).random(w.shape) < w - base)).astype(np.int64)
+        draws["cell_count"] = round_at_random(draws["abundance"], seed)
         draws.update(self._expression_draws(draws, return_expression))
         self.draws = draws
         self.sample_record = {"num_samples": int(num_samples), "seed": int(seed),
