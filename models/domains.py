@@ -13,15 +13,16 @@ import pyro
 import pyro.distributions as dist
 import torch
 import torch.nn.functional as F
+from pyro.distributions import constraints
 from pyro.nn import PyroModule
 from torch import nn
 
 from pyrospatial.engine.batch import spot_plate
 from pyrospatial.protocols import ModelContract, ObservedSite
 
-from .blocks import gamma_likelihood, negative_binomial
+from .blocks import gamma_likelihood
 
-__all__ = ["DomainModel"]
+__all__ = ["CountLikelihood", "DomainModel"]
 
 
 class DomainModel(PyroModule):
@@ -173,8 +174,9 @@ class DomainModel(PyroModule):
             # 7. counts
             if self.n_genes:
                 logits = self.count_bias + z @ self.count_decoder + offsets["count_offset"][section]
-                mean = batch.library.unsqueeze(-1) * torch.softmax(logits, dim=-1)
-                pyro.sample("counts", negative_binomial(mean, self.count_log_theta.exp()), obs=batch.counts)
+                log_mean = batch.library.clamp_min(1e-8).log().unsqueeze(-1) + torch.log_softmax(logits, dim=-1)
+                pyro.sample("counts", CountLikelihood(log_mean, self.count_log_theta.exp(), nonzero=_nonzero(batch)),
+                            obs=batch.counts)
             # 8. proteins
             if self.n_proteins:
                 log_mean = self.protein_bias + z @ self.protein_decoder + offsets["protein_offset"][section]
@@ -186,12 +188,81 @@ class DomainModel(PyroModule):
                 scale = self.morphology_log_scale.exp().expand_as(loc)
                 pyro.sample("morphology", dist.StudentT(self.student_df * one, loc, scale).to_event(1),
                             obs=batch.morphology)
-        # 4. (graph factor) neighbours' logits pulled together, scaled like the spots plate
+        # 4. (graph factor) neighbours' logits pulled together, scaled like the spots plate; in a
+        # minibatch the batch's edges also stand for the edges cut off at its border
+        # (``batch.edge_scale``, 1 for the full batch)
         edges = batch.edge_index
         if self.smoothness > 0 and edges.numel():
             diff = u[..., edges[0], :] - u[..., edges[1], :]
-            pyro.factor("domain_smoothness",
-                        -0.5 * self.smoothness * float(batch.spot_scale) * diff.pow(2).sum((-1, -2)))
+            scale = float(batch.spot_scale) * float(getattr(batch, "edge_scale", 1.0))
+            pyro.factor("domain_smoothness", -0.5 * self.smoothness * scale * diff.pow(2).sum((-1, -2)))
+
+
+class CountLikelihood(dist.TorchDistribution):
+    r"""``NB(mean = exp(log_mean), inverse dispersion theta)`` over the genes of each spot (event
+    dim 1), the same law as :func:`pyrospatial.models.blocks.negative_binomial`, with a log
+    density that touches the dense ``(spots, genes)`` array only through ``x log mu`` and
+    ``(x + theta) log(theta + mu)``; the ``lgamma`` terms are evaluated on the non-zero counts
+    only (DLPFC: 19% of entries), which is most of the fit's time otherwise:
+
+    ``log p(x) = sum_g [lgamma(x + theta) - lgamma(theta) - lgamma(x + 1)]_{x > 0}
+    + theta log theta + x log mu - (x + theta) log(theta + mu)``.
+    """
+
+    arg_constraints = {}
+    support = constraints.independent(constraints.nonnegative_integer, 1)
+
+    def __init__(self, log_mean: torch.Tensor, theta: torch.Tensor, validate_args=None, *, nonzero=None) -> None:
+        self.log_mean, self.theta, self.nonzero = log_mean, theta, nonzero
+        super().__init__(log_mean.shape[:-1], log_mean.shape[-1:], validate_args=False)
+
+    def expand(self, batch_shape, _instance=None):
+        shape = torch.Size(batch_shape) + self.event_shape
+        return CountLikelihood(self.log_mean.expand(shape), self.theta, nonzero=self.nonzero)
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self.log_mean.exp()
+
+    def sample(self, sample_shape=torch.Size()) -> torch.Tensor:
+        mu = self.log_mean.exp().clamp_min(1e-8)
+        theta = self.theta.expand_as(mu)
+        return dist.GammaPoisson(theta, theta / mu).sample(sample_shape)
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        """``nonzero = (rows, cols, values, log_factorial)`` of ``value`` when it is the batch's
+        ``(m, G)`` count matrix (see :class:`~pyrospatial.data.domain_data.DomainBatch`); else
+        the non-zero entries are found here."""
+        theta = self.theta.expand(value.shape[-1])
+        log_mean = self.log_mean
+        if self.nonzero is not None and value.dim() == 2:
+            rows, cols, x, log_factorial = self.nonzero
+        else:
+            shape = torch.broadcast_shapes(value.shape, log_mean.shape)
+            log_mean = log_mean.expand(shape).reshape(-1, shape[-1])
+            flat = value.expand(shape).reshape(-1, shape[-1])
+            rows, cols = flat.nonzero(as_tuple=True)
+            x = flat[rows, cols]
+            log_factorial = torch.zeros(flat.shape[0], dtype=x.dtype, device=x.device).index_add_(
+                0, rows, torch.lgamma(x + 1.0))
+            out = self._log_prob(log_mean, theta, rows, cols, x, log_factorial)
+            return out.reshape(shape[:-1])
+        return self._log_prob(log_mean, theta, rows, cols, x, log_factorial)
+
+    @staticmethod
+    def _log_prob(log_mean, theta, rows, cols, x, log_factorial):
+        log_c = torch.log(theta + log_mean.exp() + 1e-8)  # log(theta + mu): the only dense terms
+        out = (theta * theta.log()).sum() - (theta * log_c).sum(-1) - log_factorial
+        th = theta[cols]
+        terms = torch.lgamma(x + th) - torch.lgamma(th) + x * (log_mean[..., rows, cols] - log_c[..., rows, cols])
+        return out.index_add(-1, rows, terms)
+
+
+def _nonzero(batch):
+    rows = getattr(batch, "count_rows", None)
+    if rows is None:
+        return None
+    return rows, batch.count_cols, batch.count_values, batch.count_log_factorial
 
 
 def _inverse_softplus(value: float) -> float:

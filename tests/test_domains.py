@@ -77,6 +77,44 @@ def test_model_trace_shapes_and_exact_domain_posterior():
     assert half.edge_index.max() < 64
 
 
+def test_count_likelihood_is_the_negative_binomial():
+    from pyrospatial.models.blocks import negative_binomial
+    from pyrospatial.models.domains import CountLikelihood, _nonzero
+
+    rng = np.random.default_rng(0)
+    counts = rng.negative_binomial(2, 0.5, (40, 25)).astype(np.float32) * (rng.uniform(size=(40, 25)) < 0.3)
+    counts[:, 0] += 1  # no empty spot
+    log_mean = torch.randn(40, 25, requires_grad=True)
+    theta = torch.rand(25) * 5 + 0.2
+    data = DomainData(np.zeros((40, 2)), rng.uniform(0, 5, (40, 2)), np.zeros(40, dtype=int), counts=counts)
+    x = torch.as_tensor(counts)
+    want = negative_binomial(log_mean.exp(), theta).log_prob(x)
+    # the non-zero entries found from the value, and those the batch carries (a subset of spots)
+    torch.testing.assert_close(CountLikelihood(log_mean, theta).log_prob(x), want, rtol=1e-5, atol=1e-3)
+    batch = data.make_batch(np.arange(7, 29), 2)
+    idx = batch.spot_index
+    got = CountLikelihood(log_mean[idx], theta, nonzero=_nonzero(batch)).log_prob(batch.counts)
+    torch.testing.assert_close(got, want[idx], rtol=1e-5, atol=1e-3)
+    g_got, = torch.autograd.grad(got.sum(), log_mean)
+    g_want, = torch.autograd.grad(want[idx].sum(), log_mean)
+    torch.testing.assert_close(g_got, g_want, rtol=1e-4, atol=1e-4)
+    # leading draw dimensions broadcast
+    assert CountLikelihood(log_mean.expand(3, 40, 25), theta).log_prob(x).shape == (3, 40)
+
+
+def test_minibatch_graph_term_counts_every_edge_once():
+    # the batches of one partition add up to the whole graph: sum_b edge_scale_b * E_b = E
+    rng = np.random.default_rng(1)
+    coords = rng.uniform(0, 10, (300, 2))
+    data = DomainData(np.zeros((300, 2)), coords, np.zeros(300, dtype=int), n_neighbours=6)
+    batches = list(data.chunks(75))
+    assert len(batches) == 4 and sum(b.n_spots for b in batches) == 300
+    total = sum(b.edge_scale * b.edge_index.shape[1] for b in batches)
+    assert abs(total - data.edges.shape[1]) < 1e-6 * data.edges.shape[1]
+    assert all(b.edge_scale > 1.0 for b in batches)  # cut edges are made up for
+    assert data.full_batch().edge_scale == 1.0
+
+
 def test_graph_has_no_edge_between_sections():
     coords = np.concatenate([np.random.default_rng(0).uniform(0, 5, (20, 2))] * 2)
     section = np.repeat([0, 1], 20)
@@ -234,3 +272,19 @@ def test_cli_domains_writes_one_file_per_section(tmp_path):
     assert (out / "figures" / "domains.png").exists() and (out / "domains.json").exists()
     assert main(["domains", "--sections", str(tmp_path / "missing.h5ad"), "--n-domains", "3",
                  "--out", str(tmp_path / "out2")]) == 2
+
+
+def test_training_stops_when_the_loss_levels_off():
+    from pyrospatial.methods.domains import ElboPlateau
+
+    rule = ElboPlateau(window=10, rel_tol=1e-3, min_steps=20)
+    falling = list(1000.0 * np.exp(-np.arange(200) / 30.0) + 1000.0)
+    fired = next(n for n in range(1, 201) if rule.should_stop(falling[:n]))
+    assert fired % 10 == 0 and 20 <= fired < 200
+    # a loss still falling fast does not stop; the fit itself stops before max_steps
+    assert not ElboPlateau(window=10, rel_tol=1e-3, min_steps=20).should_stop(falling[:40])
+    sections = simulate_domains(1, 3, grid=8, n_genes=30, markers_per_domain=5, seed=4)
+    method = Domains(sections, 3, latent_dim=4, seed=0)
+    method.train(2000, seed=0, stop_tol=1e-2, stop_window=5)
+    steps = method.train_record["steps"]
+    assert steps < 2000 and steps == method.train_record["stopped_at"] and steps % 5 == 0

@@ -99,7 +99,7 @@ shared = ps.datasets.shared_data_dir()
 real = not args.quick and shared is not None and (shared / "dlpfc_visium").is_dir()
 if real:
     sections = [read_dlpfc(shared / "dlpfc_visium", s) for s in ("151673", "151674")]
-    n_domains, steps, draws, obs_columns = 7, 1500, 100, ("nuclei",)
+    n_domains, steps, draws, obs_columns = 7, 3000, 100, ("nuclei",)  # stops at the ELBO plateau
 else:
     sections = simulate_domains(2, 4, grid=18 if args.quick else 30, expression_signal=0.5,
                                 morphology_signal=0.0, seed=3)

@@ -9,7 +9,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass, fields, replace
 
 import numpy as np
+import scipy.sparse as sp
 import torch
+from scipy.special import gammaln
 from scipy.spatial import cKDTree
 
 from pyrospatial.data.batching import spatial_partition
@@ -41,6 +43,11 @@ class DomainBatch:
     n_spots_total: int  # spots in the data set (size of the spots plate)
     n_batches: int  # batches in this epoch's partition
     spot_scale: float = 1.0  # multiplies every per-spot log-density (unbiased minibatch ELBO)
+    edge_scale: float = 1.0  # (sum of the batch's spots' degrees / 2) / E: the graph term's share, times spot_scale
+    count_rows: torch.Tensor | None = None  # (N,) long, local spot of each non-zero count
+    count_cols: torch.Tensor | None = None  # (N,) long, gene of each non-zero count
+    count_values: torch.Tensor | None = None  # (N,) float, the non-zero counts
+    count_log_factorial: torch.Tensor | None = None  # (m,) float, sum_g lgamma(x_ig + 1)
 
     @property
     def n_spots(self) -> int:
@@ -170,10 +177,17 @@ class DomainData:
         self.n_sections = int(self.section.max()) + 1 if n else 0
         self.counts = _float_matrix(counts, n, "counts")
         self.library = self.counts.sum(1)
+        # the non-zero counts, row by row (the likelihood's lgamma terms need only these)
+        self.count_csr = sp.csr_matrix(self.counts)
+        self.count_log_factorial = np.asarray(
+            sp.csr_matrix((gammaln(self.count_csr.data.astype(np.float64) + 1.0), self.count_csr.indices,
+                           self.count_csr.indptr), shape=self.counts.shape).sum(1)).ravel().astype(np.float32)
+        self._full: DomainBatch | None = None
         self.proteins = _float_matrix(proteins, n, "proteins")
         self.morphology = _float_matrix(morphology, n, "morphology")
         self.edges = knn_edges(self.coords, self.section, n_neighbours) if n_neighbours > 0 else np.zeros(
             (2, 0), dtype=np.int64)
+        self.degree = np.bincount(self.edges.reshape(-1), minlength=n).astype(np.float64)
         # sections side by side, so that spatially compact minibatches never mix sections
         layout = self.coords - self.coords.min(0)
         width = float(np.ptp(layout[:, 0])) + 1.0 if n else 1.0
@@ -186,11 +200,19 @@ class DomainData:
     def make_batch(self, units: np.ndarray, n_batches: int = 1) -> DomainBatch:
         """The :class:`DomainBatch` of spots ``units`` (scaled by ``n_batches``)."""
         units = np.sort(np.asarray(units, dtype=np.int64))
+        full = units.size == self.n_spots and int(n_batches) == 1
+        if full and self._full is not None:
+            return self._full
         local = np.full(self.n_spots, -1, dtype=np.int64)
         local[units] = np.arange(units.size)
         e = local[self.edges]
         e = e[:, (e >= 0).all(0)] if e.size else e
-        return DomainBatch(
+        nz = self.count_csr[units].tocoo()
+        # the batch's edges stand for every edge of its spots (half of each spot's degree, so that
+        # the batches of a partition add up to the whole graph; 1 for the full batch): cut edges
+        # of a spatially compact minibatch do not weaken the spatial prior
+        edge_scale = 1.0 if full or e.shape[1] == 0 else float(self.degree[units].sum() / 2.0 / e.shape[1])
+        batch = DomainBatch(
             spot_index=torch.from_numpy(units),
             section=torch.from_numpy(self.section[units]),
             counts=torch.from_numpy(self.counts[units]),
@@ -203,7 +225,15 @@ class DomainData:
             n_spots_total=self.n_spots,
             n_batches=int(n_batches),
             spot_scale=float(n_batches),
+            edge_scale=edge_scale,
+            count_rows=torch.from_numpy(nz.row.astype(np.int64)),
+            count_cols=torch.from_numpy(nz.col.astype(np.int64)),
+            count_values=torch.from_numpy(nz.data.astype(np.float32)),
+            count_log_factorial=torch.from_numpy(self.count_log_factorial[units]),
         )
+        if full:
+            self._full = batch
+        return batch
 
     def dataloader(self, batch_size: int | None = None, *, seed: int = 0,
                    shuffle: bool = True) -> torch.utils.data.DataLoader:

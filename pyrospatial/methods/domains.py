@@ -168,21 +168,38 @@ class Domains:
         return int(self.settings["n_domains"])
 
     # ------------------------------------------------------------------------------------
-    def train(self, max_steps: int = 1500, *, lr: float = 0.01, batch_size: int | None = None, seed: int = 0,
-              device: str = "cpu", progress: bool = False, **fit_kwargs: Any) -> FitResult:
+    def train(self, max_steps: int = 3000, *, lr: float = 0.01, batch_size: int | None = 1024, seed: int = 0,
+              device: str = "cpu", progress: bool = False, stop_tol: float | None = 1e-4, stop_window: int = 25,
+              **fit_kwargs: Any) -> FitResult:
         """Fit by SVI with :func:`pyrospatial.fit` (Adam at ``lr``, decayed 10x over
-        ``max_steps``; ``batch_size`` spots per spatially compact minibatch, ``None`` = all);
-        other ``fit`` options (``checkpoint_dir``, ``resume``, ...) pass through."""
+        ``max_steps``; ``batch_size`` spots per spatially compact minibatch, ``None`` = all).
+
+        Stopping rule (``stop_tol=None`` turns it off: ``max_steps`` steps): every
+        ``stop_window`` epochs (passes over the spots), once ``2 * stop_window`` epochs have run,
+        the mean loss of the last ``stop_window`` epochs is compared with that of the
+        ``stop_window`` epochs before; training stops when it improved by less than ``stop_tol``
+        of its absolute value (:class:`ElboPlateau`). Other ``fit`` options (``checkpoint_dir``,
+        ``resume``, ...) pass through."""
         started = time.perf_counter()
+        n = int(self.data.n_spots)
+        per_epoch = 1 if batch_size is None else max(1, min(n, -(-n // int(batch_size))))
+        callbacks = list(fit_kwargs.pop("callbacks", []) or [])
+        plateau = None
+        if stop_tol is not None:
+            window = max(1, int(stop_window)) * per_epoch
+            plateau = ElboPlateau(window=window, rel_tol=float(stop_tol), min_steps=2 * window)
+            callbacks.append(plateau.callback)
         with pyro.validation_enabled(False):
             result = fit(self.model, self.guide, self.data, max_steps=int(max_steps), batch_size=batch_size, lr=lr,
                          lr_decay=0.1 ** (1.0 / max(int(max_steps), 1)), seed=seed, device=device,
-                         progress=progress, **fit_kwargs)
+                         progress=progress, callbacks=callbacks, **fit_kwargs)
         self.fit_result = result
         self.train_record = {
             "max_steps": int(max_steps), "steps": len(result.elbo_history), "lr": float(lr),
             "batch_size": None if batch_size is None else int(batch_size), "seed": int(seed),
             "device": str(result.settings.get("device", device)),
+            "stop_tol": -1.0 if stop_tol is None else float(stop_tol), "stop_window": int(stop_window),
+            "stopped_at": -1 if plateau is None or plateau.stopped_at is None else int(plateau.stopped_at),
             "elbo": np.asarray(result.elbo_history, dtype=np.float64),
             "versions": dict(result.settings.get("versions", {})), "seconds": time.perf_counter() - started,
         }
@@ -214,7 +231,9 @@ class Domains:
         confidence = prob["mean"][np.arange(label.size), label]
         categories = [str(k) for k in range(self.n_domains)]
         settings = dict(self.settings)
-        settings.update({k: record[k] for k in ("max_steps", "steps", "lr", "batch_size", "seed", "device")})
+        settings.update({k: record[k] for k in ("max_steps", "steps", "lr", "batch_size", "seed", "device")
+                         if k in record})
+        settings.update({k: record[k] for k in ("stop_tol", "stop_window", "stopped_at") if k in record})
         settings["num_samples"] = self.sample_record["num_samples"]
         rec = h5ad_safe({
             "settings": settings, "modalities": list(self.inputs.modalities),
@@ -290,6 +309,40 @@ class Domains:
         return self.draws
 
 
+class ElboPlateau:
+    """Stops :func:`pyrospatial.fit` once the loss has levelled off: after ``min_steps``, every
+    ``window`` steps the mean loss of the last ``window`` steps is compared with that of the
+    ``window`` before; the fit stops when it improved by less than ``rel_tol`` of the loss's
+    absolute value. ``callback`` is the Lightning callback to pass to ``fit(callbacks=...)``."""
+
+    def __init__(self, window: int = 50, rel_tol: float = 1e-4, min_steps: int = 200) -> None:
+        import lightning.pytorch as lp
+
+        self.window, self.rel_tol, self.min_steps = int(window), float(rel_tol), int(min_steps)
+        self.stopped_at: int | None = None
+        rule = self
+
+        class _Callback(lp.Callback):
+            def on_train_batch_end(self, trainer, pl_module, *args, **kwargs) -> None:
+                if rule.should_stop(getattr(pl_module, "elbo_history", [])):
+                    trainer.should_stop = True
+
+        self.callback = _Callback()
+
+    def should_stop(self, history) -> bool:
+        """The rule on a loss history (one value per step); records the step it fired at."""
+        n, w = len(history), self.window
+        if self.stopped_at is not None:
+            return True
+        if n < max(self.min_steps, 2 * w) or n % w:
+            return False
+        last, before = float(np.mean(history[-w:])), float(np.mean(history[-2 * w:-w]))
+        if before - last < self.rel_tol * abs(last):
+            self.stopped_at = n
+            return True
+        return False
+
+
 def _starting_embedding(features: np.ndarray, n_smoothed: int, Z: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The encoder's linear start: principal axes of the neighbour-averaged half of the inputs
     (the last ``n_smoothed`` columns), scaled so the first axis has unit standard deviation."""
@@ -334,9 +387,10 @@ def domains(
     n_top_genes: int | None = 2000,
     smoothness: float = 1.0,
     logit_scale: float = 5.0,
-    max_steps: int = 1500,
+    max_steps: int = 3000,
     lr: float = 0.01,
-    batch_size: int | None = None,
+    batch_size: int | None = 1024,
+    stop_tol: float | None = 1e-4,
     num_samples: int = 100,
     seed: int = 0,
     device: str = "cpu",
@@ -374,8 +428,10 @@ def domains(
     smoothness, logit_scale
         ``lambda`` of the graph prior on domain logits (0: no spatial prior) and the logits'
         prior scale (see :class:`~pyrospatial.models.domains.DomainModel`).
-    max_steps, lr, batch_size
-        SVI budget, learning rate (decayed 10x over the run), spots per minibatch.
+    max_steps, lr, batch_size, stop_tol
+        SVI budget, learning rate (decayed 10x over ``max_steps``), spots per spatially compact
+        minibatch (``None``: all), and the stopping rule of :meth:`Domains.train` (``None``:
+        ``max_steps`` steps).
     num_samples
         Joint posterior draws behind every summary.
     seed, device, progress, checkpoint_dir, resume
@@ -397,7 +453,7 @@ def domains(
                      n_neighbours=n_neighbours, latent_dim=latent_dim, state_dim=state_dim, n_pcs=n_pcs,
                      n_top_genes=n_top_genes, smoothness=smoothness, logit_scale=logit_scale, seed=seed)
     method.train(max_steps, lr=lr, batch_size=batch_size, seed=seed, device=device, progress=progress,
-                 checkpoint_dir=checkpoint_dir, resume=resume)
+                 stop_tol=stop_tol, checkpoint_dir=checkpoint_dir, resume=resume)
     method.sample(num_samples, seed=seed)
     outs = method.export()
     return outs[0] if isinstance(adatas, AnnData) else outs
