@@ -406,8 +406,8 @@ def _add_deconvolve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=None, help="spots per minibatch (None: all)")
     p.add_argument("--num-samples", type=int, default=300, help="posterior draws")
     p.add_argument("--expression", action="store_true", help="also export per-spot per-type expression")
-    p.add_argument("--model", choices=("signatures", "states"), default="signatures",
-                   help="fixed per-type signatures, or a continuous state per spot and type (obsm type_state_*)")
+    p.add_argument("--model", choices=("signatures", "states"), default="states",
+                   help="a continuous state per spot and type (default; obsm type_state_*), or fixed signatures")
     p.add_argument("--n-states", type=int, default=3, help="dimension of each type's state (--model states)")
     add_checkpoint_options(p)
     p.set_defaults(func=_deconvolve)

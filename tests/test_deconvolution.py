@@ -56,7 +56,8 @@ def simulated():
 @pytest.fixture(scope="module")
 def fitted(simulated):
     reference, spots, truth = simulated
-    out = ps.deconvolve(spots, reference, "cell_type", cells_per_spot=6.0, max_steps=600, num_samples=200,
+    out = ps.deconvolve(spots, reference, "cell_type", model="signatures", cells_per_spot=6.0, max_steps=600,
+                        num_samples=200,
                         return_expression=True, keep_draws=True, progress=False, seed=0)
     return out, truth
 

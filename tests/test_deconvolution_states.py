@@ -102,7 +102,7 @@ def states_fit(gradient):
 
 def test_states_beat_signatures_when_a_type_drifts(gradient, states_fit):
     reference, spots, truth, x = gradient
-    signatures = ps.deconvolve(spots, reference, "cell_type", **FIT)
+    signatures = ps.deconvolve(spots, reference, "cell_type", model="signatures", **FIT)
     rmse_states, rmse_signatures = proportion_rmse(states_fit, truth), proportion_rmse(signatures, truth)
     # MARGIN: see the report of this test's settings over repeated simulations
     assert rmse_states < rmse_signatures - MARGIN, (rmse_states, rmse_signatures)

@@ -80,8 +80,8 @@ def _same_obsm(x: ad.AnnData, y: ad.AnnData) -> None:
 # ------------------------------------------------------------------------------------------
 def test_deconvolve_is_one_call_of_the_class(spots_and_reference, deconvolution):
     spots, reference = spots_and_reference
-    out = ps.deconvolve(spots, reference, "cell_type", max_steps=20, num_samples=30, seed=0, progress=False,
-                        **DEC_SETTINGS)
+    out = ps.deconvolve(spots, reference, "cell_type", model="signatures", max_steps=20, num_samples=30, seed=0,
+                        progress=False, **DEC_SETTINGS)
     # the wrapper samples with its one seed; the class was sampled with seed=1: resample to compare
     mine = Deconvolution(spots, reference, "cell_type", **DEC_SETTINGS)
     mine.train(20, seed=0, progress=False)

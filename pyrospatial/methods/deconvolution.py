@@ -496,7 +496,7 @@ def deconvolve(
     smoothness: float = 0.0,
     total_cv: float | str | None = None,
     n_neighbours: int = 6,
-    model: str = "signatures",
+    model: str = "states",
     n_states: int = 3,
     expression_genes: list[str] | None = None,
     reference_steps: int = 400,
@@ -539,14 +539,17 @@ def deconvolve(
         Priors of the model (see its docstring); ``smoothness > 0`` adds the spatial term over
         a ``n_neighbours``-nearest-spot graph.
     model
-        ``"signatures"`` (default): fixed per-type signatures
-        (:class:`~pyrospatial.models.celltype_deconvolution.CellTypeDeconvolutionModel`).
-        ``"states"``: a continuous state per spot and type shifting the type's expression through
-        a decoder learnt on the reference cells
+        ``"states"`` (default): a continuous state per spot and type shifting the type's
+        expression through a decoder learnt on the reference cells
         (:class:`~pyrospatial.methods.deconvolution_states.StateDeconvolution`; adds the keys
         ``type_state_*`` and, with ``expression_genes``, ``type_expression_*``, documented in
-        that module). Choose between them without the truth with
-        :func:`~pyrospatial.methods.deconvolution_states.choose_settings` (held-out genes).
+        that module; ``smoothness`` and ``total_cv`` are not part of it).
+        ``"signatures"``: fixed per-type signatures
+        (:class:`~pyrospatial.models.celltype_deconvolution.CellTypeDeconvolutionModel`), about
+        a third of the cost. The default was chosen by held-out genes, never by the truth:
+        :func:`~pyrospatial.methods.deconvolution_states.choose_settings` preferred
+        ``"states"`` on all five benchmark data sets built from another split (see that
+        module's docstring); run it on your own data to choose there.
     n_states, expression_genes, reference_steps
         ``model="states"`` only: dimension ``K >= 1`` of each type's state; genes whose expected
         per-type expression is exported per spot; Adam steps of the reference model.

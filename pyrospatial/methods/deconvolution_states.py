@@ -31,17 +31,15 @@ q50, q95``):
 :func:`choose_settings` scores candidate settings (model and steps) by held-out genes and
 returns the best: the same call on every data set, never reading any truth.
 
-Why the default of :func:`~pyrospatial.methods.deconvolution.deconvolve` stays
-``model="signatures"``: on the drifting-type simulation of
-``tests/test_deconvolution_states.py`` (400 steps, lr 0.05, ``n_states=2``) the states model
-predicted held-out genes far better (Poisson deviance 2.66 against 5.34, and 3.10 against
-6.02, simulation seeds 1 and 2) and its proportions were better on 3 of 5 simulations (mean
-RMSE 0.0794 against 0.0821), but on osmFISH 100 µm pseudo-spots (tutorial 03, quick settings)
-it was slightly worse (0.069 against 0.066) and it costs a reference fit (about 2.5 times the
-CPU time). On the benchmark's data sets where types vary inside
-(``benchmarks/results/deconvolution_broad.md``, scored after the fact, not used to choose) it had
-the lower proportion RMSE on all three: sim_gradient 0.0553 against 0.0739, osmfish_broad 100 µm
-0.1186 against 0.1235, 50 µm 0.1624 against 0.1687. Use :func:`choose_settings` per data set.
+Why ``model="states"`` is the default of :func:`~pyrospatial.methods.deconvolution.deconvolve`:
+:func:`choose_settings` (3 gene folds, 250 steps, seed 0) preferred it on every data set of
+``benchmarks/deconvolution.py`` built from another random split than the scored one
+(reference/spatial split seed 1 for osmFISH, simulator seed 1 for ``sim_gradient``), with the
+true counts deleted before any fit. Mean held-out-gene Poisson deviance, signatures against
+states: sim_gradient 19.28 / 4.36, osmFISH broad classes 100 µm 22.54 / 17.67 and 50 µm
+11.69 / 9.88, osmFISH 31 types 100 µm 16.60 / 13.24 and 50 µm 9.72 / 7.96. It costs a reference
+fit on top (about 2 to 3 times the signatures model's CPU time). Run :func:`choose_settings` on
+your own data to choose there.
 """
 
 from __future__ import annotations
