@@ -19,8 +19,9 @@ Methods, each in its own process (its peak resident memory is its own):
 - ``prior_mean``: every spot gets the reference's global type frequencies (the floor);
 - ``nnls``: non-negative least squares of the spot counts on the reference's mean type
   signatures (:func:`pyrospatial.methods.deconvolution.nnls_abundance`);
-- ``pyrospatial``: :func:`pyrospatial.deconvolve` with its defaults (``concentration_mean=0.3``,
-  ``max_steps=250``), which were chosen by ``--select`` below, never by the truth;
+- ``pyrospatial``: :func:`pyrospatial.deconvolve` with its defaults (``model="states"``,
+  ``max_steps=250``, ``concentration_mean=0.3``), chosen by held-out genes on another split
+  (``choose_settings``; ``--select`` below for the signatures settings), never by the truth;
 - ``pyrospatial_signatures``, ``pyrospatial_states``: :func:`pyrospatial.deconvolve` with
   ``model="signatures"`` (fixed per-type signatures) and ``model="states"`` (a continuous
   state per spot and type);
@@ -615,8 +616,10 @@ def main(argv: list[str] | None = None) -> int:
                                                        if n.startswith("osmfish")}, reverse=True),
         "epochs": epochs, "timeouts_s": {m: timeouts[m] for m in args.methods}, "threads_per_process": 1, "machine": platform.platform(), "processor": platform.processor(),
         "cpu_count": os.cpu_count(),
-        "pyrospatial": "pyrospatial.deconvolve defaults (concentration_mean=0.3, max_steps=250, init_prior_weight=0.75; "
-                       "chosen by held-out-gene prediction on split seed 1, `--select`, never by the truth)",
+        "pyrospatial": "pyrospatial.deconvolve defaults: model='states' (n_states=3, reference_steps=400), "
+                       "max_steps=250, concentration_mean=0.3, init_prior_weight=0.75, q(w) width chosen by the ELBO; "
+                       "the model chosen by held-out genes (choose_settings) on split seed 1 / simulator seed 1 and the "
+                       "signatures settings by `--select` there, never by the truth",
         "cells_per_spot_hint": "cell2location gets N_cells_per_location = the true mean cells per spot; "
                                "pyrospatial estimates it from library sizes (its default)",
         "peer_python": os.path.relpath(args.peer_python, ROOT) if peer_ok else "missing",

@@ -8,7 +8,7 @@ counts are 0 (86% of spot x type entries at 100 µm, 94% at 50 µm), so a closed
 interval that reaches 0 covers them whatever the posterior, and even a perfectly calibrated
 posterior covers about 0.985 (the posterior mass inside its own intervals). This script
 repeats pyrospatial's run of ``benchmarks/deconvolution.py`` (same split, seed 0, same pseudo-
-spots, API defaults) keeping the count draws, and scores them with the randomised PIT
+spots, API defaults; every data set of that benchmark by default) keeping the count draws, and scores them with the randomised PIT
 (:func:`pyrospatial.criticism.calibration.pit_coverage_by_level`): a calibrated posterior scores the
 nominal level there, integer or not. Also reported for the entries with a true count > 0 and
 for those equal to 0.
@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from deconvolution import make_datasets  # noqa: E402  (the benchmark's own split and spots)
+from deconvolution import ALL_DATASETS, make_datasets  # noqa: E402  (the benchmark's own split and spots)
 
 import pyrospatial as ps  # noqa: E402
 from pyrospatial import criticism as dg  # noqa: E402
@@ -128,10 +128,12 @@ def markdown(result: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--datasets", nargs="+", default=ALL_DATASETS, choices=ALL_DATASETS)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    results = [score(name, ref, spots) for name, (ref, spots) in make_datasets(False).items()]
-    result = {"command": f"OMP_NUM_THREADS=1 python benchmarks/deconvolution_pit.py --out {args.out}",
+    results = [score(name, ref, spots) for name, (ref, spots) in make_datasets(False, only=args.datasets).items()]
+    result = {"command": "OMP_NUM_THREADS=1 python benchmarks/deconvolution_pit.py --out "
+                         f"{args.out} --datasets {' '.join(args.datasets)}",
               "split_seed": 0, "results": results, "versions": ps.infer.versions()}
     write_results(args.out, "deconvolution_pit", result, markdown(result))
     return 0
