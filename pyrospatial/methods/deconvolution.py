@@ -55,8 +55,9 @@ For ``stat`` in ``mean, sd, q05, q50, q95`` (posterior mean, standard deviation 
   are absent from most spots, since ``[0, 0]`` then holds nearly all the mass).
   ``settings`` records every setting, ``steps`` (steps run) and ``stopped_by``. The record
   goes through :func:`pyrospatial.engine.export.h5ad_safe` (``None`` is written ``"None"``).
-  ``abundance_width_factor``: the ELBO's scaling of the abundances' guide width after training
-  (:meth:`Deconvolution._fit_abundance_width`).
+  ``abundance_width_factor`` and ``abundance_width_criterion``: the scaling of the
+  abundances' guide width chosen after training, and by what
+  (:mod:`pyrospatial.methods.deconvolution_width`).
 
 Errors (all :class:`~pyrospatial.errors.InputError` subclasses, naming the field and the fix)
 ------------------------------------------------------------------------------------------
@@ -86,6 +87,7 @@ from pyrospatial.engine.export import add_spatial_uns, frames_to_obs, h5ad_safe
 from pyrospatial.engine.infer import FitResult, fit
 from pyrospatial.engine.posterior import sample_posterior
 from pyrospatial.engine.summary import summarise
+from pyrospatial.methods.deconvolution_width import WIDTH_FACTORS, fit_abundance_width
 from pyrospatial.errors import InputError
 from pyrospatial.methods.deconvolution_inputs import (
     EmptySpotError,
@@ -118,12 +120,6 @@ STATS = ("mean", "sd", "q05", "q50", "q95")
 #: Key of the run record in ``spots.uns``.
 UNS_KEY = "deconvolution"
 
-#: Factors of the abundances' Gamma shape and rate (mean kept) among which the ELBO chooses
-#: after training (:meth:`Deconvolution._fit_abundance_width`): below 1 widens ``q(w)``, above 1
-#: narrows it; 1 keeps the fitted guide.
-WIDTH_FACTORS = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0)
-#: ELBO particles per factor (the same random numbers for every factor).
-WIDTH_PARTICLES = 10
 
 #: Global sites summarised into ``uns["deconvolution"]["globals"]``.
 GLOBAL_SITES = ("signature", "platform_effect", "background", "inv_sqrt_dispersion", "type_frequency",
@@ -163,6 +159,8 @@ class Deconvolution:
     global_sites: tuple[str, ...] = GLOBAL_SITES
     #: ArviZ dims of every site
     dims: dict[str, tuple[str, ...]] = DIMS
+    #: how the width of q(w) is chosen after training (:mod:`~pyrospatial.methods.deconvolution_width`)
+    WIDTH_CRITERION: str = "elbo"
 
     def __init__(
         self,
@@ -315,38 +313,12 @@ class Deconvolution:
         return result
 
     def _fit_abundance_width(self, seed: int) -> float:
-        """Scale the abundances' Gamma guide to the ELBO's choice of width, means held.
-
-        After :meth:`train`'s few hundred steps the Gamma shapes of ``q(w_jt)`` are still near
-        their start (``init_shape``): the means settle quickly, the widths do not (on
-        ``sim_gradient``-type simulations, seeds 1 and 2, the states model's median shape of
-        present types moved from 10 to 10.6 in 250 steps while the ELBO was best at 4 times
-        that; on osmFISH pseudo-spots the ELBO asks for wider guides). Here every shape and
-        rate is multiplied by one factor ``c`` from :data:`WIDTH_FACTORS` (the mean
-        ``shape / rate`` is unchanged, the coefficient of variation scales by ``1 / sqrt(c)``),
-        choosing the ``c`` of the lowest ELBO loss (:data:`WIDTH_PARTICLES` particles, the same
-        random numbers for every ``c``). No truth is read. Returns ``c``."""
-        from pyro.infer import Trace_ELBO
-
-        guide = self.guide
-        shape0 = guide.abundance_shape.detach().clone()
-        rate0 = guide.abundance_rate.detach().clone()
-        elbo = Trace_ELBO(num_particles=WIDTH_PARTICLES)
-        losses = []
-        with torch.no_grad(), pyro.validation_enabled(False), torch.random.fork_rng(devices=[]):
-            for factor in WIDTH_FACTORS:
-                guide.abundance_shape = shape0 * factor
-                guide.abundance_rate = rate0 * factor
-                pyro.set_rng_seed(int(seed) + 7919)
-                loss = 0.0
-                for batch in self.data.dataloader(min(self.data.n_spots, 4096), seed=int(seed), shuffle=False):
-                    loss += float(elbo.loss(self.model, guide, batch))
-                losses.append(loss)
-            best = float(WIDTH_FACTORS[int(np.argmin(losses))])
-            guide.abundance_shape = shape0 * best
-            guide.abundance_rate = rate0 * best
-        self.train_record["abundance_width_losses"] = [float(v) for v in losses]
-        return best
+        """Scale the abundances' Gamma guide by the factor :data:`WIDTH_CRITERION` prefers
+        (:func:`~pyrospatial.methods.deconvolution_width.fit_abundance_width`); returns it."""
+        factor, scores = fit_abundance_width(self, seed, self.WIDTH_CRITERION)
+        self.train_record["abundance_width_scores"] = scores
+        self.train_record["abundance_width_criterion"] = self.WIDTH_CRITERION
+        return factor
 
     def sample(self, num_samples: int = 300, *, return_expression: bool = False, seed: int = 0) -> dict[str, np.ndarray]:
         """Joint posterior draws (site -> ``(num_samples, ...)``) of the abundances, proportions,
@@ -416,6 +388,7 @@ class Deconvolution:
             "globals": {site: dict(summary[site]) for site in self.global_sites},
             "cell_count_interval_mass": {"overall": float(inside.mean()), "per_type": inside.mean(0).astype(np.float64)},
             "abundance_width_factor": float(record.get("abundance_width_factor", 1.0)),
+            "abundance_width_criterion": str(record.get("abundance_width_criterion", self.WIDTH_CRITERION)),
         }
         if keep_draws:
             rec["cell_count_draws"] = n_draws.astype(np.int32)

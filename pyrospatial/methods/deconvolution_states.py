@@ -25,7 +25,8 @@ q50, q95``):
   the spot's detection efficiency);
 - ``uns["deconvolution"]["states"]``: ``n_states``, ``state_columns``, ``expression_genes``,
   the reference fit (``reference_steps``, ``reference_final_loss``) and
-  ``abundance_width_factor`` (the ELBO's scaling of ``q(w)``'s width after training);
+  ``abundance_width_factor`` (the scaling of ``q(w)``'s width chosen after training by the
+  importance-weighted bound, :mod:`~pyrospatial.methods.deconvolution_width`);
 - ``uns["deconvolution"]["globals"]`` has no ``signature`` (the decoders replace it).
 
 :func:`choose_settings` scores candidate settings (model and steps) by held-out genes and
@@ -123,6 +124,9 @@ class StateDeconvolution(Deconvolution):
     """
 
     global_sites = ("platform_effect", "background", "inv_sqrt_dispersion", "type_frequency", "concentration")
+    #: the mean-field guide treats w_jt and the state v_jt apart: the ELBO's width of q(w) is the
+    #: width given v, too narrow (see :mod:`~pyrospatial.methods.deconvolution_width`)
+    WIDTH_CRITERION = "importance_weighted"
     dims: ClassVar[dict[str, tuple[str, ...]]] = {**DIMS, "state": ("spot", "cell_type", "state_axis"),
             "type_expression": ("spot", "cell_type", "expression_gene")}
 
