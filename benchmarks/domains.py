@@ -15,7 +15,8 @@ Data (``shared/data``, read through ``pyrospatial.data.datasets.shared_data_dir(
     takes morphology gets this same matrix (AESTETIK its PCs; SpaGCN uses the image itself).
 ``osmfish`` cortex
     osmFISH mouse somatosensory cortex (Codeluppi et al. 2018), cell level: 33 genes, the 4,363
-    valid cells (476 duplicated records dropped by the loader), positions in micrometres, the loom's ``Region`` as labels (11 classes). No image.
+    valid cells (``pyrospatial.data.datasets.load_osmfish``: 476 duplicated records dropped),
+    positions in micrometres, the loom's ``Region`` as labels (11 classes). No image.
 
 Every method is told the number of label classes as its number of domains (7 and 11), as in the
 published comparisons; nothing else is chosen with the labels. Each method runs in its own

@@ -45,7 +45,10 @@ class DomainModel(PyroModule):
     4. domain logits with a spatial prior: ``u_i ~ Normal(0, logit_scale^2 I_K)`` times the
        graph factor ``exp(-lambda / 2 sum_{(i,j) in E} ||u_i - u_j||^2)`` over the k-nearest
        spot graph ``E`` of each section (``lambda = smoothness``): neighbours have similar
-       prior domain probabilities ``pi_i = softmax(log rho + u_i)``;
+       prior domain probabilities ``pi_i = softmax(log rho + u_i)``; on a spatially compact
+       minibatch the batch's edges are scaled by ``spot_scale * edge_scale`` (``edge_scale``:
+       half the batch's spots' degrees over its edges), so that the batches of one partition
+       add up to every edge once;
     5. domain ``d_i ~ Categorical(pi_i)``;
     6. the hierarchical continuous state (the v -> z prior): ``v_i ~ Normal(0, I_V)``,
        ``z_i | d_i, v_i ~ Normal(mu_{d_i} + W v_i, diag(sigma^2))``.
@@ -59,7 +62,8 @@ class DomainModel(PyroModule):
 
     Observations, each through a decoder of ``z_i``:
 
-    7. counts (with library size ``l_i = sum_g x_ig``):
+    7. counts (with library size ``l_i = sum_g x_ig``; :class:`CountLikelihood`, whose
+       ``lgamma`` terms touch only the non-zero counts):
        ``x_ig ~ NB(mean = l_i softmax_g(b^x + A^T z_i + delta^x_{s(i)}), inverse dispersion theta_g)``;
     8. proteins: ``y_ip ~ Gamma(mean = exp(b^y_p + (B^T z_i)_p + delta^y_{s(i)p}), concentration kappa_p)``;
     9. morphology features (any precomputed, standardised image features or embedding):

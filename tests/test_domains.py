@@ -288,3 +288,22 @@ def test_training_stops_when_the_loss_levels_off():
     method.train(2000, seed=0, stop_tol=1e-2, stop_window=5)
     steps = method.train_record["steps"]
     assert steps < 2000 and steps == method.train_record["stopped_at"] and steps % 5 == 0
+
+
+def test_graph_prior_log_normaliser_normalises_the_prior():
+    # N(u; 0, s^2 I) exp(-lambda/2 u'Lu) + the normaliser = the Gaussian N(u; 0, (I/s^2 + lambda L)^-1)
+    from pyrospatial.methods.domains import graph_prior_log_normaliser
+
+    edges = np.array([[0, 1, 2, 4], [1, 2, 3, 5]])  # a path 0-1-2-3 and a pair 4-5
+    n, s, lam = 6, 2.0, 0.7
+    lap = np.zeros((n, n))
+    for i, j in edges.T:
+        lap[i, j] = lap[j, i] = -1.0
+    lap[np.diag_indices(n)] = -lap.sum(1)
+    u = torch.randn(n, dtype=torch.float64)
+    precision = torch.as_tensor(np.eye(n) / s**2 + lam * lap)
+    want = torch.distributions.MultivariateNormal(torch.zeros(n, dtype=torch.float64), precision_matrix=precision)
+    unnormalised = torch.distributions.Normal(0.0, s).log_prob(u).sum() - 0.5 * lam * u @ torch.as_tensor(lap) @ u
+    got = unnormalised + graph_prior_log_normaliser(edges, n, 1, s, lam)
+    torch.testing.assert_close(got, want.log_prob(u))
+    assert graph_prior_log_normaliser(edges, n, 3, s, 0.0) == 0.0
