@@ -32,6 +32,7 @@ from deconvolution import ALL_DATASETS, make_datasets  # noqa: E402  (the benchm
 
 import pyrospatial as ps  # noqa: E402
 from pyrospatial import criticism as dg  # noqa: E402
+from pyrospatial.engine.infer import versions  # noqa: E402
 from _results import write_results  # noqa: E402  (benchmarks/ is on sys.path when a script runs)
 
 LEVELS = (0.5, 0.9)
@@ -134,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     results = [score(name, ref, spots) for name, (ref, spots) in make_datasets(False, only=args.datasets).items()]
     result = {"command": "OMP_NUM_THREADS=1 python benchmarks/deconvolution_pit.py --out "
                          f"{args.out} --datasets {' '.join(args.datasets)}",
-              "split_seed": 0, "results": results, "versions": ps.infer.versions()}
+              "split_seed": 0, "results": results, "versions": versions()}
     write_results(args.out, "deconvolution_pit", result, markdown(result))
     return 0
 
