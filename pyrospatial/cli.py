@@ -575,8 +575,8 @@ def _check_sections(args: argparse.Namespace) -> int:
 
 def _add_domains_parser(sub: argparse._SubParsersAction) -> None:
     parent = shared_options(
-        max_epochs=1500,
-        max_epochs_help="passes over the spots, one SVI step each with the full batch (the default)",
+        max_epochs=750,
+        max_epochs_help="most passes over the spots (minibatches of --batch-size); stops earlier on the ELBO plateau",
     )
     p = sub.add_parser("domains", parents=[parent], formatter_class=FORMATTER,
                        help="spatial domains of one or several sections, with their probabilities",
@@ -599,9 +599,9 @@ def _add_domains_parser(sub: argparse._SubParsersAction) -> None:
                    help="with --image-features: obs column(s) appended as features (e.g. nucleus counts)")
     p.add_argument("--section-key", default=None, help="obs column splitting one input into sections")
     p.add_argument("--n-neighbours", type=int, default=6, help="degree of the spot graph")
-    p.add_argument("--smoothness", type=float, default=1.0, help="strength of the spatial prior (0: off)")
+    p.add_argument("--smoothness", type=float, default=0.1, help="strength of the spatial prior (0: off)")
     p.add_argument("--lr", type=float, default=0.01, help="learning rate")
-    p.add_argument("--batch-size", type=int, default=None, help="spots per minibatch (None: all)")
+    p.add_argument("--batch-size", type=int, default=1024, help="spots per spatially compact minibatch")
     p.add_argument("--num-samples", type=int, default=100, help="posterior draws")
     add_checkpoint_options(p)
     p.set_defaults(func=_check_sections)

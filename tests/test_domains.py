@@ -274,6 +274,19 @@ def test_cli_domains_writes_one_file_per_section(tmp_path):
                  "--out", str(tmp_path / "out2")]) == 2
 
 
+def test_cli_domains_defaults_follow_the_api():
+    # the CLI once kept full batches and smoothness 1 after the API moved to minibatches and 0.1
+    import inspect
+
+    from pyrospatial.cli import build_parser
+    from pyrospatial.methods.domains import domains
+
+    args = build_parser().parse_args(["domains", "--sections", "a.h5ad", "--n-domains", "3", "--out", "o"])
+    api = inspect.signature(domains).parameters
+    for name in ("smoothness", "batch_size", "lr", "n_neighbours", "num_samples"):
+        assert getattr(args, name) == api[name].default, name
+
+
 def test_training_stops_when_the_loss_levels_off():
     from pyrospatial.methods.domains import ElboPlateau
 
