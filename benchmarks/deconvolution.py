@@ -617,9 +617,10 @@ def main(argv: list[str] | None = None) -> int:
         "epochs": epochs, "timeouts_s": {m: timeouts[m] for m in args.methods}, "threads_per_process": 1, "machine": platform.platform(), "processor": platform.processor(),
         "cpu_count": os.cpu_count(),
         "pyrospatial": "pyrospatial.deconvolve defaults: model='states' (n_states=3, reference_steps=400), "
-                       "max_steps=250, concentration_mean=0.3, init_prior_weight=0.75, q(w) width chosen by the ELBO; "
-                       "the model chosen by held-out genes (choose_settings) on split seed 1 / simulator seed 1 and the "
-                       "signatures settings by `--select` there, never by the truth",
+                       "max_steps=250, concentration_mean=0.3, init_prior_weight=0.75, the width of q(w) chosen after "
+                       "training by the importance-weighted bound (states; the ELBO for signatures); the model chosen by "
+                       "held-out genes (choose_settings) on split seed 1 / simulator seed 1 and the signatures settings "
+                       "by `--select` there, never by the truth",
         "cells_per_spot_hint": "cell2location gets N_cells_per_location = the true mean cells per spot; "
                                "pyrospatial estimates it from library sizes (its default)",
         "peer_python": os.path.relpath(args.peer_python, ROOT) if peer_ok else "missing",
