@@ -217,6 +217,10 @@ def _with_grad(model, part: _Part, state: dict[str, torch.Tensor], C: int):
 # ------------------------------------------------------------------------------------------
 # HMC with per-block accept/reject
 # ------------------------------------------------------------------------------------------
+#: floor of the eigenvalues of a dense per-row mass (a unit-Normal prior's precision is 1)
+DENSE_MIN_PRECISION = 1.0
+
+
 class _DualAveraging:
     """Nesterov dual averaging of the log step size (Hoffman & Gelman 2014)."""
 
@@ -242,26 +246,87 @@ class _DualAveraging:
 
 
 class _HMC:
-    """Vectorised HMC on one part: ``C`` chains, diagonal mass, one accept per block."""
+    """Vectorised HMC on one part: ``C`` chains, one accept per block.
 
-    def __init__(self, model, part: _Part, C: int, num_steps: int, step_size: float, target_accept: float):
+    The mass is diagonal (the inverse mass is the variance over chains and warm-up
+    iterations), except for the sites named in ``dense``: a state ``(C, R, K)`` (e.g. the RNA
+    read-out, one row of ``K`` coefficients per gene) there gets one dense ``K x K`` inverse
+    mass per row, the inverse of that row's block of the negative Hessian of the log density
+    (averaged over chains, eigenvalues floored at :data:`DENSE_MIN_PRECISION`), computed at the
+    start and at every mass update. Within a row the coefficients can be strongly correlated
+    (e.g. read-out columns of features that move together), which a diagonal mass cannot
+    undo; rows are nearly independent, so the cross-row blocks are left out."""
+
+    def __init__(self, model, part: _Part, C: int, num_steps: int, step_size: float, target_accept: float,
+                 dense: tuple[str, ...] = ()):
         self.model, self.part, self.C, self.L = model, part, C, int(num_steps)
         self.mass = {
             k: (v.var(0, keepdim=True) if C > 2 else torch.ones_like(v[:1])).clamp(min=1e-4)
             for k, v in part.state.items()
         }
+        self.dense = tuple(k for k in dense if k in part.state and part.state[k].dim() == 3)
+        self.dense_cov: dict[str, torch.Tensor] = {}  # (R, K, K) inverse mass per row
+        self.dense_chol: dict[str, torch.Tensor] = {}  # (R, K, K) Cholesky factor of the mass
         self.step = float(step_size)
         self.dual = _DualAveraging(self.step, target_accept)
         self.window: dict[str, list[torch.Tensor]] = {k: [] for k in part.state}
         self.accept_history: list[float] = []
+        self._update_dense()
         self.refresh()
+
+    def _update_dense(self) -> None:
+        """Per-row dense mass of the ``dense`` sites from the Hessian's diagonal blocks: one
+        Hessian-vector product per column ``k``, the probe being a random sign at column ``k``
+        of every row (independent per chain), so each row receives its own block's column
+        plus cross-row terms of random sign that cancel on average over the chains."""
+        if not self.dense:
+            return
+        leaves = {k: v.detach().requires_grad_(True) for k, v in self.part.state.items()}
+        with torch.enable_grad():
+            lp = _log_density(self.model, self.part, leaves, self.C).sum()
+            for name in self.dense:
+                x = leaves[name]
+                (grad,) = torch.autograd.grad(lp, x, create_graph=True)
+                K = x.shape[-1]
+                columns = []
+                # random signs per (chain, row): the cross-row terms (e.g. through a softmax over
+                # genes, large in the all-rows direction) cancel on average; the row's own block keeps
+                signs = torch.randint(0, 2, x.shape[:-1] + (1,), device=x.device).to(x.dtype) * 2.0 - 1.0
+                for k in range(K):
+                    probe = torch.zeros_like(x)
+                    probe[..., k] = 1.0
+                    (hv,) = torch.autograd.grad((grad * probe * signs).sum(), x, retain_graph=True)
+                    columns.append((hv * signs).detach())
+                hessian = torch.stack(columns, -1).mean(0)  # (R, K, K), averaged over chains
+                precision = -0.5 * (hessian + hessian.transpose(-1, -2))
+                precision = torch.nan_to_num(precision, nan=0.0, posinf=0.0, neginf=0.0)
+                values, vectors = torch.linalg.eigh(precision)
+                values = values.clamp(min=DENSE_MIN_PRECISION)
+                self.dense_cov[name] = (vectors / values.unsqueeze(-2)) @ vectors.transpose(-1, -2)
+                self.dense_chol[name] = vectors * values.sqrt().unsqueeze(-2)  # L L^T = precision
 
     def refresh(self) -> None:
         """Recompute the cached density and gradient (after the target changed)."""
         self.lp, self.grad = _with_grad(self.model, self.part, self.part.state, self.C)
 
     def kinetic(self, p: dict[str, torch.Tensor]) -> torch.Tensor:
-        return sum(self.part.block_sum(0.5 * p[k] ** 2 * self.mass[k], self.part.plates[k]) for k in p)
+        return sum(self.part.block_sum(self._half_p_minv_p(k, p[k]), self.part.plates[k]) for k in p)
+
+    def _half_p_minv_p(self, name: str, p: torch.Tensor) -> torch.Tensor:
+        if name in self.dense_cov:
+            return 0.5 * torch.einsum("crk,rkl,crl->cr", p, self.dense_cov[name], p)
+        return 0.5 * p**2 * self.mass[name]
+
+    def _momentum(self, name: str, like: torch.Tensor) -> torch.Tensor:
+        noise = torch.randn_like(like)
+        if name in self.dense_chol:
+            return torch.einsum("rkl,crl->crk", self.dense_chol[name], noise)
+        return noise / self.mass[name].sqrt()
+
+    def _velocity(self, name: str, p: torch.Tensor) -> torch.Tensor:
+        if name in self.dense_cov:
+            return torch.einsum("rkl,crl->crk", self.dense_cov[name], p)
+        return self.mass[name] * p
 
     def transition(self) -> float:
         part, C = self.part, self.C
@@ -269,13 +334,13 @@ class _HMC:
         # of its period (a Gaussian direction with unit scale has period 2 pi)
         step = self.step * float(torch.empty(()).uniform_(0.5, 1.5))
         x = dict(part.state)
-        p = {k: torch.randn_like(v) / self.mass[k].sqrt() for k, v in x.items()}
+        p = {k: self._momentum(k, v) for k, v in x.items()}
         k0 = self.kinetic(p)
         g = self.grad
         p = {k: p[k] + 0.5 * step * g[k] for k in p}
         lp_new = self.lp
         for leap in range(self.L):
-            x = {k: x[k] + step * self.mass[k] * p[k] for k in x}
+            x = {k: x[k] + step * self._velocity(k, p[k]) for k in x}
             lp_new, g = _with_grad(self.model, part, x, C)
             if leap < self.L - 1:
                 p = {k: p[k] + step * g[k] for k in p}
@@ -308,6 +373,7 @@ class _HMC:
             var = stack.reshape((n,) + tuple(stack.shape[2:])).var(0, keepdim=True)
             self.mass[k] = ((n / (n + 5.0)) * var + 1e-3 * (5.0 / (n + 5.0))).clamp(min=1e-6)
             self.window[k] = []
+        self._update_dense()
         self.dual.reset(self.step)
         self.refresh()
 

@@ -99,6 +99,7 @@ def local_posterior(
     noncentred: Iterable[str] | None = None,
     max_cells_per_chunk: int = 20_000,
     sample_globals: bool = True,
+    dense_globals: bool = True,
     seed: int = 0,
     device: str | torch.device | None = None,
     progress: bool = False,
@@ -193,7 +194,8 @@ def local_posterior(
                 for s in held:
                     globals_part.state[s.name] = s.transform.inv(part.conditioned.pop(s.name))
             kept, kernel = _run_chain(model, part, C, per_chain, num_warmup, thin, num_steps, step_size,
-                                      target_accept, chunk_em, em_lr, em_trace, bar, base_model, globals_part)
+                                      target_accept, chunk_em, em_lr, em_trace, bar, base_model, globals_part,
+                                      dense_globals)
             stats["acceptance"].append(float(np.mean(kernel.accept_history[num_warmup:] or [float("nan")])))
             stats["step_size"].append(kernel.step)
             if globals_part is not None:  # each kept state carries its own global latents
@@ -226,7 +228,7 @@ def local_posterior(
 
 def _run_chain(model, part: _Part, C: int, per_chain: int, num_warmup: int, thin: int, num_steps: int,
                step_size: float, target_accept: float, em, em_lr: float, em_trace, bar, model_of_em,
-               globals_part: _Part | None = None):
+               globals_part: _Part | None = None, dense_globals: bool = True):
     """Warm-up (step size, mass, EM) and sampling on one chunk; the kept unconstrained states."""
     def hand_over(source: _Part, target: _Part) -> None:
         for site in source.moving:
@@ -235,7 +237,8 @@ def _run_chain(model, part: _Part, C: int, per_chain: int, num_warmup: int, thin
     if globals_part is not None:
         hand_over(globals_part, part)
         hand_over(part, globals_part)
-        global_kernel = _HMC(model, globals_part, C, num_steps, step_size, target_accept)
+        global_kernel = _HMC(model, globals_part, C, num_steps, step_size, target_accept,
+                             dense=tuple(site.name for site in globals_part.moving) if dense_globals else ())
     kernel = _HMC(model, part, C, num_steps, step_size, target_accept)
     optimiser = torch.optim.Adam([p for _, p in em], lr=float(em_lr)) if em else None
     windows = _mass_windows(num_warmup)
