@@ -260,6 +260,17 @@ def oracle_readout(z_mean: np.ndarray, true_z: np.ndarray, cell_type: np.ndarray
             "posterior_mean_z_per_type": rel_rmse(np.c_[per_type, onehot]), "type_only": rel_rmse(onehot)}
 
 
+def study_tissue(n_cells: int, seed: int):
+    """The simulated tissue (the simulator of ``benchmarks/scaling.py``), its dataset, the scored
+    cells (a fixed random subset of the cells inside spots) and their true expected RNA."""
+    tissue = pyrospatial.data.sim.simulate_tissue(n_cells=n_cells, n_types=5, n_proteins=30, n_genes=200,
+                                                 cells_per_spot=8.0, seed=seed, edge_z_scale=1.0)
+    dataset = SpatialDataset.from_anndata(tissue.cells, tissue.spots, cell_type_key="cell_type", spot_diameter=55.0)
+    inside = np.flatnonzero(dataset.cell_spot >= 0)
+    scored = np.sort(np.random.default_rng(0).choice(inside, size=min(inside.size, SCORED_CELLS), replace=False))
+    return tissue, dataset, scored, tissue.truth["expected_rna"][scored]
+
+
 def fit(tissue, dataset, seed: int, guide_cls=None, model_kwargs=None) -> tuple[CORAL, dict]:
     coral = CORAL(tissue.cells, tissue.spots, dataset=dataset, seed=seed, model_kwargs=model_kwargs,
                   **({"guide_cls": guide_cls} if guide_cls is not None else {}))
@@ -332,12 +343,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    tissue = pyrospatial.data.sim.simulate_tissue(n_cells=args.cells, n_types=5, n_proteins=30, n_genes=200,
-                                                 cells_per_spot=8.0, seed=args.seed, edge_z_scale=1.0)
-    dataset = SpatialDataset.from_anndata(tissue.cells, tissue.spots, cell_type_key="cell_type", spot_diameter=55.0)
-    inside = np.flatnonzero(dataset.cell_spot >= 0)
-    scored = np.sort(np.random.default_rng(0).choice(inside, size=min(inside.size, SCORED_CELLS), replace=False))
-    truth = tissue.truth["expected_rna"][scored]
+    tissue, dataset, scored, truth = study_tissue(args.cells, args.seed)
     command = "OMP_NUM_THREADS=1 python benchmarks/posterior_error_sources.py " + " ".join(argv or sys.argv[1:])
     result: dict = {"command": command.strip(), "n_cells": args.cells, "seed": args.seed, "scored_cells": int(scored.size),
                     "platform": platform.platform(), "python": platform.python_version()}

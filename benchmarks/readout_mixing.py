@@ -35,12 +35,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import pyrospatial  # noqa: E402
+from posterior_error_sources import fit, study_tissue  # noqa: E402
 from pyrospatial.criticism.calibration import interval_coverage_by_level, pit_coverage_by_level  # noqa: E402
-from pyrospatial.data.dataset import SpatialDataset  # noqa: E402
 from pyrospatial.engine import hmc  # noqa: E402
 from pyrospatial.methods.coral import CORAL  # noqa: E402
-from scaling import REL_TOL, WINDOW, _convergence_callback  # noqa: E402
 
 
 def run(coral: CORAL, seed: int, frozen_cells: bool, dense: bool, scored: np.ndarray, truth: np.ndarray) -> dict:
@@ -89,15 +87,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    tissue = pyrospatial.data.sim.simulate_tissue(n_cells=args.cells, n_types=5, n_proteins=30, n_genes=200,
-                                                 cells_per_spot=8.0, seed=args.seed, edge_z_scale=1.0)
-    dataset = SpatialDataset.from_anndata(tissue.cells, tissue.spots, cell_type_key="cell_type", spot_diameter=55.0)
-    coral = CORAL(tissue.cells, tissue.spots, dataset=dataset, seed=args.seed)
-    coral.train(max_epochs=200, batch_size=128, seed=args.seed, progress=False,
-                callbacks=[_convergence_callback(WINDOW, REL_TOL)])
-    inside = np.flatnonzero(dataset.cell_spot >= 0)
-    scored = np.sort(np.random.default_rng(0).choice(inside, size=min(inside.size, 3000), replace=False))
-    truth = tissue.truth["expected_rna"][scored]
+    tissue, dataset, scored, truth = study_tissue(args.cells, args.seed)
+    coral, _ = fit(tissue, dataset, args.seed)
     rows = [run(coral, args.seed, frozen, dense, scored, truth) for dense in (False, True) for frozen in (False, True)]
     command = "OMP_NUM_THREADS=1 python benchmarks/readout_mixing.py " + " ".join(argv or sys.argv[1:])
     result = {"command": command.strip(), "n_cells": args.cells, "seed": args.seed, "rows": rows}

@@ -3,25 +3,16 @@ coverage of count draws and the issue-21 target checks, on hand-built cases whos
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+from benchmark_modules import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def bench():
     """benchmarks/deconvolution.py, imported by path (benchmarks/ is not a package)."""
-    sys.path.insert(0, str(BENCHMARKS))
-    spec = importlib.util.spec_from_file_location("deconvolution_bench", BENCHMARKS / "deconvolution.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("deconvolution_bench", module)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("deconvolution", "deconvolution_bench")
 
 
 def _case(seed: int = 0, n_spots: int = 400, n_types: int = 4, n_draws: int = 200):

@@ -3,25 +3,17 @@ whose answer is known, and its data split and thinning."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 import scipy.sparse as sp
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+from benchmark_modules import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def bench():
     """benchmarks/mapping.py, imported by path (benchmarks/ is not a package)."""
-    spec = importlib.util.spec_from_file_location("mapping_bench", BENCHMARKS / "mapping.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("mapping_bench", module)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("mapping", "mapping_bench")
 
 
 def grid(n: int = 6) -> np.ndarray:

@@ -3,26 +3,17 @@ exact density of the affine map it samples through, and its spot totals are pinn
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+from benchmark_modules import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def bench():
     """benchmarks/posterior_error_sources.py, imported by path (benchmarks/ is not a package)."""
-    sys.path.insert(0, str(BENCHMARKS))
-    spec = importlib.util.spec_from_file_location("posterior_error_sources", BENCHMARKS / "posterior_error_sources.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("posterior_error_sources", module)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("posterior_error_sources")
 
 
 def _family(bench):
