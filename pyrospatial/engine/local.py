@@ -124,6 +124,11 @@ def local_posterior(
         iterations (step size by dual averaging, diagonal mass in doubling windows, EM),
         iterations between kept states, leapfrog steps per iteration, initial step size, the
         mean acceptance rate the step size is adapted to.
+    dense_globals
+        Give the global latents' HMC step a dense ``K x K`` mass per row of a ``(rows, K)``
+        site (each gene's read-out), from the Hessian's diagonal blocks
+        (:class:`pyrospatial.engine.hmc._HMC`); False: the diagonal mass of the other sites.
+        With it the read-out's chains mix (``benchmarks/results/readout_mixing.md``).
     em_params, em_lr
         Model parameters re-estimated by Monte Carlo EM during the first chunk's warm-up
         (None: the contract's ``em_parameters``; ``()``: none) and the Adam learning rate.
