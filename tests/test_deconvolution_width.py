@@ -54,8 +54,9 @@ class ToyGuide:
 def test_width_search_returns_to_the_exact_posterior(criterion):
     # exact posterior Gamma(A + x_j, B + 1); the guide starts 4x too wide (shape and rate / 4,
     # same mean), so the exact posterior is at factor 4 and both criteria peak there
-    gen = torch.Generator().manual_seed(0)
-    x = torch.poisson(torch.distributions.Gamma(A, B).sample((N_SPOTS,)), generator=gen)
+    # the data come from their own generator: the outcome never depends on the tests run before
+    rng = np.random.default_rng(0)
+    x = torch.as_tensor(rng.poisson(rng.gamma(A, 1.0 / B, N_SPOTS)), dtype=torch.float32)
     exact_shape, exact_rate = A + x, torch.full_like(x, B + 1.0)
     method = SimpleNamespace(model=toy_model, guide=ToyGuide(exact_shape / 4, exact_rate / 4), data=ToyData(x))
     state = torch.random.get_rng_state()
@@ -66,9 +67,12 @@ def test_width_search_returns_to_the_exact_posterior(criterion):
     torch.testing.assert_close(method.guide.abundance_shape, exact_shape)
     torch.testing.assert_close(method.guide.abundance_rate, exact_rate)
     assert torch.equal(torch.random.get_rng_state(), state)
-    # a guide already at the posterior stays there
+    # a guide already at the posterior stays there; the importance-weighted rule keeps the
+    # narrowest factor within two standard errors of the best, and one step narrower (2) costs
+    # the 20-particle bound less than that on some draws of the data: never more than one step
     method.guide = ToyGuide(exact_shape.clone(), exact_rate.clone())
-    assert fit_abundance_width(method, seed=1, criterion=criterion)[0] == 1.0
+    allowed = (1.0,) if criterion == "elbo" else (1.0, 2.0)
+    assert fit_abundance_width(method, seed=1, criterion=criterion)[0] in allowed
 
 
 def test_unknown_criterion_is_refused():
