@@ -19,11 +19,14 @@ CELL_SPOT = np.array([0, 0, 0, 1, 1, 1, 1, 2, 2, -1, -1])  # 3 spots, 2 cells ou
 Y = np.array([2.5, -1.0, 0.7])
 
 
-def test_local_posterior_is_exact_with_the_global_latent_sampled_in_turn():
-    """Per-spot HMC for z, a Gibbs step for the global a: the joint posterior, not the guide's."""
+@pytest.mark.parametrize("max_cells_per_chunk", [100, 4])
+def test_local_posterior_is_exact_with_the_global_latent_sampled_in_turn(max_cells_per_chunk):
+    """Per-spot HMC for z, a Gibbs step for the global a: the joint posterior, not the guide's.
+    In chunks (4 cells: 3 chunks) the global step sums the density over every chunk's cells,
+    so the chunked sweep has the same target."""
     batch, model, guide = toy_batch(CELL_SPOT, Y), ToyModel(), NarrowGuide()
     draws = local_posterior(model, guide, OneBatch(batch), num_samples=1200, num_chains=40, num_warmup=100,
-                            thin=1, num_steps=8, seed=1)
+                            thin=1, num_steps=8, seed=1, max_cells_per_chunk=max_cells_per_chunk)
     mean, sd = exact_posterior(CELL_SPOT, Y, ToyModel.sigma)
     assert draws["z"].shape == (1200, 11) and draws["a"].shape == (1200,)
     est_mean = np.r_[draws["a"].mean(), draws["z"].mean(0)]
@@ -37,7 +40,9 @@ def test_local_posterior_is_exact_with_the_global_latent_sampled_in_turn():
     # mean-field guide cannot represent
     assert np.corrcoef(draws["z"][:, 0], draws["z"][:, 1])[0, 1] < -0.2
     d = draws.diagnostics
-    assert d["method"] == "local" and d["chunks"] == 1 and 0.3 < d["acceptance"]["local"] <= 1.0
+    assert d["method"] == "local" and d["chunks"] == (1 if max_cells_per_chunk > 11 else 3)
+    assert 0.3 < d["acceptance"]["local"] <= 1.0
+    assert np.unique(draws["a"]).size > 600  # a moved: most kept states hold a new value
     # the global latent is sampled in turn, so it is checked too; Gibbs between a and the
     # spots' sums mixes slowly (a is nearly determined given z), which the check reports
     assert set(d["rhat_max"]) == {"a", "z", "twice"} and all(np.isfinite(list(d["rhat_max"].values())))
@@ -76,10 +81,10 @@ def test_spot_chunks_keep_spots_whole_and_cover_every_cell_once():
 def test_local_posterior_in_chunks_fills_every_row_and_checks_arguments():
     batch, model, guide = toy_batch(CELL_SPOT, Y), ToyModel(), NarrowGuide()
     draws = local_posterior(model, guide, OneBatch(batch), num_samples=40, num_chains=4, num_warmup=20,
-                            thin=1, max_cells_per_chunk=4, seed=0)
+                            thin=1, max_cells_per_chunk=4, seed=0, sample_globals=False)
     assert draws.diagnostics["chunks"] == 3
     assert (draws["z"] != 0).all() and np.isfinite(draws["z"]).all()
-    # in chunks the global latent keeps one guide draw per chain (it is not sampled in turn)
+    # held (sample_globals=False), the global latent keeps one guide draw per chain
     assert np.unique(draws["a"]).size == 4
     mean, _ = exact_posterior(CELL_SPOT, Y, ToyModel.sigma)
     assert abs(draws["z"].mean(0)[0] - 0.3) > 0.05  # the cells moved away from the guide's 0.3

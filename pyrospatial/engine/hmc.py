@@ -110,6 +110,9 @@ class _Part:
     per_spot: bool = False  # one accept/reject per spot (with its cells) and per outside cell
     state: dict[str, torch.Tensor] = field(default_factory=dict)  # unconstrained (C, ...)
     conditioned: dict[str, torch.Tensor] = field(default_factory=dict)  # constrained (C, ...)
+    # only the cells- and spots-plate terms of the model count (no prior or Jacobian of the
+    # moving sites): one chunk of a target summed over chunks, whose first chunk counts those
+    local_terms_only: bool = False
 
     def __post_init__(self) -> None:
         self.plates = {s.name: s.plate for s in self.moving}
@@ -173,13 +176,15 @@ def _log_density(model: Callable, part: _Part, state: dict[str, torch.Tensor], C
     """``(C, B)`` log density of ``part`` at the unconstrained ``state`` (with Jacobians).
 
     Blocked parts keep only the cells- and spots-plate terms (the others do not depend on
-    the latents moved)."""
+    the latents moved); so does a ``local_terms_only`` part (another part counts the rest)."""
     values = dict(part.conditioned)
     total = torch.zeros(C, part.n_blocks, device=part.batch.device)
     for site in part.moving:
         u = state[site.name]
         x = site.transform(u)
         values[site.name] = x
+        if part.local_terms_only:
+            continue
         lj = site.transform.log_abs_det_jacobian(u, x)
         if lj.dim() > u.dim() - site.event_dim:  # element-wise Jacobian: sum the event dims
             lj = lj.reshape(lj.shape[: u.dim() - site.event_dim] + (-1,)).sum(-1)
@@ -191,7 +196,9 @@ def _log_density(model: Callable, part: _Part, state: dict[str, torch.Tensor], C
         if name == "refine_chains":
             continue
         plate = site_plate(node)
-        if (plate == "edge" and not part.graph) or (part.blocked and plate not in ("cells", "spots")):
+        if (plate == "edge" and not part.graph) or (
+            (part.blocked or part.local_terms_only) and plate not in ("cells", "spots")
+        ):
             continue
         lp = node["fn"].log_prob(node["value"])
         scale = node["scale"]
@@ -255,11 +262,18 @@ class _HMC:
     (averaged over chains, eigenvalues floored at :data:`DENSE_MIN_PRECISION`), computed at the
     start and at every mass update. Within a row the coefficients can be strongly correlated
     (e.g. read-out columns of features that move together), which a diagonal mass cannot
-    undo; rows are nearly independent, so the cross-row blocks are left out."""
+    undo; rows are nearly independent, so the cross-row blocks are left out.
+
+    ``pieces``: the target is the sum of these parts' log densities at the one state of
+    ``part`` (each piece moves the same sites and conditions on its own values, e.g. on the
+    cells of one chunk of spots; all but one are ``local_terms_only``). They are evaluated one
+    after the other and their gradients added, so memory holds one piece's graph at a time.
+    Default: ``[part]``."""
 
     def __init__(self, model, part: _Part, C: int, num_steps: int, step_size: float, target_accept: float,
-                 dense: tuple[str, ...] = ()):
+                 dense: tuple[str, ...] = (), pieces: list[_Part] | None = None):
         self.model, self.part, self.C, self.L = model, part, C, int(num_steps)
+        self.pieces = list(pieces) if pieces is not None else [part]
         self.mass = {
             k: (v.var(0, keepdim=True) if C > 2 else torch.ones_like(v[:1])).clamp(min=1e-4)
             for k, v in part.state.items()
@@ -281,33 +295,48 @@ class _HMC:
         plus cross-row terms of random sign that cancel on average over the chains."""
         if not self.dense:
             return
-        leaves = {k: v.detach().requires_grad_(True) for k, v in self.part.state.items()}
-        with torch.enable_grad():
-            lp = _log_density(self.model, self.part, leaves, self.C).sum()
-            for name in self.dense:
-                x = leaves[name]
-                (grad,) = torch.autograd.grad(lp, x, create_graph=True)
-                K = x.shape[-1]
-                columns = []
-                # random signs per (chain, row): the cross-row terms (e.g. through a softmax over
-                # genes, large in the all-rows direction) cancel on average; the row's own block keeps
-                signs = torch.randint(0, 2, x.shape[:-1] + (1,), device=x.device).to(x.dtype) * 2.0 - 1.0
-                for k in range(K):
-                    probe = torch.zeros_like(x)
-                    probe[..., k] = 1.0
-                    (hv,) = torch.autograd.grad((grad * probe * signs).sum(), x, retain_graph=True)
-                    columns.append((hv * signs).detach())
-                hessian = torch.stack(columns, -1).mean(0)  # (R, K, K), averaged over chains
-                precision = -0.5 * (hessian + hessian.transpose(-1, -2))
-                precision = torch.nan_to_num(precision, nan=0.0, posinf=0.0, neginf=0.0)
-                values, vectors = torch.linalg.eigh(precision)
-                values = values.clamp(min=DENSE_MIN_PRECISION)
-                self.dense_cov[name] = (vectors / values.unsqueeze(-2)) @ vectors.transpose(-1, -2)
-                self.dense_chol[name] = vectors * values.sqrt().unsqueeze(-2)  # L L^T = precision
+        # random signs per (chain, row): the cross-row terms (e.g. through a softmax over genes,
+        # large in the all-rows direction) cancel on average; the row's own block keeps
+        signs = {}
+        for name in self.dense:
+            x = self.part.state[name]
+            signs[name] = torch.randint(0, 2, x.shape[:-1] + (1,), device=x.device).to(x.dtype) * 2.0 - 1.0
+        hessians: dict[str, torch.Tensor] = {}
+        for piece in self.pieces:  # one piece's graph at a time; the Hessian is their sum
+            leaves = {k: v.detach().requires_grad_(True) for k, v in self.part.state.items()}
+            with torch.enable_grad():
+                lp = _log_density(self.model, piece, leaves, self.C).sum()
+                for name in self.dense:
+                    x = leaves[name]
+                    (grad,) = torch.autograd.grad(lp, x, create_graph=True)
+                    columns = []
+                    for k in range(x.shape[-1]):
+                        probe = torch.zeros_like(x)
+                        probe[..., k] = 1.0
+                        (hv,) = torch.autograd.grad((grad * probe * signs[name]).sum(), x, retain_graph=True)
+                        columns.append((hv * signs[name]).detach())
+                    block = torch.stack(columns, -1).mean(0)  # (R, K, K), averaged over chains
+                    hessians[name] = block if name not in hessians else hessians[name] + block
+        for name, hessian in hessians.items():
+            precision = -0.5 * (hessian + hessian.transpose(-1, -2))
+            precision = torch.nan_to_num(precision, nan=0.0, posinf=0.0, neginf=0.0)
+            values, vectors = torch.linalg.eigh(precision)
+            values = values.clamp(min=DENSE_MIN_PRECISION)
+            self.dense_cov[name] = (vectors / values.unsqueeze(-2)) @ vectors.transpose(-1, -2)
+            self.dense_chol[name] = vectors * values.sqrt().unsqueeze(-2)  # L L^T = precision
+
+    def _evaluate(self, state: dict[str, torch.Tensor]):
+        """Log density and gradient at ``state``: the sum over the pieces."""
+        lp, grad = _with_grad(self.model, self.pieces[0], state, self.C)
+        for piece in self.pieces[1:]:
+            lp_piece, grad_piece = _with_grad(self.model, piece, state, self.C)
+            lp = lp + lp_piece
+            grad = {k: grad[k] + grad_piece[k] for k in grad}
+        return lp, grad
 
     def refresh(self) -> None:
         """Recompute the cached density and gradient (after the target changed)."""
-        self.lp, self.grad = _with_grad(self.model, self.part, self.part.state, self.C)
+        self.lp, self.grad = self._evaluate(self.part.state)
 
     def kinetic(self, p: dict[str, torch.Tensor]) -> torch.Tensor:
         return sum(self.part.block_sum(self._half_p_minv_p(k, p[k]), self.part.plates[k]) for k in p)
@@ -341,7 +370,7 @@ class _HMC:
         lp_new = self.lp
         for leap in range(self.L):
             x = {k: x[k] + step * self._velocity(k, p[k]) for k in x}
-            lp_new, g = _with_grad(self.model, part, x, C)
+            lp_new, g = self._evaluate(x)
             if leap < self.L - 1:
                 p = {k: p[k] + step * g[k] for k in p}
         p = {k: p[k] + 0.5 * step * g[k] for k in p}

@@ -17,9 +17,16 @@ a spot's counts (their per-cell RNA and sizes), and the spread of the variance-t
 the spots when the tissue is large). The global latents keep the guide's uncertainty: each
 chain has its own draw, so the returned draws still carry it.
 
-Large tissues are refined in chunks of spots (``max_cells_per_chunk``): each chunk is an
-independent run with its own adaptation (EM runs in the first chunk only, then holds), so
-memory is bounded by the chunk, never by the tissue.
+The global latents are sampled in turn (Gibbs): after the spots' step, one HMC step on the
+globals given every cell (a dense per-gene mass for the read-out), then the spots again.
+
+Large tissues are sampled in chunks of spots (``max_cells_per_chunk``), so memory is bounded
+by the chunk's autograd graph, never by the tissue's: every chunk runs in the same sweep, each
+with its own step size and mass, and the globals' step sums the log density and its gradient
+chunk by chunk (the globals' prior counted once), so the target is the whole tissue's
+(``tests/test_chunked_globals.py``, ``benchmarks/results/chunked_readout.md``). Only the
+chunks' states (chains x cells x latent size) are held at once. With the globals held
+(``sample_globals=False``) the chunks run one after the other.
 
 Example
 -------
@@ -81,6 +88,37 @@ def _chunk_batch(full: Batch, cells: torch.Tensor, spots: torch.Tensor) -> Batch
     return _sub_batch(sub_full, cells, True)
 
 
+def _chunk_part(full: Batch, chunk: tuple[np.ndarray, np.ndarray], moving, held, inits, C: int, device) -> _Part:
+    """The per-spot part of one chunk ``(cells, spots)``: its cells' and spots' latents moved,
+    started at the chains' guide draws; the global latents conditioned on them."""
+    cells = torch.as_tensor(chunk[0], device=device)
+    spot_rows = torch.as_tensor(chunk[1], device=device)
+    part = _Part("local", _chunk_batch(full, cells, spot_rows), cells, moving, per_cell=False, per_spot=True)
+    for s in moving:
+        rows = [_rows(v, s, cells if s.plate == "cells" else spot_rows) for v in inits[s.name]]
+        part.state[s.name] = torch.stack([s.transform.inv(v) for v in rows]).detach()
+    for s in held:  # one guide draw per chain (fixed unless sampled in turn)
+        part.conditioned[s.name] = torch.stack(inits[s.name]).reshape(s.chain_shape(C))
+    return part
+
+
+def _global_pieces(parts: list[_Part], held) -> list[_Part]:
+    """The global latents' target given the cells of every chunk in ``parts``, one piece per
+    chunk (the globals' prior and Jacobian counted by the first only), sharing one state
+    started at the chains' guide draws; the globals leave the chunks' conditioned values (the
+    sweep hands them over)."""
+    pieces = [_Part("globals", part.batch, part.cells, held, per_cell=False, local_terms_only=i > 0)
+              for i, part in enumerate(parts)]
+    for s in held:
+        pieces[0].state[s.name] = s.transform.inv(parts[0].conditioned[s.name])
+    for piece in pieces[1:]:
+        piece.state = pieces[0].state
+    for part in parts:
+        for s in held:
+            part.conditioned.pop(s.name)
+    return pieces
+
+
 def local_posterior(
     model: Callable,
     guide: Callable,
@@ -135,8 +173,10 @@ def local_posterior(
     noncentred
         Sites sampled in non-centred coordinates (None: the contract's ``noncentred``).
     max_cells_per_chunk
-        Cells refined at once (whole spots): bounds memory at about ``num_chains`` x this x
-        the model's per-cell tensors.
+        Cells evaluated at once (whole spots): bounds the autograd memory at about
+        ``num_chains`` x this x the model's per-cell tensors.
+    sample_globals
+        Sample the global latents in turn (default); False: each chain keeps its guide draw.
     seed, device, progress
         Seed of the initial guide draws and of the chains; where to compute (default: the
         parameters' device); a progress bar.
@@ -178,37 +218,30 @@ def local_posterior(
         em_trace: dict[str, list[float]] = {name: [] for name, _ in em}
 
         chunks = spot_chunks(full.cell_spot.cpu().numpy(), full.n_spots, max_cells_per_chunk)
+        sampled_globals = bool(sample_globals and held)
+        # with the global latents sampled, every chunk runs in the same Gibbs sweep (the globals'
+        # step sums the density over the chunks); with them held, chunks run one after the other
+        groups = [list(range(len(chunks)))] if sampled_globals else [[c] for c in range(len(chunks))]
         out = PosteriorSamples()
         stats: dict[str, list[float]] = {"acceptance": [], "step_size": []}
         bar = tqdm(total=len(chunks) * (num_warmup + per_chain * thin), desc="posterior (local HMC)",
                    disable=not progress, leave=False)
-        for index, (cells_np, spots_np) in enumerate(chunks):
-            cells = torch.as_tensor(cells_np, device=device)
-            spot_rows = torch.as_tensor(spots_np, device=device)
-            part = _Part("local", _chunk_batch(full, cells, spot_rows), cells, moving, per_cell=False, per_spot=True)
-            for s in moving:
-                rows = [_rows(v, s, cells if s.plate == "cells" else spot_rows) for v in inits[s.name]]
-                part.state[s.name] = torch.stack([s.transform.inv(v) for v in rows]).detach()
-            for s in held:  # one guide draw per chain, fixed
-                part.conditioned[s.name] = torch.stack(inits[s.name]).reshape(s.chain_shape(C))
-            chunk_em = em if index == 0 else []
-            globals_part = None
-            if sample_globals and held and len(chunks) == 1:
-                # Gibbs: the global latents given the cells' (one block per chain), in turn
-                globals_part = _Part("globals", part.batch, cells, held, per_cell=False)
-                for s in held:
-                    globals_part.state[s.name] = s.transform.inv(part.conditioned.pop(s.name))
-            kept, kernel = _run_chain(model, part, C, per_chain, num_warmup, thin, num_steps, step_size,
-                                      target_accept, chunk_em, em_lr, em_trace, bar, base_model, globals_part,
-                                      dense_globals)
-            stats["acceptance"].append(float(np.mean(kernel.accept_history[num_warmup:] or [float("nan")])))
-            stats["step_size"].append(kernel.step)
-            if globals_part is not None:  # each kept state carries its own global latents
-                part = _Part("local", part.batch, cells, moving + held, per_cell=False, per_spot=True,
-                             conditioned={})
-            _assemble(model, [part], {"local": kept}, site_list, keep, dataset, C, S, also=set(renamed), out=out)
+        for group in groups:
+            parts = [_chunk_part(full, chunks[index], moving, held, inits, C, device) for index in group]
+            group_em = em if group[0] == 0 else []  # EM in the first chunk's (or the sweep's) warm-up
+            pieces = _global_pieces(parts, held) if sampled_globals else None
+            kept, kernels = _run_chain(model, parts, C, per_chain, num_warmup, thin, num_steps, step_size,
+                                       target_accept, group_em, em_lr, em_trace, bar, base_model, pieces,
+                                       dense_globals)
+            for part, part_kept, kernel in zip(parts, kept, kernels):
+                stats["acceptance"].append(float(np.mean(kernel.accept_history[num_warmup:] or [float("nan")])))
+                stats["step_size"].append(kernel.step)
+                if pieces is not None:  # each kept state carries its own global latents
+                    part = _Part("local", part.batch, part.cells, moving + held, per_cell=False, per_spot=True,
+                                 conditioned={})
+                _assemble(model, [part], {"local": part_kept}, site_list, keep, dataset, C, S,
+                          also=set(renamed), out=out)
         bar.close()
-        sampled_globals = bool(sample_globals and held and len(chunks) == 1)
     out.diagnostics = {
         "method": "local",
         "acceptance": {"local": float(np.nanmean(stats["acceptance"]))},
@@ -231,33 +264,39 @@ def local_posterior(
     return out
 
 
-def _run_chain(model, part: _Part, C: int, per_chain: int, num_warmup: int, thin: int, num_steps: int,
+def _run_chain(model, parts: list[_Part], C: int, per_chain: int, num_warmup: int, thin: int, num_steps: int,
                step_size: float, target_accept: float, em, em_lr: float, em_trace, bar, model_of_em,
-               globals_part: _Part | None = None, dense_globals: bool = True):
-    """Warm-up (step size, mass, EM) and sampling on one chunk; the kept unconstrained states."""
+               pieces: list[_Part] | None = None, dense_globals: bool = True):
+    """Warm-up (step size, mass, EM) and sampling of the chunks ``parts`` in one sweep: each
+    chunk's HMC in turn, then (with ``pieces``, one per chunk) the global latents' HMC given
+    every chunk's cells. Returns the kept unconstrained states of each chunk and its kernel."""
     def hand_over(source: _Part, target: _Part) -> None:
         for site in source.moving:
             target.conditioned[site.name] = site.transform(source.state[site.name]).detach()
 
-    if globals_part is not None:
-        hand_over(globals_part, part)
-        hand_over(part, globals_part)
-        global_kernel = _HMC(model, globals_part, C, num_steps, step_size, target_accept,
-                             dense=tuple(site.name for site in globals_part.moving) if dense_globals else ())
-    kernel = _HMC(model, part, C, num_steps, step_size, target_accept)
+    if pieces is not None:
+        for part, piece in zip(parts, pieces):
+            hand_over(pieces[0], part)
+            hand_over(part, piece)
+        global_kernel = _HMC(model, pieces[0], C, num_steps, step_size, target_accept,
+                             dense=tuple(site.name for site in pieces[0].moving) if dense_globals else (),
+                             pieces=pieces)
+    kernels = [_HMC(model, part, C, num_steps, step_size, target_accept) for part in parts]
     optimiser = torch.optim.Adam([p for _, p in em], lr=float(em_lr)) if em else None
     windows = _mass_windows(num_warmup)
     em_start = min(10, num_warmup // 4)
-    kept: list[dict[str, torch.Tensor]] = []
+    kept: list[list[dict[str, torch.Tensor]]] = [[] for _ in parts]
     for it in range(num_warmup + per_chain * thin):
         warm = it < num_warmup
-        rate = kernel.transition()
-        if globals_part is not None:
-            hand_over(part, globals_part)
+        rates = [kernel.transition() for kernel in kernels]
+        if pieces is not None:
+            for part, piece in zip(parts, pieces):
+                hand_over(part, piece)
             global_kernel.refresh()
             global_rate = global_kernel.transition()
-            hand_over(globals_part, part)
-            kernel.refresh()
+            for part, kernel in zip(parts, kernels):
+                hand_over(pieces[0], part)
+                kernel.refresh()
             if warm:
                 global_kernel.adapt(global_rate)
                 if it + 1 in windows:
@@ -265,27 +304,33 @@ def _run_chain(model, part: _Part, C: int, per_chain: int, num_warmup: int, thin
                 if it + 1 == num_warmup:
                     global_kernel.finish_warmup()
         if warm:
-            kernel.adapt(rate)
-            if it + 1 in windows:
-                kernel.update_mass()
+            for kernel, rate in zip(kernels, rates):
+                kernel.adapt(rate)
+                if it + 1 in windows:
+                    kernel.update_mass()
             if optimiser is not None and it >= em_start:
                 # Fisher's identity: the gradient of the log joint at posterior states
-                # estimates that of the marginal likelihood (one Adam step, in place)
+                # estimates that of the marginal likelihood (one Adam step, in place; the
+                # gradient summed chunk by chunk)
                 optimiser.zero_grad()
-                state = {k: v.detach() for k, v in part.state.items()}
-                loss = -_log_density(model, part, state, C).sum() / C
-                loss.backward()
+                for part in parts:
+                    state = {k: v.detach() for k, v in part.state.items()}
+                    loss = -_log_density(model, part, state, C).sum() / C
+                    loss.backward()
                 optimiser.step()
-                if globals_part is not None:
+                if pieces is not None:
                     global_kernel.refresh()
                 for name, _ in em:
                     em_trace[name].append(float(attrgetter(name)(model_of_em).detach().float().mean()))
-                kernel.refresh()
+                for kernel in kernels:
+                    kernel.refresh()
             if it + 1 == num_warmup:
-                kernel.finish_warmup()
+                for kernel in kernels:
+                    kernel.finish_warmup()
         elif (it + 1 - num_warmup) % thin == 0:
-            kept.append({k: v.detach().clone() for k, v in part.state.items()})
-            if globals_part is not None:  # the global latents of the same state
-                kept[-1].update({k: v.detach().clone() for k, v in globals_part.state.items()})
-        bar.update(1)
-    return kept, kernel
+            for part, part_kept in zip(parts, kept):
+                part_kept.append({k: v.detach().clone() for k, v in part.state.items()})
+                if pieces is not None:  # the global latents of the same state
+                    part_kept[-1].update({k: v.detach().clone() for k, v in pieces[0].state.items()})
+        bar.update(len(parts))
+    return kept, kernels

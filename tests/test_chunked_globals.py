@@ -1,0 +1,58 @@
+"""The global read-out's target summed over chunks of spots (issue 23): on CORAL, the log
+density, its gradient and the dense per-gene mass built piece by piece equal the ones of the
+whole tissue at once, so sampling the read-out across chunks changes memory, not the target."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from pyrospatial.data.sim import simulate_tissue
+from pyrospatial.engine.hmc import _HMC
+from pyrospatial.engine.local import _chunk_part, _global_pieces, spot_chunks
+from pyrospatial.engine.posterior import _EvalMode
+from pyrospatial.engine.refine import _guide_starts
+from pyrospatial.methods.coral import CORAL
+
+torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("fresh_pyro")  # tests/conftest.py
+C = 3
+
+
+def _global_kernel(coral, max_cells: int) -> tuple[_HMC, int]:
+    full = coral.dataset.full_batch()
+    model, guide = coral.model, coral.guide
+    torch.manual_seed(4)
+    sampled, _, site_list, inits = _guide_starts(model, guide, full, model.contract.noncentred, C)
+    moving = [s for s in site_list if s.plate in ("cells", "spots")]
+    held = [s for s in site_list if s.plate not in ("cells", "spots")]
+    chunks = spot_chunks(full.cell_spot.numpy(), full.n_spots, max_cells)
+    parts = [_chunk_part(full, chunk, moving, held, inits, C, torch.device("cpu")) for chunk in chunks]
+    pieces = _global_pieces(parts, held)
+    for part, piece in zip(parts, pieces):  # the cells' values the read-out's step conditions on
+        for site in part.moving:
+            piece.conditioned[site.name] = site.transform(part.state[site.name]).detach()
+    torch.manual_seed(5)  # the same random-sign probes for the dense mass
+    kernel = _HMC(sampled, pieces[0], C, num_steps=4, step_size=0.05, target_accept=0.7,
+                  dense=tuple(s.name for s in held), pieces=pieces)
+    return kernel, len(chunks)
+
+
+def test_the_read_out_target_in_chunks_equals_the_whole_tissue():
+    tissue = simulate_tissue(n_cells=300, n_types=3, n_proteins=8, n_genes=15, seed=5, cells_per_spot=8.0)
+    coral = CORAL(tissue.cells, tissue.spots, cell_type_key="cell_type", spot_diameter=55.0, seed=0)
+    coral.train(max_epochs=5, batch_size=None, progress=False, seed=1)
+    with _EvalMode(coral.model, coral.guide):
+        whole, n_whole = _global_kernel(coral, 10**6)
+        chunked, n_chunked = _global_kernel(coral, 80)
+    assert n_whole == 1 and n_chunked >= 3
+    assert set(whole.part.state) == {"rna_weight"} and whole.dense == ("rna_weight",)
+    # the globals' prior counted once: counted per chunk, the density would differ by
+    # (chunks - 1) x the prior's log density, far above this tolerance
+    torch.testing.assert_close(chunked.lp, whole.lp, rtol=1e-5, atol=1e-2)
+    torch.testing.assert_close(chunked.grad["rna_weight"], whole.grad["rna_weight"], rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(chunked.dense_cov["rna_weight"], whole.dense_cov["rna_weight"], rtol=1e-3, atol=1e-5)
+    # and the check has teeth: the read-out moves the density, its gradient is not zero
+    assert whole.grad["rna_weight"].abs().max() > 1.0
+    assert not np.allclose(whole.dense_cov["rna_weight"].numpy(), np.eye(whole.dense_cov["rna_weight"].shape[-1]))
