@@ -93,3 +93,21 @@ def test_dense_mass_samples_the_exact_posterior_where_a_diagonal_mass_has_not_mi
     # the same budget with a diagonal mass is still where it started along the collinear
     # directions (its mean 1.5-1.9 posterior sd off over seeds 1-3)
     assert np.max(np.abs(diagonal.mean(0) - mean) / sd) > 1.0
+
+
+def test_diagonal_mass_is_the_variance_over_the_windows_states_and_chains():
+    """The window keeps running sums, not the states: the mass must still be their variance
+    over iterations x chains (shrunk towards 1e-3 as before), and the next window starts empty."""
+    kernel = _kernel(4, dense=False, seed=0)
+    states = [5.0 + 3.0 * torch.randn(4, G, K) for _ in range(7)]
+    for state in states:
+        kernel.part.state["w"] = state
+        kernel.adapt(0.7)
+    kernel.update_mass()
+    n = 7 * 4
+    var = torch.stack(states).reshape(n, G, K).var(0, keepdim=True)
+    torch.testing.assert_close(kernel.mass["w"], (n / (n + 5.0)) * var + 1e-3 * (5.0 / (n + 5.0)), rtol=1e-5, atol=1e-6)
+    assert kernel.window_n == 0
+    before = kernel.mass["w"].clone()
+    kernel.update_mass()  # an empty window changes nothing
+    torch.testing.assert_close(kernel.mass["w"], before)

@@ -283,7 +283,11 @@ class _HMC:
         self.dense_chol: dict[str, torch.Tensor] = {}  # (R, K, K) Cholesky factor of the mass
         self.step = float(step_size)
         self.dual = _DualAveraging(self.step, target_accept)
-        self.window: dict[str, list[torch.Tensor]] = {k: [] for k in part.state}
+        # running sums over the current window's iterations and chains (float64): memory of
+        # one state, however long the window
+        self.window_n = 0
+        self.window_sum: dict[str, torch.Tensor] = {}
+        self.window_sumsq: dict[str, torch.Tensor] = {}
         self.accept_history: list[float] = []
         self._update_dense()
         self.refresh()
@@ -390,18 +394,25 @@ class _HMC:
     def adapt(self, rate: float) -> None:
         self.step = self.dual.update(rate)
         for k, v in self.part.state.items():
-            self.window[k].append(v.detach())
+            v = v.detach().double()
+            if k not in self.window_sum:
+                self.window_sum[k] = torch.zeros_like(v[:1])
+                self.window_sumsq[k] = torch.zeros_like(v[:1])
+            self.window_sum[k] += v.sum(0, keepdim=True)
+            self.window_sumsq[k] += (v * v).sum(0, keepdim=True)
+        self.window_n += self.C
 
     def update_mass(self) -> None:
         """Diagonal mass = variance over chains and the window's iterations (regularised)."""
-        for k, values in self.window.items():
-            if not values:
-                return
-            stack = torch.stack(values)  # (T, C, ...)
-            n = stack.shape[0] * stack.shape[1]
-            var = stack.reshape((n,) + tuple(stack.shape[2:])).var(0, keepdim=True)
+        n = self.window_n
+        if n < 2:
+            return
+        for k in self.part.state:
+            mean = self.window_sum[k] / n
+            var = ((self.window_sumsq[k] - n * mean * mean) / (n - 1)).clamp(min=0.0)
+            var = var.to(self.part.state[k].dtype)
             self.mass[k] = ((n / (n + 5.0)) * var + 1e-3 * (5.0 / (n + 5.0))).clamp(min=1e-6)
-            self.window[k] = []
+        self.window_n, self.window_sum, self.window_sumsq = 0, {}, {}
         self._update_dense()
         self.dual.reset(self.step)
         self.refresh()
