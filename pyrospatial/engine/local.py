@@ -49,7 +49,7 @@ from tqdm.auto import tqdm
 from pyrospatial.criticism.convergence import convergence_detail, unconverged_sites
 from pyrospatial.engine.batch import Batch
 from pyrospatial.engine.device import module_device
-from pyrospatial.engine.hmc import _HMC, _log_density, _mass_windows, _Part, _sub_batch
+from pyrospatial.engine.hmc import _HMC, _log_density, _mass_windows, _Part, _Site, _sub_batch
 from pyrospatial.engine.posterior import PosteriorSamples, _EvalMode
 from pyrospatial.engine.refine import _assemble, _em_parameters, _guide_starts, _rows
 from pyrospatial.errors import InputError
@@ -88,7 +88,8 @@ def _chunk_batch(full: Batch, cells: torch.Tensor, spots: torch.Tensor) -> Batch
     return _sub_batch(sub_full, cells, True)
 
 
-def _chunk_part(full: Batch, chunk: tuple[np.ndarray, np.ndarray], moving, held, inits, C: int, device) -> _Part:
+def _chunk_part(full: Batch, chunk: tuple[np.ndarray, np.ndarray], moving: list[_Site], held: list[_Site],
+                inits: dict[str, list[torch.Tensor]], C: int, device: torch.device) -> _Part:
     """The per-spot part of one chunk ``(cells, spots)``: its cells' and spots' latents moved,
     started at the chains' guide draws; the global latents conditioned on them."""
     cells = torch.as_tensor(chunk[0], device=device)
@@ -102,7 +103,7 @@ def _chunk_part(full: Batch, chunk: tuple[np.ndarray, np.ndarray], moving, held,
     return part
 
 
-def _global_pieces(parts: list[_Part], held) -> list[_Part]:
+def _global_pieces(parts: list[_Part], held: list[_Site]) -> list[_Part]:
     """The global latents' target given the cells of every chunk in ``parts``, one piece per
     chunk (the globals' prior and Jacobian counted by the first only), sharing one state
     started at the chains' guide draws; the globals leave the chunks' conditioned values (the
