@@ -19,6 +19,9 @@ chain has its own draw, so the returned draws still carry it.
 
 The global latents are sampled in turn (Gibbs): after the spots' step, one HMC step on the
 globals given every cell (a dense per-gene mass for the read-out), then the spots again.
+Latents that only the cell graph informs (``contract.graph_sites``, e.g. a Bayesian edge
+decoder) keep their guide draws: the graph is not part of this target, so sampled they would
+drift to their prior.
 
 Large tissues are sampled in chunks of spots (``max_cells_per_chunk``), so memory is bounded
 by the chunk's autograd graph, never by the tissue's: every chunk runs in the same sweep, each
@@ -103,20 +106,22 @@ def _chunk_part(full: Batch, chunk: tuple[np.ndarray, np.ndarray], moving: list[
     return part
 
 
-def _global_pieces(parts: list[_Part], held: list[_Site]) -> list[_Part]:
-    """The global latents' target given the cells of every chunk in ``parts``, one piece per
-    chunk (the globals' prior and Jacobian counted by the first only), sharing one state
-    started at the chains' guide draws; the globals leave the chunks' conditioned values (the
-    sweep hands them over)."""
-    pieces = [_Part("globals", part.batch, part.cells, held, per_cell=False, local_terms_only=i > 0)
+def _global_pieces(parts: list[_Part], sampled: list[_Site]) -> list[_Part]:
+    """The target of the global latents ``sampled`` given the cells of every chunk in
+    ``parts``, one piece per chunk (the globals' prior and Jacobian counted by the first only),
+    sharing one state started at the chains' guide draws. The sampled globals leave the chunks'
+    conditioned values (the sweep hands them over); the other held globals stay there and are
+    conditioned in the pieces too."""
+    pieces = [_Part("globals", part.batch, part.cells, sampled, per_cell=False, local_terms_only=i > 0)
               for i, part in enumerate(parts)]
-    for s in held:
+    for s in sampled:
         pieces[0].state[s.name] = s.transform.inv(parts[0].conditioned[s.name])
     for piece in pieces[1:]:
         piece.state = pieces[0].state
-    for part in parts:
-        for s in held:
+    for part, piece in zip(parts, pieces):
+        for s in sampled:
             part.conditioned.pop(s.name)
+        piece.conditioned.update(part.conditioned)
     return pieces
 
 
@@ -212,6 +217,10 @@ def local_posterior(
         model, renamed, site_list, inits = _guide_starts(base_model, guide, full, noncentred, C)
         moving = [s for s in site_list if s.plate in ("cells", "spots")]
         held = [s for s in site_list if s.plate not in ("cells", "spots")]
+        # latents that enter only the graph terms (e.g. a Bayesian edge decoder): the graph is
+        # left out here, so sampled they would drift to their prior; they keep the guide's draws
+        graph_only = set(contract.graph_sites) if contract is not None else set()
+        sampled = [s for s in held if s.name not in graph_only] if sample_globals else []
         if em_params is None:
             present = {name.removesuffix("_unconstrained") for name, _ in base_model.named_parameters()}
             em_params = [n for n in (contract.em_parameters if contract is not None else ()) if n in present]
@@ -219,7 +228,7 @@ def local_posterior(
         em_trace: dict[str, list[float]] = {name: [] for name, _ in em}
 
         chunks = spot_chunks(full.cell_spot.cpu().numpy(), full.n_spots, max_cells_per_chunk)
-        sampled_globals = bool(sample_globals and held)
+        sampled_globals = bool(sampled)
         # with the global latents sampled, every chunk runs in the same Gibbs sweep (the globals'
         # step sums the density over the chunks); with them held, chunks run one after the other
         groups = [list(range(len(chunks)))] if sampled_globals else [[c] for c in range(len(chunks))]
@@ -230,7 +239,7 @@ def local_posterior(
         for group in groups:
             parts = [_chunk_part(full, chunks[index], moving, held, inits, C, device) for index in group]
             group_em = em if group[0] == 0 else []  # EM in the first chunk's (or the sweep's) warm-up
-            pieces = _global_pieces(parts, held) if sampled_globals else None
+            pieces = _global_pieces(parts, sampled) if sampled_globals else None
             kept, kernels = _run_chain(model, parts, C, per_chain, num_warmup, thin, num_steps, step_size,
                                        target_accept, group_em, em_lr, em_trace, bar, base_model, pieces,
                                        dense_globals)
@@ -238,8 +247,9 @@ def local_posterior(
                 stats["acceptance"].append(float(np.mean(kernel.accept_history[num_warmup:] or [float("nan")])))
                 stats["step_size"].append(kernel.step)
                 if pieces is not None:  # each kept state carries its own global latents
-                    part = _Part("local", part.batch, part.cells, moving + held, per_cell=False, per_spot=True,
-                                 conditioned={})
+                    fixed = {k: v for k, v in part.conditioned.items() if k not in {s.name for s in sampled}}
+                    part = _Part("local", part.batch, part.cells, moving + sampled, per_cell=False, per_spot=True,
+                                 conditioned=fixed)
                 _assemble(model, [part], {"local": part_kept}, site_list, keep, dataset, C, S,
                           also=set(renamed), out=out)
         bar.close()
@@ -257,7 +267,7 @@ def local_posterior(
     }
     # global latents held at guide draws differ between chains by design: not a convergence check
     checks = {name: convergence_detail(value, C) for name, value in out.items()
-              if out.plates.get(name) != "global" or sampled_globals}
+              if out.plates.get(name) != "global" or name in {s.name for s in sampled}}
     for key in ("rhat_max", "ess_bulk_min", "rhat_above"):
         out.diagnostics[key] = {name: detail[key] for name, detail in checks.items()}
     out.diagnostics["seconds"] = time.perf_counter() - t_start
