@@ -58,7 +58,15 @@ from pyrospatial.engine.refine import _assemble, _em_parameters, _guide_starts, 
 from pyrospatial.errors import InputError
 from pyrospatial.protocols import contract_of
 
-__all__ = ["local_posterior", "spot_chunks"]
+__all__ = ["CHUNK_CELLS_CPU", "CHUNK_CELLS_GPU", "local_posterior", "spot_chunks"]
+
+#: Default cells per chunk on a CPU. Smaller chunks cost less CPU, not more: on 5,000
+#: simulated cells (seed 11) one chunk took 179 CPU s, chunks of 2,500 cells 122 s and of
+#: 1,000 cells 127 s for the same draws (tensors that fit the caches), at the same coverage.
+CHUNK_CELLS_CPU = 2_500
+#: Default cells per chunk on a GPU, where larger tensors keep the device busy (bounded by
+#: the device's memory; not yet measured).
+CHUNK_CELLS_GPU = 20_000
 
 
 def spot_chunks(cell_spot: np.ndarray, n_spots: int, max_cells: int) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -141,7 +149,7 @@ def local_posterior(
     em_params: Iterable[str] | None = None,
     em_lr: float = 0.02,
     noncentred: Iterable[str] | None = None,
-    max_cells_per_chunk: int = 20_000,
+    max_cells_per_chunk: int | None = None,
     sample_globals: bool = True,
     dense_globals: bool = True,
     seed: int = 0,
@@ -180,7 +188,8 @@ def local_posterior(
         Sites sampled in non-centred coordinates (None: the contract's ``noncentred``).
     max_cells_per_chunk
         Cells evaluated at once (whole spots): bounds the autograd memory at about
-        ``num_chains`` x this x the model's per-cell tensors.
+        ``num_chains`` x this x the model's per-cell tensors. None: :data:`CHUNK_CELLS_CPU`
+        on a CPU, :data:`CHUNK_CELLS_GPU` on a GPU.
     sample_globals
         Sample the global latents in turn (default); False: each chain keeps its guide draw.
     seed, device, progress
@@ -196,10 +205,14 @@ def local_posterior(
     """
     if int(num_samples) < 1 or int(num_chains) < 1:
         raise InputError(f"num_samples and num_chains must be >= 1, got {num_samples}, {num_chains}.")
-    if int(num_warmup) < 0 or int(thin) < 1 or int(num_steps) < 1 or int(max_cells_per_chunk) < 1:
-        raise InputError("num_warmup must be >= 0, and thin, num_steps and max_cells_per_chunk >= 1.")
+    if max_cells_per_chunk is not None and int(max_cells_per_chunk) < 1:
+        raise InputError(f"max_cells_per_chunk must be >= 1 (or None for the default), got {max_cells_per_chunk}.")
+    if int(num_warmup) < 0 or int(thin) < 1 or int(num_steps) < 1:
+        raise InputError("num_warmup must be >= 0, and thin and num_steps >= 1.")
     t_start = time.perf_counter()
     device = torch.device(device) if device is not None else module_device(model, guide)
+    if max_cells_per_chunk is None:
+        max_cells_per_chunk = CHUNK_CELLS_CPU if device.type == "cpu" else CHUNK_CELLS_GPU
     contract = contract_of(model)
     if noncentred is None:
         noncentred = contract.noncentred if contract is not None else ()
