@@ -93,3 +93,15 @@ def test_local_posterior_in_chunks_fills_every_row_and_checks_arguments():
         local_posterior(model, guide, OneBatch(batch), num_samples=0)
     with pytest.raises(InputError, match="max_cells_per_chunk"):
         local_posterior(model, guide, OneBatch(batch), max_cells_per_chunk=0)
+
+
+def test_default_chunk_size_follows_the_device(monkeypatch):
+    import pyrospatial.engine.local as local
+
+    batch, model, guide = toy_batch(CELL_SPOT, Y), ToyModel(), NarrowGuide()
+    monkeypatch.setattr(local, "CHUNK_CELLS_CPU", 4)  # the CPU default, made small: 3 chunks of this toy
+    draws = local_posterior(model, guide, OneBatch(batch), num_samples=8, num_chains=2, num_warmup=4, thin=1, seed=0)
+    assert draws.diagnostics["chunks"] == 3
+    monkeypatch.setattr(local, "CHUNK_CELLS_CPU", 10**6)
+    draws = local_posterior(model, guide, OneBatch(batch), num_samples=8, num_chains=2, num_warmup=4, thin=1, seed=0)
+    assert draws.diagnostics["chunks"] == 1
