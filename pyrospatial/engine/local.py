@@ -61,8 +61,10 @@ from pyrospatial.protocols import contract_of
 __all__ = ["CHUNK_CELLS_CPU", "CHUNK_CELLS_GPU", "local_posterior", "spot_chunks"]
 
 #: Default cells per chunk on a CPU. Smaller chunks cost less CPU, not more: on 5,000
-#: simulated cells (seed 11) one chunk took 179 CPU s, chunks of 2,500 cells 122 s and of
-#: 1,000 cells 127 s for the same draws (tensors that fit the caches), at the same coverage.
+#: simulated cells one chunk took 169 CPU s, chunks of 2,500 cells 106 s and of 1,000 cells
+#: 104 s for the same draws (tensors that fit the caches), at the same coverage; at 30k cells
+#: 12 chunks took 2058 CPU s and 1.8 GB against 3127 s and 3.7 GB in two
+#: (``benchmarks/results/chunk_size.md``, ``benchmarks/results/scaling*.json``).
 CHUNK_CELLS_CPU = 2_500
 #: Default cells per chunk on a GPU, where larger tensors keep the device busy (bounded by
 #: the device's memory; not yet measured).
