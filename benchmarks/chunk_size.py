@@ -21,11 +21,14 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _results import command_line, write_results  # noqa: E402
+
 
 def worker(n_cells: int, chunk: int) -> dict:
     import torch
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     from posterior_error_sources import fit, rna_scores, study_tissue
 
     torch.set_num_threads(1)
@@ -62,11 +65,8 @@ def main(argv: list[str] | None = None) -> None:
                               check=True, capture_output=True, text=True)
         rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
         print(rows[-1], flush=True)
-    command = "OMP_NUM_THREADS=1 python benchmarks/chunk_size.py " + " ".join(argv or sys.argv[1:])
-    result = {"command": command.strip(), "rows": rows}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "chunk_size.json").write_text(json.dumps(result, indent=1) + "\n")
+    command = command_line("chunk_size.py", argv)
+    result = {"command": command, "rows": rows}
     lines = ["# Default posterior against its chunk size (issue 23)", "",
              f"`{result['command']}` ({args.cells} simulated cells, seed 11; `CORAL.sample(20, num_warmup=16)`; "
              "each row a fresh process, the peak reset before sampling).", "",
@@ -75,8 +75,7 @@ def main(argv: list[str] | None = None) -> None:
     for r in rows:
         lines.append(f"| {r['max_cells_per_chunk']} | {r['chunks']} | {r['cpu_s']:.0f} | {r['peak_rss_mb']:.0f} | "
                      f"{r['expected_rna_cov90']:.3f} / {r['expected_rna_pit90']:.3f} |")
-    (out / "chunk_size.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results(args.out, "chunk_size", result, "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

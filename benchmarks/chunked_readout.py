@@ -22,7 +22,6 @@ number of chunks and the CPU seconds. Writes ``OUT/chunked_readout.{json,md}``.
 from __future__ import annotations
 
 import argparse
-import json
 import resource
 import sys
 import time
@@ -32,6 +31,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _results import command_line, write_results  # noqa: E402
 
 from posterior_error_sources import fit, rna_scores, study_tissue  # noqa: E402
 
@@ -70,12 +71,9 @@ def main(argv: list[str] | None = None) -> None:
     tissue, dataset, scored, truth = study_tissue(args.cells, args.seed)
     coral, fit_info = fit(tissue, dataset, args.seed)
     rows = [run(coral, label, args.chunk, args.seed, scored, truth) for label in VARIANTS]
-    command = "OMP_NUM_THREADS=1 python benchmarks/chunked_readout.py " + " ".join(argv or sys.argv[1:])
-    result = {"command": command.strip(), "n_cells": args.cells, "seed": args.seed, "chunk_cells": args.chunk,
+    command = command_line("chunked_readout.py", argv)
+    result = {"command": command, "n_cells": args.cells, "seed": args.seed, "chunk_cells": args.chunk,
               "fit": fit_info, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "rows": rows}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "chunked_readout.json").write_text(json.dumps(result, indent=1) + "\n")
     lines = ["# The default posterior in chunks: the read-out sampled across them (issue 23)", "",
              f"`{result['command']}` ({args.cells} cells, seed {args.seed}; chunks of about {args.chunk} cells; "
              f"`CORAL.sample(100)` defaults otherwise: 10 chains, 40 warm-up iterations; fit "
@@ -85,8 +83,7 @@ def main(argv: list[str] | None = None) -> None:
     for r in rows:
         lines.append(f"| {r['variant']} | {r['chunks']} | {r['expected_rna_cov90']:.3f} | {r['expected_rna_pit90']:.3f} | "
                      f"{r['rhat_max_omega']:.2f} | {r['omega_sd_mean']:.4f} | {r['omega_distinct_draws']} | {r['cpu_s']:.0f} |")
-    (out / "chunked_readout.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results(args.out, "chunked_readout", result, "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -25,7 +25,6 @@ API. Writes ``OUT/readout_mixing.{json,md}``.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -34,6 +33,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _results import command_line, write_results  # noqa: E402
 
 from posterior_error_sources import fit, study_tissue  # noqa: E402
 from pyrospatial.criticism.calibration import interval_coverage_by_level, pit_coverage_by_level  # noqa: E402
@@ -90,11 +91,8 @@ def main(argv: list[str] | None = None) -> None:
     tissue, dataset, scored, truth = study_tissue(args.cells, args.seed)
     coral, _ = fit(tissue, dataset, args.seed)
     rows = [run(coral, args.seed, frozen, dense, scored, truth) for dense in (False, True) for frozen in (False, True)]
-    command = "OMP_NUM_THREADS=1 python benchmarks/readout_mixing.py " + " ".join(argv or sys.argv[1:])
-    result = {"command": command.strip(), "n_cells": args.cells, "seed": args.seed, "rows": rows}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "readout_mixing.json").write_text(json.dumps(result, indent=1) + "\n")
+    command = command_line("readout_mixing.py", argv)
+    result = {"command": command, "n_cells": args.cells, "seed": args.seed, "rows": rows}
     lines = ["# Does the read-out step mix when the cells stand still? (issue 23)", "",
              f"`{result['command']}` ({args.cells} cells, seed {args.seed}; `CORAL.sample()` defaults: 10 chains, "
              "40 warm-up iterations, 100 draws).", "",
@@ -107,8 +105,7 @@ def main(argv: list[str] | None = None) -> None:
         lines.append(f"| {mass} | {label} | {r['rhat_max_omega']:.2f} | {r['rhat_above_omega']:.3f} | "
                      f"{r['omega_accept_after_warmup']:.3f} | {r['omega_step_size']:.4f} | {r['omega_sd_mean']:.3f} | "
                      f"{cov} | {r['cpu_s']:.0f} |")
-    (out / "readout_mixing.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results(args.out, "readout_mixing", result, "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

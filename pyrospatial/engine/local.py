@@ -236,6 +236,7 @@ def local_posterior(
         # left out here, so sampled they would drift to their prior; they keep the guide's draws
         graph_only = set(contract.graph_sites) if contract is not None else set()
         sampled = [s for s in held if s.name not in graph_only] if sample_globals else []
+        sampled_names = {s.name for s in sampled}
         if em_params is None:
             present = {name.removesuffix("_unconstrained") for name, _ in base_model.named_parameters()}
             em_params = [n for n in (contract.em_parameters if contract is not None else ()) if n in present]
@@ -262,7 +263,7 @@ def local_posterior(
                 stats["acceptance"].append(float(np.mean(kernel.accept_history[num_warmup:] or [float("nan")])))
                 stats["step_size"].append(kernel.step)
                 if pieces is not None:  # each kept state carries its own global latents
-                    fixed = {k: v for k, v in part.conditioned.items() if k not in {s.name for s in sampled}}
+                    fixed = {k: v for k, v in part.conditioned.items() if k not in sampled_names}
                     part = _Part("local", part.batch, part.cells, moving + sampled, per_cell=False, per_spot=True,
                                  conditioned=fixed)
                 _assemble(model, [part], {"local": part_kept}, site_list, keep, dataset, C, S,
@@ -282,7 +283,7 @@ def local_posterior(
     }
     # global latents held at guide draws differ between chains by design: not a convergence check
     checks = {name: convergence_detail(value, C) for name, value in out.items()
-              if out.plates.get(name) != "global" or name in {s.name for s in sampled}}
+              if out.plates.get(name) != "global" or name in sampled_names}
     for key in ("rhat_max", "ess_bulk_min", "rhat_above"):
         out.diagnostics[key] = {name: detail[key] for name, detail in checks.items()}
     out.diagnostics["seconds"] = time.perf_counter() - t_start
