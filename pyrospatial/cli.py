@@ -550,8 +550,8 @@ def _domains_into(args: argparse.Namespace, out: Path) -> int:
         sections, args.n_domains, modalities=args.modalities, layer=args.layer, protein_key=args.protein_key,
         morphology_key=args.morphology_key, section_key=args.section_key, n_neighbours=args.n_neighbours,
         smoothness=args.smoothness, max_steps=steps, lr=args.lr, batch_size=args.batch_size,
-        num_samples=args.num_samples, seed=args.seed, device=args.device, progress=args.progress,
-        **checkpoint_kwargs(args),
+        num_samples=args.num_samples, restarts=args.restarts, seed=args.seed, device=args.device,
+        progress=args.progress, **checkpoint_kwargs(args),
     )
     outs = outs if isinstance(outs, list) else [outs]
     summary = write_domains_report(outs, out, names=[Path(p).name for p in args.sections])
@@ -602,7 +602,8 @@ def _add_domains_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--smoothness", type=float, default=0.1, help="strength of the spatial prior (0: off)")
     p.add_argument("--lr", type=float, default=0.01, help="learning rate")
     p.add_argument("--batch-size", type=int, default=1024, help="spots per spatially compact minibatch")
-    p.add_argument("--num-samples", type=int, default=100, help="posterior draws")
+    p.add_argument("--num-samples", type=int, default=100, help="posterior draws (split over the restarts)")
+    p.add_argument("--restarts", type=int, default=3, help="independent fits pooled into one posterior (1: one fit)")
     add_checkpoint_options(p)
     p.set_defaults(func=_check_sections)
 

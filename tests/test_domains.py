@@ -283,7 +283,7 @@ def test_cli_domains_defaults_follow_the_api():
 
     args = build_parser().parse_args(["domains", "--sections", "a.h5ad", "--n-domains", "3", "--out", "o"])
     api = inspect.signature(domains).parameters
-    for name in ("smoothness", "batch_size", "lr", "n_neighbours", "num_samples"):
+    for name in ("smoothness", "batch_size", "lr", "n_neighbours", "num_samples", "restarts"):
         assert getattr(args, name) == api[name].default, name
 
 

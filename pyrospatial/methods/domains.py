@@ -25,10 +25,13 @@ Documented keys of every returned AnnData (a copy of the input)
 - ``obsm['domain_prob_{mean,sd,q05,q95}']``: ``(n_obs, K)``, summaries of the exact domain
   posterior ``P(d_i = k | z_i, u_i, globals)`` over joint posterior draws of the globals,
   ``z_i`` and ``u_i``;
-- ``obsm['domain_embedding_{mean,sd}']``: ``(n_obs, latent_dim)``, the latent state ``z_i``;
+- ``obsm['domain_embedding_{mean,sd}']``: ``(n_obs, latent_dim)``, the latent state ``z_i``
+  (with several restarts, each rotated onto the reference restart's before pooling);
 - ``uns['domains']``: ``settings``, ``modalities``, ``sections``, ``genes`` (used),
-  ``versions``, ``elbo`` (loss per step), ``fit_seconds``, ``domain_frequency_mean``
-  (h5ad-safe);
+  ``versions``, ``elbo`` (loss per step of the reference restart), ``fit_seconds`` (all
+  restarts), ``domain_frequency_mean``, ``restarts`` (``restarts``, ``seeds``, ``reference``:
+  the restart of lowest final loss, ``final_loss`` and ``agreement`` with the reference per
+  restart) (h5ad-safe);
 - ``uns['spatial']``: kept (e.g. with the H&E image), or created without image.
 
 Errors: :class:`~pyrospatial.errors.InputError` (``n_domains < 2``, an unknown modality, a
@@ -39,6 +42,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -48,6 +52,7 @@ import torch
 from anndata import AnnData
 
 from pyrospatial.data.domain_data import DomainData
+from pyrospatial.methods.domain_restarts import pool_restarts, restart_seed
 from pyrospatial.engine.export import add_spatial_uns, h5ad_safe
 from pyrospatial.engine.infer import FitResult, fit
 from pyrospatial.engine.posterior import sample_posterior
@@ -162,6 +167,8 @@ class Domains:
         self.train_record: dict[str, Any] | None = None
         self.draws: dict[str, np.ndarray] | None = None
         self.sample_record: dict[str, Any] | None = None
+        #: set by :func:`~pyrospatial.methods.domain_restarts.pool_restarts` when the draws pool several fits
+        self.restart_record: dict[str, Any] | None = None
 
     @property
     def n_domains(self) -> int:
@@ -235,12 +242,17 @@ class Domains:
                          if k in record})
         settings.update({k: record[k] for k in ("stop_tol", "stop_window", "stopped_at") if k in record})
         settings["num_samples"] = self.sample_record["num_samples"]
+        restarts = self.restart_record or {"restarts": 1, "seeds": [self.settings["init_seed"]], "reference": 0,
+                                           "final_loss": [float(np.mean(record["elbo"][-25:]))], "agreement": [1.0]}
+        settings["restarts"] = int(restarts["restarts"])
         rec = h5ad_safe({
             "settings": settings, "modalities": list(self.inputs.modalities),
             "sections": list(self.inputs.section_names), "genes": list(self.inputs.genes),
             "versions": record["versions"], "elbo": np.asarray(record["elbo"], dtype=np.float64),
-            "fit_seconds": float(record["seconds"] + self.sample_record["seconds"]),
+            "fit_seconds": float(restarts["seconds"]) if "seconds" in restarts else
+            float(record["seconds"] + self.sample_record["seconds"]),
             "domain_frequency_mean": np.asarray(draws["domain_frequency"]).mean(0).astype(np.float64),
+            "restarts": {k: restarts[k] for k in ("restarts", "seeds", "reference", "final_loss", "agreement")},
         })
         outs = []
         for adata, rows in zip(self.inputs.adatas, self.inputs.rows):
@@ -291,7 +303,7 @@ class Domains:
         self.guide.load_state_dict(state["guide"])
         train = dict(state["train"])
         train["elbo"] = train["elbo"].numpy().astype(np.float64)
-        self.train_record, self.fit_result, self.draws = train, None, None
+        self.train_record, self.fit_result, self.draws, self.restart_record = train, None, None, None
         return self
 
     def _identity(self) -> dict[str, Any]:
@@ -418,6 +430,7 @@ def domains(
     batch_size: int | None = 1024,
     stop_tol: float | None = 1e-4,
     num_samples: int = 100,
+    restarts: int = 3,
     seed: int = 0,
     device: str = "cpu",
     progress: bool = False,
@@ -463,10 +476,19 @@ def domains(
         minibatch (``None``: all), and the stopping rule of :meth:`Domains.train` (``None``:
         ``max_steps`` steps).
     num_samples
-        Joint posterior draws behind every summary.
+        Joint posterior draws behind every summary (split over the restarts).
+    restarts
+        Independent fits (starting points and seeds ``seed * restarts + r``) whose draws are
+        pooled after matching their domains and embeddings to the fit of lowest final loss
+        (:mod:`pyrospatial.methods.domain_restarts`). One fit describes only its own mode of the
+        posterior and is over-confident against the disagreement between fits: on DLPFC 151673
+        (6 fits; ``benchmarks/results/domains.md``) one fit's confidence against how often
+        independent fits agree had an ECE of 0.07-0.16, a pool of 3 of 0.02-0.04. Costs
+        ``restarts`` fits; 1 gives the single fit of ``seed``.
     seed, device, progress, checkpoint_dir, resume
         Seed of the start, the fit and the draws; torch device; progress bar; checkpoints as
-        for :func:`pyrospatial.fit`.
+        for :func:`pyrospatial.fit` (with several restarts, one folder per restart,
+        ``checkpoint_dir/restart_R``, and ``resume="last"`` resumes each that has one).
 
     Returns
     -------
@@ -478,12 +500,27 @@ def domains(
     ------
     InputError, CountsError
     """
-    method = Domains(adatas, n_domains, modalities=modalities, layer=layer, protein_key=protein_key,
-                     morphology_key=morphology_key, spatial_key=spatial_key, section_key=section_key,
-                     n_neighbours=n_neighbours, latent_dim=latent_dim, state_dim=state_dim, n_pcs=n_pcs,
-                     n_top_genes=n_top_genes, smoothness=smoothness, logit_scale=logit_scale, seed=seed)
-    method.train(max_steps, lr=lr, batch_size=batch_size, seed=seed, device=device, progress=progress,
-                 stop_tol=stop_tol, checkpoint_dir=checkpoint_dir, resume=resume)
-    method.sample(num_samples, seed=seed)
+    if isinstance(restarts, bool) or int(restarts) != restarts or int(restarts) < 1:
+        raise InputError(f"restarts must be an integer >= 1, got {restarts!r}.")
+    R = int(restarts)
+    if R > 1 and resume is not None and str(resume) != "last":
+        raise InputError(f"resume={resume!r} with restarts={R}: each restart has its own checkpoint; pass "
+                         "resume='last' with the same checkpoint_dir (or restarts=1).")
+    fits = []
+    for r in range(R):
+        run_seed = restart_seed(seed, r, R)
+        folder, resume_r = checkpoint_dir, resume
+        if R > 1 and checkpoint_dir is not None:
+            folder = str(Path(checkpoint_dir) / f"restart_{r}")
+            resume_r = resume if (Path(folder) / "last.ckpt").exists() else None
+        method = Domains(adatas, n_domains, modalities=modalities, layer=layer, protein_key=protein_key,
+                         morphology_key=morphology_key, spatial_key=spatial_key, section_key=section_key,
+                         n_neighbours=n_neighbours, latent_dim=latent_dim, state_dim=state_dim, n_pcs=n_pcs,
+                         n_top_genes=n_top_genes, smoothness=smoothness, logit_scale=logit_scale, seed=run_seed)
+        method.train(max_steps, lr=lr, batch_size=batch_size, seed=run_seed, device=device, progress=progress,
+                     stop_tol=stop_tol, checkpoint_dir=folder, resume=resume_r)
+        method.sample(-(-int(num_samples) // R), seed=run_seed)
+        fits.append(method)
+    method = fits[0] if R == 1 else pool_restarts(fits)
     outs = method.export()
     return outs[0] if isinstance(adatas, AnnData) else outs
