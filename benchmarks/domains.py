@@ -219,20 +219,53 @@ def hungarian_map(pred: np.ndarray, other: np.ndarray, weights: np.ndarray | Non
     return {pv[i]: ov[j] for i, j in zip(r, k)}
 
 
+def binned_ece(confidence: np.ndarray, correct: np.ndarray, bins: int = 10) -> float:
+    """Expected calibration error of ``confidence`` against the 0/1 (or fractional) ``correct``,
+    over ``bins`` equal-width bins of confidence."""
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    idx = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, bins - 1)
+    ece = 0.0
+    for b in range(bins):
+        sel = idx == b
+        if sel.any():
+            ece += sel.mean() * abs(correct[sel].mean() - confidence[sel].mean())
+    return float(ece)
+
+
 def confidence_ece(pred: np.ndarray, confidence: np.ndarray, truth: np.ndarray, bins: int = 10) -> dict:
     """ECE of ``confidence`` for 'the spot's domain, Hungarian-matched to a label, is its label'."""
     m = labelled(truth)
     t, p, c = truth[m].astype(str), np.asarray(pred)[m], np.asarray(confidence, dtype=float)[m]
     mapping = hungarian_map(p, t)
     correct = np.array([mapping.get(v) == lab for v, lab in zip(p, t)], dtype=float)
-    edges = np.linspace(0.0, 1.0, bins + 1)
-    idx = np.clip(np.digitize(c, edges[1:-1], right=True), 0, bins - 1)
-    ece = 0.0
-    for b in range(bins):
-        sel = idx == b
-        if sel.any():
-            ece += sel.mean() * abs(correct[sel].mean() - c[sel].mean())
-    return {"confidence_ece": float(ece), "mean_confidence": float(c.mean()), "matched_accuracy": float(correct.mean())}
+    return {"confidence_ece": binned_ece(c, correct, bins), "mean_confidence": float(c.mean()),
+            "matched_accuracy": float(correct.mean())}
+
+
+def cross_seed_calibration(folders: list[str], cases: dict) -> list[dict]:
+    """Label-free check of ``domain_confidence``: for each pyrospatial fit (runner outputs
+    ``{method}_{case}_s{seed}.json`` in ``folders``), the fraction of the *other* seeds' fits that
+    give each spot the same domain (their labels Hungarian-matched to this fit's), against this
+    fit's confidence: ECE over 10 bins, mean confidence, mean agreement. Needs no labels, so a
+    miss here is the model's own over-confidence, not a difference from the manual layers."""
+    fits: dict[tuple[str, str], dict[int, dict]] = {}
+    for method, names, seed, out in collect_outputs(folders, cases):
+        for k, n in enumerate(names):
+            fits.setdefault((method, n), {})[seed] = {"labels": np.asarray(out["labels"][k]).astype(str),
+                                                      "confidence": np.asarray(out["confidence"][k], dtype=float)}
+    rows = []
+    for (method, n), by_seed in sorted(fits.items()):
+        if len(by_seed) < 2:
+            continue
+        for seed, fit in sorted(by_seed.items()):
+            agree = np.mean([
+                np.array([hungarian_map(o["labels"], fit["labels"]).get(v) == lab
+                          for v, lab in zip(o["labels"], fit["labels"])], dtype=float)
+                for s, o in by_seed.items() if s != seed], axis=0)
+            rows.append({"dataset": cases[n]["dataset"], "section": cases[n]["section"], "method": method, "seed": seed,
+                         "cross_seed_ece": binned_ece(fit["confidence"], agree),
+                         "mean_confidence": float(fit["confidence"].mean()), "mean_agreement": float(agree.mean())})
+    return rows
 
 
 # ------------------------------------------------------------------------------------------
@@ -410,6 +443,20 @@ def markdown(result: dict) -> str:
         for c in result["calibration"]:
             lines.append(f"| {c['dataset']} | {c['section']} | {c['method']} | {c['confidence_ece']:.3f} ± "
                          f"{c['confidence_ece_sd']:.3f} | {c['mean_confidence']:.3f} | {c['matched_accuracy']:.3f} |")
+        lines.append("")
+    if result.get("cross_seed_calibration"):
+        lines += ["## Label-free calibration of `domain_confidence`: agreement with the other seeds' fits", "",
+                  ("For each fit, the fraction of the other seeds' fits (labels Hungarian-matched to it) that give a "
+                   "spot the same domain, against the fit's confidence; no labels used."), "",
+                  "| data set | section | method | seeds | ECE (10 bins) | mean confidence | mean agreement |",
+                  "|---|---|---|---|---|---|---|"]
+        groups: dict[tuple, list[dict]] = {}
+        for r in result["cross_seed_calibration"]:
+            groups.setdefault((r["dataset"], r["section"], r["method"]), []).append(r)
+        for (ds, sec, m), rs in sorted(groups.items()):
+            lines.append(f"| {ds} | {sec} | {m} | {len(rs)} | {np.mean([r['cross_seed_ece'] for r in rs]):.3f} | "
+                         f"{np.mean([r['mean_confidence'] for r in rs]):.3f} | "
+                         f"{np.mean([r['mean_agreement'] for r in rs]):.3f} |")
         lines.append("")
     if result.get("cross_section"):
         cs = result["cross_section"]
@@ -606,6 +653,7 @@ def main(argv: list[str] | None = None) -> None:
               "settings": {"seeds": args.seeds, "timeout_s": args.timeout, "slow_seconds": args.slow_seconds,
                            "cases": {n: {k: v for k, v in c.items() if k not in ("labels", "path")}
                                      for n, c in cases.items()}}}
+    result["cross_seed_calibration"] = cross_seed_calibration([str(work), *args.labels_from, *args.collect], cases)
     result["targets"] = targets(result)
     result["notes"] = base_notes() + sorted(notes.values()) + list(args.note)
     write_results(args.out, "domains", result, markdown(result))
