@@ -267,9 +267,13 @@ def test_cli_domains_writes_one_file_per_section(tmp_path):
         adata.write_h5ad(paths[-1])
     out = tmp_path / "out"
     assert main(["domains", "--sections", *paths, "--n-domains", "3", "--out", str(out), "--max-epochs", "5",
-                 "--num-samples", "3", "--no-progress"]) == 0
+                 "--num-samples", "3", "--restarts", "2", "--no-progress"]) == 0
     assert (out / "domains_0.h5ad").exists() and (out / "domains_1.h5ad").exists()
     assert (out / "figures" / "domains.png").exists() and (out / "domains.json").exists()
+    import json
+
+    summary = json.loads((out / "domains.json").read_text())
+    assert summary["restarts"]["restarts"] == 2 and len(summary["restarts"]["agreement"]) == 2
     assert main(["domains", "--sections", str(tmp_path / "missing.h5ad"), "--n-domains", "3",
                  "--out", str(tmp_path / "out2")]) == 2
 

@@ -77,7 +77,7 @@ def plot_domains(outs: Sequence[AnnData], path: str | Path, *, titles: Sequence[
 
 def write_domains_report(outs: Sequence[AnnData], out: Path, *, names: Sequence[str]) -> dict:
     """Write ``domains_<i>.h5ad`` per section, ``figures/domains.png`` and ``domains.json``
-    (spots per domain and mean confidence per section); return the summary."""
+    (spots per domain and mean confidence per section; the restarts' agreement); return the summary."""
     out = Path(out)
     (out / "figures").mkdir(parents=True, exist_ok=True)
     summary: dict = {"sections": []}
@@ -89,6 +89,10 @@ def write_domains_report(outs: Sequence[AnnData], out: Path, *, names: Sequence[
             "spots_per_domain": {str(k): int(v) for k, v in counts.items()},
             "mean_confidence": float(adata.obs["domain_confidence"].mean()),
         })
+    restarts = outs[0].uns.get("domains", {}).get("restarts")
+    if restarts is not None:  # how far the pooled fits agreed with the reference (lowest loss) one
+        summary["restarts"] = {"restarts": int(restarts["restarts"]), "reference": int(restarts["reference"]),
+                               "agreement": [float(a) for a in np.atleast_1d(restarts["agreement"])]}
     plot_domains(outs, out / "figures" / "domains.png", titles=[str(n) for n in names])
     summary["figures"] = ["figures/domains.png"]
     import json
