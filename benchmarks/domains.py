@@ -532,7 +532,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--collect", nargs="*", default=[],
                     help="--work folders whose pyrospatial runner outputs to score (runs finished outside this process)")
     ap.add_argument("--note", action="append", default=[], help="a note for the results (repeatable)")
-    ap.add_argument("--merge", nargs="*", default=[], help="domains.json files of other runs whose records to merge")
+    ap.add_argument("--merge", nargs="*", default=[],
+                    help="domains.json files of other runs whose records to merge (a later file's records win)")
     ap.add_argument("--not-run", nargs="*", default=[], metavar="METHOD=REASON",
                     help="record the runs of METHOD that have no record yet as not run, with REASON")
     args = ap.parse_args(argv)
@@ -550,7 +551,7 @@ def main(argv: list[str] | None = None) -> None:
         notes.update(prev.get("notes_by_key", {}))
         calib_recs.update({(c["dataset"], c["section"], c["method"], c["seed"]): c
                            for c in prev.get("calibration_records", [])})
-        if prev.get("cross_section") and not previous.get("cross_section"):
+        if prev.get("cross_section"):  # later files win, as for the records
             previous["cross_section"] = prev["cross_section"]
     pyro_labels: dict[tuple, np.ndarray] = {}
 

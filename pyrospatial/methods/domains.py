@@ -14,8 +14,10 @@ story), the guide :class:`pyrospatial.guides.domains.DomainGuide`; both are trai
 from joint posterior draws by :func:`pyrospatial.sample_posterior`. One set of domain
 parameters serves every section, so a domain label means the same in every section.
 
-:func:`domains` is one call of :class:`Domains`: build (validation, data, model, guide),
-``train``, ``sample``, ``export``; also ``to_inference_data``, ``save``, ``load``.
+:class:`Domains` is one fit: build (validation, data, model, guide), ``train``, ``sample``,
+``export``; also ``to_inference_data``, ``save``, ``load``. :func:`domains` runs ``restarts``
+(default 3) of them from different starting points and pools their draws
+(:mod:`pyrospatial.methods.domain_restarts`), since one fit knows only its own mode.
 
 Documented keys of every returned AnnData (a copy of the input)
 ---------------------------------------------------------------
