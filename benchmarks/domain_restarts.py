@@ -33,7 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import command_line, write_results  # noqa: E402
-from domains import binned_ece, confidence_ece, hungarian_map, prepare, scores  # noqa: E402
+from domains import binned_ece, confidence_ece, matched_agreement, prepare, scores  # noqa: E402
 
 from pyrospatial.methods.domain_restarts import pool_restarts  # noqa: E402
 from pyrospatial.methods.domains import Domains  # noqa: E402
@@ -49,7 +49,7 @@ def fit_once(adata, n_domains: int, seed: int) -> Domains:
 
 def label_free(labels: np.ndarray, confidence: np.ndarray, others: list[np.ndarray]) -> dict[str, float]:
     """ECE of ``confidence`` against the fraction of ``others`` agreeing with ``labels`` (matched)."""
-    agree = np.mean([[hungarian_map(o, labels).get(v) == lab for v, lab in zip(o, labels)] for o in others], axis=0)
+    agree = np.mean([matched_agreement(o, labels) for o in others], axis=0)
     return {"label_free_ece": binned_ece(confidence, agree.astype(float)), "mean_agreement": float(agree.mean())}
 
 

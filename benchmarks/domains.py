@@ -219,6 +219,12 @@ def hungarian_map(pred: np.ndarray, other: np.ndarray, weights: np.ndarray | Non
     return {pv[i]: ov[j] for i, j in zip(r, k)}
 
 
+def matched_agreement(other: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Per spot, 1.0 where ``other``'s label, Hungarian-matched to ``labels``, equals ``labels``."""
+    mapping = hungarian_map(other, labels)
+    return np.array([mapping.get(v) == lab for v, lab in zip(other, labels)], dtype=float)
+
+
 def binned_ece(confidence: np.ndarray, correct: np.ndarray, bins: int = 10) -> float:
     """Expected calibration error of ``confidence`` against the 0/1 (or fractional) ``correct``,
     over ``bins`` equal-width bins of confidence."""
@@ -258,10 +264,8 @@ def cross_seed_calibration(folders: list[str], cases: dict) -> list[dict]:
         if len(by_seed) < 2:
             continue
         for seed, fit in sorted(by_seed.items()):
-            agree = np.mean([
-                np.array([hungarian_map(o["labels"], fit["labels"]).get(v) == lab
-                          for v, lab in zip(o["labels"], fit["labels"])], dtype=float)
-                for s, o in by_seed.items() if s != seed], axis=0)
+            agree = np.mean([matched_agreement(o["labels"], fit["labels"]) for s, o in by_seed.items() if s != seed],
+                            axis=0)
             rows.append({"dataset": cases[n]["dataset"], "section": cases[n]["section"], "method": method, "seed": seed,
                          "cross_seed_ece": binned_ece(fit["confidence"], agree),
                          "mean_confidence": float(fit["confidence"].mean()), "mean_agreement": float(agree.mean())})
