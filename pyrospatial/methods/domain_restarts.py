@@ -4,8 +4,8 @@ A single SVI fit of :class:`~pyrospatial.models.domains.DomainModel` finds one m
 posterior that has several: fits from other starting points split or merge layers
 differently. Its domain probabilities only describe the uncertainty *within* its mode, so they
 are over-confident against the fit-to-fit disagreement: on DLPFC 151673 one fit's mean
-confidence was 0.93 while independent fits gave the same domain to 0.77-0.85 of the spots
-(``benchmarks/results/domains.md``). Pooling the draws of several fits (restarts) treats the
+confidence was 0.92-0.93 while independent fits gave the same domain to 0.77-0.85 of the spots
+(``benchmarks/results/domain_restarts.md``). Pooling the draws of several fits (restarts) treats the
 modes as a mixture with equal weights, as a deep ensemble does.
 
 Restarts label their domains arbitrarily and place their embeddings in arbitrarily rotated

@@ -484,9 +484,9 @@ def domains(
         pooled after matching their domains and embeddings to the fit of lowest final loss
         (:mod:`pyrospatial.methods.domain_restarts`). One fit describes only its own mode of the
         posterior and is over-confident against the disagreement between fits: on DLPFC 151673
-        (6 fits; ``benchmarks/results/domains.md``) one fit's confidence against how often
-        independent fits agree had an ECE of 0.07-0.16, a pool of 3 of 0.02-0.04. Costs
-        ``restarts`` fits; 1 gives the single fit of ``seed``.
+        (6 fits; ``benchmarks/results/domain_restarts.md``) one fit's confidence against how
+        often independent fits agree had an ECE of 0.07-0.16, a pool of 3 of 0.02-0.04, at the
+        same mean ARI. Costs ``restarts`` fits; 1 gives the single fit of ``seed``.
     seed, device, progress, checkpoint_dir, resume
         Seed of the start, the fit and the draws; torch device; progress bar; checkpoints as
         for :func:`pyrospatial.fit` (with several restarts, one folder per restart,
