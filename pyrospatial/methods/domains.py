@@ -54,12 +54,12 @@ import torch
 from anndata import AnnData
 
 from pyrospatial.data.domain_data import DomainData
-from pyrospatial.methods.domain_restarts import pool_restarts, restart_seed
 from pyrospatial.engine.export import add_spatial_uns, h5ad_safe
 from pyrospatial.engine.infer import FitResult, fit
 from pyrospatial.engine.posterior import sample_posterior
 from pyrospatial.engine.summary import summarise
 from pyrospatial.errors import InputError
+from pyrospatial.methods.domain_restarts import final_loss, pool_restarts, restart_seed
 from pyrospatial.methods.domains_inputs import MODALITIES, read_domain_inputs
 from pyrospatial.methods.method_io import (
     SAVE_FORMAT,
@@ -245,7 +245,7 @@ class Domains:
         settings.update({k: record[k] for k in ("stop_tol", "stop_window", "stopped_at") if k in record})
         settings["num_samples"] = self.sample_record["num_samples"]
         restarts = self.restart_record or {"restarts": 1, "seeds": [self.settings["init_seed"]], "reference": 0,
-                                           "final_loss": [float(np.mean(record["elbo"][-25:]))], "agreement": [1.0]}
+                                           "final_loss": [final_loss(self)], "agreement": [1.0]}
         settings["restarts"] = int(restarts["restarts"])
         rec = h5ad_safe({
             "settings": settings, "modalities": list(self.inputs.modalities),
