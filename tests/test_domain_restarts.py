@@ -116,3 +116,42 @@ def test_one_restart_is_the_single_fit(small_fit):
     method.sample(6, seed=3)
     np.testing.assert_allclose(one.obsm["domain_prob_mean"], method.export()[0].obsm["domain_prob_mean"], atol=1e-6)
     assert int(one.uns["domains"]["settings"]["restarts"]) == 1
+
+
+def test_restarts_are_chains_for_rhat(small_fit):
+    """Pooled restarts are compared like MCMC chains: R-hat near 1 where they agree, far above
+    1.1 on the spots where one restart puts the spot in another domain, and one ArviZ chain per
+    restart in ``to_inference_data``."""
+    import arviz as az
+
+    _, method = small_fit
+    # two sets of draws of the same fit (other seeds): the restarts agree up to draw noise
+    first, twin = copy.copy(method), copy.copy(method)
+    first.sample(40, seed=1)
+    twin.sample(40, seed=2)
+    twin.train_record = {**method.train_record, "elbo": np.asarray(method.train_record["elbo"]) + 1.0}
+    base = {k: np.asarray(v).copy() for k, v in first.draws.items()}
+    agreeing = pool_restarts([copy.copy(first), twin]).restart_record
+    assert agreeing["rhat_above"] < 0.05
+
+    # the same, except that the second restart is sure of another domain on the first 20 spots
+    other = copy.copy(twin)
+    flipped = np.asarray(twin.draws["domain_prob"]).copy()
+    label = flipped.mean(0).argmax(1)
+    flipped[:, :20, :] = 0.0
+    flipped[:, np.arange(20), (label[:20] + 1) % 3] = 1.0
+    other.draws = {**twin.draws, "domain_prob": flipped}
+    pooled = pool_restarts([copy.copy(first), other])
+    record = pooled.restart_record
+    assert record["rhat_max"] > 2.0
+    n_coords = base["domain_prob"][0].size  # spots x 3 domains
+    # at least the two domains swapped on each of the 20 spots, at most all 3, plus draw noise
+    assert 20 * 2 / n_coords <= record["rhat_above"] <= 20 * 3 / n_coords + 0.05
+
+    idata = pooled.to_inference_data()
+    assert idata.posterior.sizes["chain"] == 2 and idata.posterior.sizes["draw"] == 40
+    rhat = az.rhat(idata, var_names=["domain_prob"])["domain_prob"].values  # (spot, domain)
+    assert np.nanmin(rhat[:20].max(1)) > 1.1
+    out = pooled.export()[0]
+    assert float(out.uns["domains"]["restarts"]["rhat_max"]) == pytest.approx(record["rhat_max"])
+    assert first.to_inference_data().posterior.sizes["chain"] == 1  # a single fit: one chain

@@ -16,6 +16,13 @@ lowest final loss):
   (maximum ``sum_i p_ref(i, k) p_r(i, perm(k))``);
 - the embedding by orthogonal Procrustes of its posterior mean onto the reference's (centred),
   applied to every draw of ``embedding`` and ``domain_mean``.
+
+After pooling, the restarts are compared like MCMC chains: the split-R-hat of every spot's
+domain probabilities with one chain per restart (ArviZ). Where it exceeds 1.1 the restarts put
+that spot in different domains (their disagreement is larger than the spread of draws within
+one fit); the share of such probabilities is recorded, and
+:meth:`~pyrospatial.methods.domains.Domains.to_inference_data` keeps one chain per restart so
+that ``arviz.summary`` reports the same.
 """
 
 from __future__ import annotations
@@ -26,10 +33,12 @@ import numpy as np
 from scipy.linalg import orthogonal_procrustes
 from scipy.optimize import linear_sum_assignment
 
+from pyrospatial.criticism.convergence import convergence_detail
+
 if TYPE_CHECKING:
     from pyrospatial.methods.domains import Domains
 
-__all__ = ["final_loss", "match_domains", "pool_restarts", "restart_seed"]
+__all__ = ["final_loss", "match_domains", "pool_restarts", "restart_rhat", "restart_seed"]
 
 #: steps of the loss history averaged into a restart's final loss
 FINAL_LOSS_STEPS = 25
@@ -56,11 +65,27 @@ def match_domains(reference: np.ndarray, other: np.ndarray) -> np.ndarray:
     return perm
 
 
+def restart_rhat(prob_per_restart: list[np.ndarray]) -> dict[str, float]:
+    """Split-R-hat of the domain probabilities with one chain per restart (each ``(D, n_spots,
+    K)``, matched to one reference): ``rhat_max`` and ``rhat_above`` (the share of spot x domain
+    probabilities above 1.1), NaN with fewer than 2 restarts, unequal draw counts or fewer than
+    4 draws each (see :func:`~pyrospatial.criticism.convergence.convergence_detail`)."""
+    sizes = {p.shape[0] for p in prob_per_restart}
+    if len(prob_per_restart) < 2 or len(sizes) != 1:
+        return {"rhat_max": float("nan"), "rhat_above": float("nan")}
+    # convergence_detail reads row k * R + r as the k-th draw of chain r
+    interleaved = np.stack(prob_per_restart, axis=1).reshape((-1,) + prob_per_restart[0].shape[1:])
+    detail = convergence_detail(interleaved, len(prob_per_restart))
+    return {"rhat_max": detail["rhat_max"], "rhat_above": detail["rhat_above"]}
+
+
 def pool_restarts(methods: list[Domains]) -> Domains:
     """The restart of lowest final loss, its draws replaced by every restart's draws matched to it
     (see the module docstring); ``restart_record`` says what was pooled: ``seeds``,
     ``final_loss``, ``reference`` (index), ``agreement`` (per restart, the fraction of spots
-    whose most probable domain is the reference's after matching) and ``draws`` per restart."""
+    whose most probable domain is the reference's after matching), ``draws`` per restart, and
+    the between-restart ``rhat_max`` and ``rhat_above`` of the domain probabilities
+    (:func:`restart_rhat`)."""
     if not methods:
         raise ValueError("pool_restarts needs at least one fitted Domains")
     losses = [final_loss(m) for m in methods]
@@ -94,6 +119,7 @@ def pool_restarts(methods: list[Domains]) -> Domains:
         "restarts": len(methods), "seeds": [int(m.settings["init_seed"]) for m in methods],
         "final_loss": losses, "reference": ref_index, "agreement": agreement,
         "draws": n_draws,
+        **restart_rhat(pooled["domain_prob"]),
         "seconds": float(sum(m.train_record["seconds"] + m.sample_record["seconds"] for m in methods)),
     }
     reference.sample_record = {**reference.sample_record, "num_samples": int(reference.draws["domain_prob"].shape[0])}

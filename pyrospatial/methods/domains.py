@@ -33,7 +33,9 @@ Documented keys of every returned AnnData (a copy of the input)
   ``versions``, ``elbo`` (loss per step of the reference restart), ``fit_seconds`` (all
   restarts), ``domain_frequency_mean``, ``restarts`` (``restarts``, ``seeds``, ``reference``:
   the restart of lowest final loss, ``final_loss`` and ``agreement`` with the reference per
-  restart) (h5ad-safe);
+  restart; with several restarts ``rhat_max`` and ``rhat_above``: the split-R-hat of the domain
+  probabilities with one chain per restart, its largest value and the share above 1.1, i.e.
+  where the restarts disagree) (h5ad-safe);
 - ``uns['spatial']``: kept (e.g. with the H&E image), or created without image.
 
 Errors: :class:`~pyrospatial.errors.InputError` (``n_domains < 2``, an unknown modality, a
@@ -254,7 +256,8 @@ class Domains:
             "fit_seconds": float(restarts["seconds"]) if "seconds" in restarts else
             float(record["seconds"] + self.sample_record["seconds"]),
             "domain_frequency_mean": np.asarray(draws["domain_frequency"]).mean(0).astype(np.float64),
-            "restarts": {k: restarts[k] for k in ("restarts", "seeds", "reference", "final_loss", "agreement")},
+            "restarts": {k: restarts[k] for k in ("restarts", "seeds", "reference", "final_loss", "agreement",
+                                                  "rhat_max", "rhat_above") if k in restarts},
         })
         outs = []
         for adata, rows in zip(self.inputs.adatas, self.inputs.rows):
@@ -271,8 +274,11 @@ class Domains:
         return outs
 
     def to_inference_data(self):
-        """``arviz.InferenceData`` of the last :meth:`sample`'s draws (one chain), dims ``spot``
-        (``"<section>:<obs_name>"``), ``domain``, ``latent``; the loss per step in ``sample_stats``."""
+        """``arviz.InferenceData`` of the draws, dims ``spot`` (``"<section>:<obs_name>"``),
+        ``domain``, ``latent``; the loss per step in ``sample_stats``. One chain per restart
+        when several were pooled with equal draws (so ``arviz.rhat`` and ``arviz.summary`` say
+        where the restarts disagree; the restarts' ``sample_stats`` hold the reference's loss),
+        else one chain."""
         draws = self._require_draws()
         spots = [f"{self.inputs.section_names[s]}:{name}" for s, name in
                  zip(self.inputs.section, np.concatenate([np.asarray(a.obs_names, dtype=str)
@@ -281,7 +287,15 @@ class Domains:
                   "latent": list(range(int(self.settings["latent_dim"])))}
         return draws_to_inference_data({k: draws[k] for k in SITES}, DIMS, coords,
                                        elbo=self.train_record["elbo"] if self.train_record else None,
-                                       attrs={"method": "Domains", "seed": self.sample_record["seed"]})
+                                       attrs={"method": "Domains", "seed": self.sample_record["seed"]},
+                                       chains=self._restart_chains())
+
+    def _restart_chains(self) -> int:
+        """Chains of the draws: one per pooled restart when they drew equally many, else 1."""
+        record = self.restart_record
+        if not record or len(set(record["draws"])) != 1:
+            return 1
+        return int(record["restarts"])
 
     # ------------------------------------------------------------------------------------
     def save(self, path: str) -> None:

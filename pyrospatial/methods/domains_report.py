@@ -93,6 +93,9 @@ def write_domains_report(outs: Sequence[AnnData], out: Path, *, names: Sequence[
     if restarts is not None:  # how far the pooled fits agreed with the reference (lowest loss) one
         summary["restarts"] = {"restarts": int(restarts["restarts"]), "reference": int(restarts["reference"]),
                                "agreement": [float(a) for a in np.atleast_1d(restarts["agreement"])]}
+        for key in ("rhat_max", "rhat_above"):  # between-restart R-hat of the domain probabilities
+            if key in restarts and np.isfinite(float(restarts[key])):
+                summary["restarts"][key] = float(restarts[key])
     plot_domains(outs, out / "figures" / "domains.png", titles=[str(n) for n in names])
     summary["figures"] = ["figures/domains.png"]
     import json

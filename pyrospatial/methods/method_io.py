@@ -30,8 +30,9 @@ def draws_to_inference_data(
     observed: Mapping[str, np.ndarray] | None = None,
     elbo: np.ndarray | None = None,
     attrs: Mapping[str, Any] | None = None,
+    chains: int = 1,
 ):
-    """``arviz.InferenceData`` of one chain of joint draws.
+    """``arviz.InferenceData`` of joint draws, one chain or several laid end to end.
 
     Parameters
     ----------
@@ -47,6 +48,9 @@ def draws_to_inference_data(
         ``elbo = -loss``), as :func:`pyrospatial.criticism.arviz.to_inference_data` writes it.
     attrs
         Attributes of the posterior group (e.g. ``method``, ``seed``).
+    chains
+        The draws are ``chains`` consecutive blocks of equal length, one per chain (e.g. the
+        pooled restarts of :func:`pyrospatial.domains`), so ArviZ's R-hat compares them.
     """
     import arviz as az
     import xarray as xr
@@ -59,7 +63,12 @@ def draws_to_inference_data(
             raise InputError(
                 f"site '{name}' has shape {np.shape(value)} but dims {list(dims[name])} (plus the draw axis)."
             )
-    posterior = {name: np.asarray(value)[None] for name, value in draws.items()}
+    chains = int(chains)
+    sizes = {np.shape(value)[0] for value in draws.values()}
+    if chains < 1 or any(size % chains for size in sizes):
+        raise InputError(f"draws_to_inference_data: {sorted(sizes)} draws cannot be split into {chains} chains of "
+                         "equal length; pass chains=1 or a divisor of the number of draws.")
+    posterior = {name: np.asarray(value).reshape((chains, -1) + np.shape(value)[1:]) for name, value in draws.items()}
     used = {d for name in list(draws) + list(observed or {}) for d in dims.get(name, ())}
     idata = az.from_dict(
         posterior=posterior,
