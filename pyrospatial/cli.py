@@ -20,6 +20,7 @@ import math
 import sys
 from pathlib import Path
 
+from pyrospatial.cli_checkpoints import add_checkpoint_options, checkpoint_kwargs, posterior_checkpoint_kwargs
 from pyrospatial.errors import InputError, PyrospatialError
 
 #: choices of ``--device`` (``auto``: a GPU when torch sees one, else the CPU)
@@ -194,24 +195,6 @@ def add_skip_geometry_option(p: argparse.ArgumentParser) -> None:
                         "layouts that lose cells; only for the rare real case they reject")
 
 
-def add_checkpoint_options(p: argparse.ArgumentParser) -> None:
-    """``--checkpoint-dir DIR`` and ``--resume`` (see :mod:`pyrospatial.engine.checkpoint`)."""
-    group = p.add_argument_group("checkpoints")
-    group.add_argument("--checkpoint-dir", default=None,
-                       help="folder where last.ckpt is written during training (every epoch and at least every "
-                            "2 minutes, atomically); None: no checkpoints")
-    group.add_argument("--resume", action="store_true",
-                       help="continue a killed fit from --checkpoint-dir/last.ckpt (same inputs, settings and seed)")
-
-
-def checkpoint_kwargs(args: argparse.Namespace) -> dict:
-    """The ``checkpoint_dir``/``resume`` arguments of ``train``/``fit`` from the parsed options."""
-    if getattr(args, "resume", False) and getattr(args, "checkpoint_dir", None) is None:
-        raise InputError("--resume needs --checkpoint-dir DIR (the folder holding last.ckpt of the killed run).")
-    return {"checkpoint_dir": getattr(args, "checkpoint_dir", None),
-            "resume": "last" if getattr(args, "resume", False) else None}
-
-
 # ------------------------------------------------------------------------------------------
 # pyrospatial demo --out DIR
 # ------------------------------------------------------------------------------------------
@@ -292,7 +275,8 @@ def _coral_into(args: argparse.Namespace, out: Path) -> int:
     )
     result = coral.train(max_epochs=args.max_epochs, batch_size=args.batch_size, lr=args.lr, device=args.device,
                          seed=args.seed, progress=args.progress, **checkpoint_kwargs(args))
-    coral.sample(args.num_samples, seed=args.seed, method=args.posterior, progress=args.progress)
+    coral.sample(args.num_samples, seed=args.seed, method=args.posterior, progress=args.progress,
+                 **posterior_checkpoint_kwargs(args))
     cells_out, spots_out = coral.export(n_domains=args.n_domains, seed=args.seed)
     cells_out.write_h5ad(out / "cells.h5ad")
     spots_out.write_h5ad(out / "spots.h5ad")

@@ -298,3 +298,11 @@ def test_cli_checkpoint_flags_reach_the_fit(tmp_path, monkeypatch):
                                                      "--out", "o"]):
         args = parser.parse_args([*argv, "--checkpoint-dir", "ck", "--resume"])
         assert cli.checkpoint_kwargs(args) == {"checkpoint_dir": "ck", "resume": "last"}
+    # coral's default posterior checkpoints into the same folder (tests/test_posterior_resume.py)
+    coral_argv = ["fit", "--cells", "c", "--spots", "s", "--cell-type-key", "k", "--out", "o"]
+    args = parser.parse_args([*coral_argv, "--checkpoint-dir", "ck", "--resume"])
+    assert cli.posterior_checkpoint_kwargs(args) == {"checkpoint": str(Path("ck") / "posterior.pt"), "resume": True}
+    assert cli.posterior_checkpoint_kwargs(parser.parse_args([*coral_argv, "--checkpoint-dir", "ck"]))["resume"] is False
+    assert cli.posterior_checkpoint_kwargs(parser.parse_args([*coral_argv, "--checkpoint-dir", "ck", "--posterior",
+                                                              "guide"])) == {}
+    assert cli.posterior_checkpoint_kwargs(parser.parse_args(coral_argv)) == {}

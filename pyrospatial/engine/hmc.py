@@ -420,6 +420,34 @@ class _HMC:
     def finish_warmup(self) -> None:
         self.step = self.dual.final
 
+    # -- checkpoints ----------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Everything the next transitions depend on: the part's state, the cached density and
+        gradient, the mass, the step size and its dual averaging, the open warm-up window, the
+        acceptance history (tensors, numbers and dicts only: loadable with ``weights_only``)."""
+        return {
+            "part_state": dict(self.part.state), "lp": self.lp, "grad": dict(self.grad), "mass": dict(self.mass),
+            "dense_cov": dict(self.dense_cov), "dense_chol": dict(self.dense_chol), "step": self.step,
+            "dual": {"target": self.dual.target, "mu": self.dual.mu, "log_avg": self.dual.log_avg,
+                     "h": self.dual.h, "t": self.dual.t},
+            "window_n": self.window_n, "window_sum": dict(self.window_sum), "window_sumsq": dict(self.window_sumsq),
+            "accept_history": torch.tensor(self.accept_history, dtype=torch.float64),
+        }
+
+    def load_state_dict(self, saved: dict[str, Any]) -> None:
+        """Continue from :meth:`state_dict` (of a kernel built on the same part and settings)."""
+        device = self.part.batch.device
+        on = lambda d: {k: v.to(device) for k, v in d.items()}  # noqa: E731
+        self.part.state.update(on(saved["part_state"]))
+        self.lp, self.grad = saved["lp"].to(device), on(saved["grad"])
+        self.mass, self.dense_cov, self.dense_chol = on(saved["mass"]), on(saved["dense_cov"]), on(saved["dense_chol"])
+        self.step = float(saved["step"])
+        for key, value in saved["dual"].items():
+            setattr(self.dual, key, value)
+        self.window_n = int(saved["window_n"])
+        self.window_sum, self.window_sumsq = on(saved["window_sum"]), on(saved["window_sumsq"])
+        self.accept_history = [float(a) for a in saved["accept_history"]]
+
 
 def _mass_windows(num_warmup: int) -> set[int]:
     """Iterations after which the mass matrix is re-estimated (doubling windows)."""

@@ -40,6 +40,7 @@ Example
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import replace
@@ -53,6 +54,7 @@ from pyrospatial.criticism.convergence import convergence_detail, unconverged_si
 from pyrospatial.engine.batch import Batch
 from pyrospatial.engine.device import module_device
 from pyrospatial.engine.hmc import _HMC, _log_density, _mass_windows, _Part, _Site, _sub_batch
+from pyrospatial.engine.local_checkpoint import SamplerCheckpoint, parameter_fingerprint
 from pyrospatial.engine.posterior import PosteriorSamples, _EvalMode
 from pyrospatial.engine.refine import _assemble, _em_parameters, _guide_starts, _rows
 from pyrospatial.errors import InputError
@@ -157,6 +159,9 @@ def local_posterior(
     seed: int = 0,
     device: str | torch.device | None = None,
     progress: bool = False,
+    checkpoint: str | os.PathLike | None = None,
+    resume: bool = False,
+    checkpoint_every_s: float = 300.0,
 ) -> PosteriorSamples:
     """Posterior draws by per-spot HMC started from the guide (see the module docstring).
 
@@ -197,6 +202,13 @@ def local_posterior(
     seed, device, progress
         Seed of the initial guide draws and of the chains; where to compute (default: the
         parameters' device); a progress bar.
+    checkpoint, resume, checkpoint_every_s
+        A file the sampler's whole state is written to (atomically) every
+        ``checkpoint_every_s`` seconds of wall time and after the last iteration; with
+        ``resume``, a run continues from that file when it exists (else starts afresh), and
+        ends with the draws of an uninterrupted run (bit for bit on a CPU). The file must come
+        from the same data, trained parameters and settings
+        (:mod:`pyrospatial.engine.local_checkpoint`). Needs ``sample_globals=True``.
 
     Returns
     -------
@@ -211,6 +223,11 @@ def local_posterior(
         raise InputError(f"max_cells_per_chunk must be >= 1 (or None for the default), got {max_cells_per_chunk}.")
     if int(num_warmup) < 0 or int(thin) < 1 or int(num_steps) < 1:
         raise InputError("num_warmup must be >= 0, and thin and num_steps >= 1.")
+    if resume and checkpoint is None:
+        raise InputError("resume=True needs checkpoint=PATH (the file a killed run wrote).")
+    if checkpoint is not None and not sample_globals:
+        raise InputError("checkpoint needs sample_globals=True (the default): with the globals held, chunks run "
+                         "one after the other and are not checkpointed.")
     t_start = time.perf_counter()
     device = torch.device(device) if device is not None else module_device(model, guide)
     if max_cells_per_chunk is None:
@@ -227,6 +244,7 @@ def local_posterior(
     torch.manual_seed(int(seed))
     keep = None if sites is None else ({sites} if isinstance(sites, str) else set(sites))
 
+    fingerprint = parameter_fingerprint(model, guide) if checkpoint is not None else None  # before any EM step
     with _EvalMode(model, guide):
         base_model = model
         model, renamed, site_list, inits = _guide_starts(base_model, guide, full, noncentred, C)
@@ -248,6 +266,23 @@ def local_posterior(
         # with the global latents sampled, every chunk runs in the same Gibbs sweep (the globals'
         # step sums the density over the chunks); with them held, chunks run one after the other
         groups = [list(range(len(chunks)))] if sampled_globals else [[c] for c in range(len(chunks))]
+        saver, saved = None, None
+        if checkpoint is not None:
+            if len(groups) != 1:
+                raise InputError("checkpoint: this model has no global latents to sample, so its chunks run one "
+                                 "after the other and are not checkpointed; pass max_cells_per_chunk >= the "
+                                 f"number of cells ({full.n_cells}) or no checkpoint.")
+            identity = {
+                "num_samples": S, "num_chains": C, "num_warmup": int(num_warmup), "thin": int(thin),
+                "num_steps": int(num_steps), "step_size": float(step_size), "target_accept": float(target_accept),
+                "em_params": [name for name, _ in em], "em_lr": float(em_lr), "noncentred": sorted(noncentred),
+                "dense_globals": bool(dense_globals), "seed": int(seed), "n_cells": int(full.n_cells),
+                "n_spots": int(full.n_spots), "chunk_cells": [int(c[0].size) for c in chunks],
+                "sites": [site.name for site in site_list], "fingerprint": fingerprint,
+            }
+            saver = SamplerCheckpoint(checkpoint, identity, every_seconds=checkpoint_every_s)
+            if resume and saver.path.is_file():
+                saved = saver.read()
         out = PosteriorSamples()
         stats: dict[str, list[float]] = {"acceptance": [], "step_size": []}
         bar = tqdm(total=len(chunks) * (num_warmup + per_chain * thin), desc="posterior (local HMC)",
@@ -258,7 +293,7 @@ def local_posterior(
             pieces = _global_pieces(parts, sampled) if sampled_globals else None
             kept, kernels = _run_chain(model, parts, C, per_chain, num_warmup, thin, num_steps, step_size,
                                        target_accept, group_em, em_lr, em_trace, bar, base_model, pieces,
-                                       dense_globals)
+                                       dense_globals, saver, saved)
             for part, part_kept, kernel in zip(parts, kept, kernels):
                 stats["acceptance"].append(float(np.mean(kernel.accept_history[num_warmup:] or [float("nan")])))
                 stats["step_size"].append(kernel.step)
@@ -280,6 +315,7 @@ def local_posterior(
         "num_steps": int(num_steps),
         "chunks": len(chunks),
         "graph": False,
+        "resumed_at": int(saved["iteration"]) if saved is not None else None,
     }
     # global latents held at guide draws differ between chains by design: not a convergence check
     checks = {name: convergence_detail(value, C) for name, value in out.items()
@@ -293,10 +329,12 @@ def local_posterior(
 
 def _run_chain(model, parts: list[_Part], C: int, per_chain: int, num_warmup: int, thin: int, num_steps: int,
                step_size: float, target_accept: float, em, em_lr: float, em_trace, bar, model_of_em,
-               pieces: list[_Part] | None = None, dense_globals: bool = True):
+               pieces: list[_Part] | None = None, dense_globals: bool = True,
+               saver: SamplerCheckpoint | None = None, saved: dict | None = None):
     """Warm-up (step size, mass, EM) and sampling of the chunks ``parts`` in one sweep: each
     chunk's HMC in turn, then (with ``pieces``, one per chunk) the global latents' HMC given
-    every chunk's cells. Returns the kept unconstrained states of each chunk and its kernel."""
+    every chunk's cells. Returns the kept unconstrained states of each chunk and its kernel.
+    ``saver`` writes checkpoints; ``saved`` (a checkpoint read back) is continued."""
     def hand_over(source: _Part, target: _Part) -> None:
         for site in source.moving:
             target.conditioned[site.name] = site.transform(source.state[site.name]).detach()
@@ -308,12 +346,22 @@ def _run_chain(model, parts: list[_Part], C: int, per_chain: int, num_warmup: in
         global_kernel = _HMC(model, pieces[0], C, num_steps, step_size, target_accept,
                              dense=tuple(site.name for site in pieces[0].moving) if dense_globals else (),
                              pieces=pieces)
+    else:
+        global_kernel = None
     kernels = [_HMC(model, part, C, num_steps, step_size, target_accept) for part in parts]
     optimiser = torch.optim.Adam([p for _, p in em], lr=float(em_lr)) if em else None
     windows = _mass_windows(num_warmup)
     em_start = min(10, num_warmup // 4)
     kept: list[list[dict[str, torch.Tensor]]] = [[] for _ in parts]
-    for it in range(num_warmup + per_chain * thin):
+    total, start = num_warmup + per_chain * thin, 0
+    if saved is not None:  # continue a killed run: its states, adaptation, EM, kept draws and RNG
+        start = SamplerCheckpoint.restore(saved, kernels, global_kernel, em, optimiser, em_trace, kept)
+        if pieces is not None:
+            for part, piece in zip(parts, pieces):
+                hand_over(pieces[0], part)
+                hand_over(part, piece)
+        bar.update(start * len(parts))
+    for it in range(start, total):
         warm = it < num_warmup
         rates = [kernel.transition() for kernel in kernels]
         if pieces is not None:
@@ -360,4 +408,6 @@ def _run_chain(model, parts: list[_Part], C: int, per_chain: int, num_warmup: in
                 if pieces is not None:  # the global latents of the same state
                     part_kept[-1].update({k: v.detach().clone() for k, v in pieces[0].state.items()})
         bar.update(len(parts))
+        if saver is not None and (saver.due() or it + 1 == total):
+            saver.write(it + 1, kernels, global_kernel, em, optimiser, em_trace, kept)
     return kept, kernels

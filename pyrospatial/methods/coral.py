@@ -261,7 +261,8 @@ class CORAL:
         trained guide, every spot at once, each chain holding one guide draw of the global
         latents, with Monte Carlo EM of the variance-type global parameters
         (:func:`pyrospatial.engine.local.local_posterior`; ``refine_kwargs`` pass through, e.g.
-        ``num_chains``, ``num_warmup``, ``max_cells_per_chunk``). ``"hmc"`` (``"refine"`` is
+        ``num_chains``, ``num_warmup``, ``max_cells_per_chunk``, and ``checkpoint``/``resume``: a
+        file the sampler's state is written to, from which a killed run continues). ``"hmc"`` (``"refine"`` is
         its former name): one HMC over every latent of the tissue, globals included, for
         audits (:func:`pyrospatial.engine.refine.refine_posterior`; e.g. ``graph=True``).
         ``"guide"``: draws of the amortised mean-field guide (fast; its per-cell RNA intervals
