@@ -496,7 +496,9 @@ class CORAL:
                 "CORAL.interactions(): this posterior leaves the cell graph out of its target, so the interaction "
                 "intervals are far too narrow (90% coverage about 0.3 on simulations, "
                 "benchmarks/results/interaction_calibration.md). For intervals worth reading, build CORAL with "
-                "model_kwargs={'bayesian_edge_decoder': True} and draw with sample(graph=True).",
+                "model_kwargs={'bayesian_edge_decoder': True} and draw with sample(graph=True): a whole-tissue HMC "
+                "whose graph terms alone cost about 40 minutes at 1,500 cells and 2 hours at 3,000 on one CPU "
+                "thread (benchmarks/results/graph_cost.md); on larger tissues read the means only.",
                 UserWarning, stacklevel=2)
         result["recalibration"] = None
         if fitted_for and recalibrate is not False:
