@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from pyrospatial.criticism.convergence import RHAT_MAX, unconverged_sites, warn_unconverged
+from pyrospatial.criticism.convergence import EM_DRIFT_MAX, RHAT_MAX, em_drift, unconverged_sites, warn_unconverged
 from pyrospatial.engine.local import local_posterior, spot_chunks
 from pyrospatial.errors import InputError
 
@@ -60,6 +60,24 @@ def test_unconverged_sites_are_named_in_a_warning():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert warn_unconverged(good) == {}
+
+
+def test_em_still_moving_at_the_end_of_warmup_is_named():
+    """An EM estimate that still drifts when warm-up ends fails the check (issue 23: a dispersion
+    still moving, with no warning); one that settled into noise passes, as does a short trace."""
+    rng = np.random.default_rng(0)
+    rising = 2.36 * 1.016 ** np.arange(30)  # CORAL's inverse dispersion on a 600-cell simulation: +1.6% a step
+    settled = 0.2 * (1 + 0.01 * rng.standard_normal(30))  # noise of 1% around a fixed value
+    assert em_drift(rising) == pytest.approx(1.016**7 - 1, rel=1e-6) and em_drift(rising) > EM_DRIFT_MAX
+    assert abs(em_drift(settled)) < EM_DRIFT_MAX and np.isnan(em_drift(rising[:3]))
+    diagnostics = {"em": {"rna_inverse_dispersion": list(rising), "size_scale": list(settled), "short": [1.0, 3.0]},
+                   "rhat_max": {"z": 1.01}, "ess_bulk_min": {"z": 500.0}}
+    with pytest.warns(UserWarning, match=r"rna_inverse_dispersion \(EM\): Monte Carlo EM estimate still moving "
+                                         r"at the end of warm-up \(\+12% between the last two windows of 7 steps"):
+        failing = warn_unconverged(diagnostics, context="test")
+    assert set(failing) == {"rna_inverse_dispersion (EM)"}
+    # a decreasing estimate is moving too
+    assert set(unconverged_sites({"em": {"size_scale": list(rising[::-1])}})) == {"size_scale (EM)"}
 
 
 def test_spot_chunks_keep_spots_whole_and_cover_every_cell_once():

@@ -8,7 +8,8 @@ import warnings
 import numpy as np
 
 
-__all__ = ["chain_convergence", "convergence_detail", "unconverged_sites", "warn_unconverged", "RHAT_MAX", "ESS_BULK_MIN"]
+__all__ = ["chain_convergence", "convergence_detail", "em_drift", "unconverged_sites", "warn_unconverged", "RHAT_MAX",
+           "ESS_BULK_MIN", "EM_DRIFT_MAX"]
 
 
 def chain_convergence(draws: np.ndarray, num_chains: int, *, max_coords: int = 2000) -> tuple[float, float]:
@@ -64,11 +65,41 @@ RHAT_MAX = 1.2
 ESS_BULK_MIN = 20.0
 
 
-def unconverged_sites(diagnostics: dict, *, rhat_max: float = RHAT_MAX, ess_min: float = ESS_BULK_MIN) -> dict[str, str]:
+#: relative change of a Monte Carlo EM estimate between the last two windows of its warm-up
+#: trace above which it is still moving (see :func:`em_drift`). Adam's steps (learning rate
+#: 0.02 on the log scale) move a parameter with a consistent gradient by about 2% a step, so
+#: a steady drift passes 5% within a few steps, while noise around a settled value averages out.
+EM_DRIFT_MAX = 0.05
+
+
+def em_drift(trace, window: int | None = None) -> float:
+    """Relative change of a Monte Carlo EM estimate at the end of warm-up: the mean of the last
+    ``window`` values of ``trace`` (one per EM step) against the mean of the ``window`` before,
+    ``(last - before) / |before|``. ``window`` defaults to a quarter of the trace (at least 2);
+    NaN with fewer than ``2 * window`` values (too few to tell)."""
+    values = np.asarray(trace, dtype=float)
+    w = max(2, values.size // 4) if window is None else int(window)
+    if values.size < 2 * w or not np.isfinite(values[-2 * w:]).all():
+        return float("nan")
+    before, last = values[-2 * w:-w].mean(), values[-w:].mean()
+    return float((last - before) / max(abs(before), 1e-12))
+
+
+def unconverged_sites(diagnostics: dict, *, rhat_max: float = RHAT_MAX, ess_min: float = ESS_BULK_MIN,
+                      em_drift_max: float = EM_DRIFT_MAX) -> dict[str, str]:
     """Sites whose draws fail the convergence check: site -> reason (from the ``rhat_max`` and
     ``ess_bulk_min`` entries of an MCMC run's ``diagnostics``; NaN, i.e. too few draws to
-    tell, is not a failure)."""
+    tell, is not a failure), and model parameters re-estimated by Monte Carlo EM whose
+    estimate was still moving at the end of warm-up (``diagnostics["em"]`` traces, by
+    :func:`em_drift`; key ``"<parameter> (EM)"``)."""
     failing: dict[str, str] = {}
+    for name, trace in sorted((diagnostics.get("em") or {}).items()):
+        drift = em_drift(trace)
+        if np.isfinite(drift) and abs(drift) > em_drift_max:
+            w = max(2, len(trace) // 4)
+            failing[f"{name} (EM)"] = (f"Monte Carlo EM estimate still moving at the end of warm-up ({drift:+.0%} "
+                                       f"between the last two windows of {w} steps, from {trace[0]:.3g} to "
+                                       f"{trace[-1]:.3g}): the draws rest on a value that more warm-up would change")
     rhats = diagnostics.get("rhat_max", {}) or {}
     esses = diagnostics.get("ess_bulk_min", {}) or {}
     for name in sorted(set(rhats) | set(esses)):
