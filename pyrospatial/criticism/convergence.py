@@ -53,8 +53,9 @@ def convergence_detail(draws: np.ndarray, num_chains: int, *, max_coords: int = 
         data = az.convert_to_dataset({"x": x})
         rhat = az.rhat(data)["x"].values
         ess = az.ess(data, method="bulk")["x"].values
-    return {"rhat_max": float(np.nanmax(rhat)), "ess_bulk_min": float(np.nanmin(ess)),
-            "rhat_above": float(np.mean(rhat > rhat_threshold))}
+        # all-NaN (e.g. 4 draws per chain, too few for ArviZ's ESS) gives NaN: "too few to tell"
+        return {"rhat_max": float(np.nanmax(rhat)), "ess_bulk_min": float(np.nanmin(ess)),
+                "rhat_above": float(np.mean(rhat > rhat_threshold))}
 
 
 #: split-R-hat above this (the largest over a site's coordinates) fails the check. The largest
