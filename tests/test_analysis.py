@@ -130,6 +130,22 @@ def test_interaction_matrix_recovers_type_pair_probabilities():
     np.testing.assert_allclose(kept.mean(0), result["mean"])
 
 
+def test_interaction_draws_are_the_mean_edge_probability_of_each_type_pair():
+    # computed one draw at a time, both orientations of every edge (a pair (a, b) and (b, a))
+    rng = np.random.default_rng(1)
+    cell_type = rng.integers(0, 3, 60)
+    edges = rng.integers(0, 60, (2, 200))
+    draws = rng.random((7, 200))
+    kept = interaction_matrix(draws, edges, cell_type, 3, keep_draws=True)["draws"]
+    a, b = cell_type[edges[0]], cell_type[edges[1]]
+    for s in range(7):
+        for i in range(3):
+            for j in range(3):
+                joins = ((a == i) & (b == j)) | ((a == j) & (b == i))
+                expected = draws[s, joins].mean() if joins.any() else np.nan
+                np.testing.assert_allclose(kept[s, i, j], expected, rtol=1e-12)
+
+
 def test_spatial_domains_and_confidence():
     rng = np.random.default_rng(0)
     n = 300

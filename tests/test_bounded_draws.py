@@ -83,3 +83,91 @@ def test_replay_refuses_draws_without_every_latent(coral):
         replay_site(coral.model, batch, draws, "expected_rna")
     with pytest.raises(InputError, match="not a deterministic site"):
         replay_site(coral.model, batch, posterior.samples, "z")
+
+
+def _assert_same_anndata(a, b) -> None:
+    """Bitwise equal X, layers, obsm, obsp and obs (NaN equal to NaN)."""
+    np.testing.assert_array_equal(a.X, b.X)
+    for slot in ("layers", "obsm", "obsp"):
+        left, right = getattr(a, slot), getattr(b, slot)
+        assert list(left.keys()) == list(right.keys())
+        for key in left.keys():
+            x, y = left[key], right[key]
+            if hasattr(x, "toarray"):
+                x, y = x.toarray(), y.toarray()
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=f"{slot}[{key!r}]")
+    assert a.obs.equals(b.obs)
+
+
+def test_summaries_by_blocks_equal_the_summaries_at_once(coral, monkeypatch):
+    # every summary of the export (latent sites, expected RNA, spot sums, the count split's
+    # quantiles, edge probabilities) is computed a block of rows at a time; with blocks of a
+    # few rows the values must be exactly those of one block
+    from pyrospatial.engine import summary
+
+    coral.sample(12, seed=2, method="guide", max_draws_mb=0.0)
+    monkeypatch.setattr(summary, "BLOCK_MB", 1e9)
+    cells_once, spots_once = coral.export()
+    monkeypatch.setattr(summary, "BLOCK_MB", 1e-4)  # 2-3 rows per block
+    cells, spots = coral.export()
+    _assert_same_anndata(cells, cells_once)
+    _assert_same_anndata(spots, spots_once)
+    # X holds the same values as the layer of expected-RNA means, in its own array
+    assert not np.shares_memory(cells.X, cells.layers["expected_rna_mean"])
+    for stat, value in cells_once.uns["pyrospatial"]["globals"]["rna_weight"].items():
+        np.testing.assert_array_equal(cells.uns["pyrospatial"]["globals"]["rna_weight"][stat], value)
+
+
+@pytest.mark.parametrize("shape, dtype, integer", [
+    ((9, 40), np.float32, False),          # (S, E), e.g. edge probabilities
+    ((9, 41, 1), np.float32, False),       # one value per row, e.g. a 1-D v
+    ((9, 40, 3), np.float64, False),
+    ((9, 40, 3), np.int64, True),          # integer draws: quantiles are draws themselves
+    ((1, 40, 2), np.float32, False),       # a single draw: sd 0
+])
+def test_blockwise_statistics_equal_one_call(shape, dtype, integer):
+    from pyrospatial.engine.summary import _summary_stats, blockwise, draw_quantiles  # noqa: F401
+
+    draws = (np.random.default_rng(0).gamma(0.5, 3.0, shape) * 10).astype(dtype)
+    row_mb = draws.nbytes / shape[1] / 2**20
+    at_once = _summary_stats(draws, (0.05, 0.5, 0.95), integer)
+    calls = []
+
+    def stats(block):
+        calls.append(block.shape[1])
+        from pyrospatial.engine.summary import _block_stats
+        return _block_stats(block, (0.05, 0.5, 0.95), integer)
+
+    by_blocks = blockwise(stats, draws, block_mb=2.5 * row_mb)
+    assert len(calls) > 5 and min(calls) >= 2 and sum(calls) == shape[1]
+    assert list(by_blocks) == list(at_once)
+    for key, value in at_once.items():
+        assert by_blocks[key].dtype == value.dtype
+        np.testing.assert_array_equal(by_blocks[key], value, err_msg=key)
+
+
+def test_the_export_holds_one_chunk_of_draws_at_a_time(coral, monkeypatch):
+    # a chunk's draws of expected RNA (256 MB by default) must be released before the next
+    # chunk's are made: holding two at once was most of the export's peak memory on 100k cells
+    import weakref
+
+    coral.sample(12, seed=2, method="guide", max_draws_mb=0.0)
+    coral.chunk_mb = 0.002
+    original = CORAL.draw_chunks
+    alive_when_made: list[bool] = []
+
+    def watched(self, name="expected_rna", **kwargs):
+        previous = None
+        for batch, draws in original(self, name, **kwargs):
+            alive_when_made.append(previous is not None and previous() is not None)
+            previous = weakref.ref(draws)
+            yield batch, draws
+            del draws
+
+    monkeypatch.setattr(CORAL, "draw_chunks", watched)
+    try:
+        coral.export()
+    finally:
+        coral.chunk_mb = 256.0
+    assert len(alive_when_made) > 5
+    assert not any(alive_when_made)

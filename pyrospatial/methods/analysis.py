@@ -17,6 +17,7 @@ import scipy.sparse as sp
 from scipy.optimize import linear_sum_assignment
 from sklearn.cluster import KMeans
 
+from pyrospatial.engine.summary import blockwise
 from pyrospatial.errors import InputError
 
 __all__ = [
@@ -33,7 +34,13 @@ QUANTILES = {"q05": 0.05, "q50": 0.5, "q95": 0.95}
 
 
 def summarise_draws(draws: np.ndarray) -> dict[str, np.ndarray]:
-    """Mean, sd, q05, q50, q95 over the leading (draw) axis."""
+    """Mean, sd, q05, q50, q95 over the leading (draw) axis, a block of rows at a time
+    (:func:`~pyrospatial.engine.summary.blockwise`: same values, bounded working memory)."""
+    return blockwise(_summarise_block, draws)
+
+
+def _summarise_block(draws: np.ndarray) -> dict[str, np.ndarray]:
+    """:func:`summarise_draws` of one block of draws."""
     draws = np.asarray(draws)
     out = {"mean": draws.mean(0), "sd": draws.std(0, ddof=1) if draws.shape[0] > 1 else np.zeros(draws.shape[1:])}
     qs = np.quantile(draws, list(QUANTILES.values()), axis=0)
@@ -147,27 +154,22 @@ def split_spot_counts(
     max_error = 0.0
     for lo in range(0, S, draws_per_chunk):
         hi = min(S, lo + draws_per_chunk)
-        rates = rate_draws[lo:hi][:, np.maximum(table, 0)].astype(np.float64)  # (s, J, K, G)
-        rates = rates * valid[None, :, :, None]
-        weights = rates / np.maximum(rates.sum(2, keepdims=True), 1e-300)
+        weights = _rate_shares(rate_draws[lo:hi], table, valid)  # (s, J, K, G)
         if method == "dirichlet_multinomial":
             theta = np.asarray(inverse_dispersion, dtype=np.float64)
             theta = theta[lo:hi] if theta.ndim == 2 else np.broadcast_to(theta, (hi - lo, G))
-            if dispersion == "cell":  # theta M / sum mu^2 = theta / sum w^2: the spot's own theta
-                theta = theta[:, None, None, :] / np.maximum((weights**2).sum(2, keepdims=True), 1e-300)
-            else:
-                theta = theta[:, None, None, :]
-            alpha = np.maximum(theta * weights, 1e-8)
-            gam = rng.gamma(alpha) * valid[None, :, :, None]
-            weights = gam / np.maximum(gam.sum(2, keepdims=True), 1e-300)
+            weights = _dirichlet_weights(weights, theta, valid, dispersion, rng)
         split = _multinomial_split(totals, weights, rng)  # (s, J, K, G)
+        del weights
         error = float(np.abs(split.sum(2) - totals[None]).max()) if split.size else 0.0
         max_error = max(max_error, error)
         cell_counts = split[:, valid]  # (s, n_covered_in_table_order, G)
+        del split
         flat_cells = table[table >= 0]
         quantile_store[lo:hi] = cell_counts
         total_sum[flat_cells] += cell_counts.sum(0)
-        total_sq[flat_cells] += (cell_counts.astype(np.float64) ** 2).sum(0)
+        squares = cell_counts.astype(np.float64)
+        total_sq[flat_cells] += np.square(squares, out=squares).sum(0)
         if keep_draws:
             all_draws[lo:hi][:, flat_cells] = cell_counts
 
@@ -177,9 +179,11 @@ def split_spot_counts(
     mean[flat_cells] = total_sum[flat_cells] / S
     var = total_sq[flat_cells] / S - mean[flat_cells] ** 2
     sd[flat_cells] = np.sqrt(np.clip(var * S / max(S - 1, 1), 0, None))
-    qs = np.quantile(quantile_store, [0.05, 0.5, 0.95], axis=0)
-    q = {name: np.full((N, G), np.nan) for name in ("q05", "q50", "q95")}
-    for name, values in zip(("q05", "q50", "q95"), qs):
+    # quantiles a block of cells at a time: np.quantile sorts a copy of what it is given
+    qs = blockwise(lambda block: dict(zip(QUANTILES, np.quantile(block, list(QUANTILES.values()), axis=0))),
+                   quantile_store)
+    q = {name: np.full((N, G), np.nan) for name in QUANTILES}
+    for name, values in qs.items():
         q[name][flat_cells] = values
     return CountSplit(mean=mean, sd=sd, max_abs_spot_error=float(max_error), draws=all_draws, **q)
 
@@ -192,6 +196,36 @@ def deconvolve_counts(*args: Any, **kwargs: Any) -> CountSplit:
         DeprecationWarning, stacklevel=2,
     )
     return split_spot_counts(*args, **kwargs)
+
+
+def _rate_shares(rate_draws: np.ndarray, table: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """Each cell's share of its spot's summed rate, ``(s, J, K, G)`` float64 laid out as
+    ``table`` (``(J, K)`` cell indices, ``valid`` marking the real ones; 0 at the padding).
+
+    Computed in place: these ``s x J x K x G`` float64 arrays are the largest of a split."""
+    shares = rate_draws[:, np.maximum(table, 0)].astype(np.float64)
+    shares *= valid[None, :, :, None]
+    shares /= np.maximum(shares.sum(2, keepdims=True), 1e-300)
+    return shares
+
+
+def _dirichlet_weights(shares: np.ndarray, theta: np.ndarray, valid: np.ndarray, dispersion: str,
+                       rng: np.random.Generator) -> np.ndarray:
+    """Dirichlet weights ``w ~ Dirichlet(theta_g * share)`` per spot and gene (see
+    :func:`split_spot_counts`), ``(s, J, K, G)``; ``theta`` is ``(s, G)``.
+
+    ``shares`` is overwritten (it becomes the Dirichlet's concentration): the only new array
+    of this size is then the Gamma draws."""
+    if dispersion == "cell":  # theta M / sum mu^2 = theta / sum w^2: the spot's own theta
+        theta = theta[:, None, None, :] / np.maximum((shares**2).sum(2, keepdims=True), 1e-300)
+    else:
+        theta = theta[:, None, None, :]
+    alpha = np.multiply(theta, shares, out=shares)
+    np.maximum(alpha, 1e-8, out=alpha)
+    gam = rng.gamma(alpha)
+    gam *= valid[None, :, :, None]
+    gam /= np.maximum(gam.sum(2, keepdims=True), 1e-300)
+    return gam
 
 
 def _multinomial_split(totals: np.ndarray, weights: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -228,10 +262,11 @@ def interaction_matrix(
     """
     edge_prob_draws = np.asarray(edge_prob_draws)
     a, b = cell_type[edges[0]], cell_type[edges[1]]
-    pair = np.concatenate([a * n_types + b, b * n_types + a])
-    probs = np.concatenate([edge_prob_draws, edge_prob_draws], axis=1)  # both orientations
+    pair = np.concatenate([a * n_types + b, b * n_types + a])  # both orientations
     n_edges = np.bincount(pair, minlength=n_types * n_types).astype(float)
-    sums = np.stack([np.bincount(pair, weights=row, minlength=n_types * n_types) for row in probs])
+    # one draw's probabilities in both orientations at a time (all draws at once: S x 2E floats)
+    sums = np.stack([np.bincount(pair, weights=np.concatenate([row, row]), minlength=n_types * n_types)
+                     for row in edge_prob_draws])
     with np.errstate(invalid="ignore", divide="ignore"):
         per_draw = (sums / n_edges).reshape(-1, n_types, n_types)
     out = summarise_draws(per_draw)

@@ -64,6 +64,7 @@ from pyrospatial.engine.replay import latent_site_plates, replay_site
 from pyrospatial.engine.infer import FitResult, SVIModule, fit, load_checkpoint
 from pyrospatial.engine.export import add_spatial_graph, add_spatial_uns
 from pyrospatial.engine.export import export as export_summaries
+from pyrospatial.engine.memory import release_free_memory
 from pyrospatial.engine.posterior import sample_posterior
 from pyrospatial.engine.summary import summarise
 from pyrospatial.criticism.recalibration import INTERACTION_RECALIBRATION, widen
@@ -416,7 +417,11 @@ class CORAL:
                     store[stat] = np.zeros((total,) + value.shape[1:], dtype=np.float32)
                 store[stat][rows] = value
 
-        for index, (batch, rates) in enumerate(self.draw_chunks("expected_rna")):
+        # no enumerate: it keeps the last (batch, draws) pair until the next one is made, so two
+        # chunks' draws (256 MB each by default) would be held at once
+        index = -1
+        for batch, rates in self.draw_chunks("expected_rna"):
+            index += 1
             cells = batch.cell_index.numpy()
             chunk_seed = seed if index == 0 else int(np.random.SeedSequence((seed, index)).generate_state(1)[0])
             part = split_spot_counts(
@@ -432,6 +437,7 @@ class CORAL:
             if summaries:
                 fill(cell_stats, cells, ds.n_cells, summarise({"x": rates})["x"])
                 fill(spot_stats, batch.spot_index.numpy(), ds.n_spots, self._spot_sums(batch, rates))
+            del rates, part  # freed before the next chunk's draws are made, not once they replace these
         return CountSplit(max_abs_spot_error=max_error, draws=kept, **split), cell_stats, spot_stats
 
     def deconvolve_counts(self, **kwargs: Any) -> CountSplit:
@@ -532,6 +538,14 @@ class CORAL:
         """Cells x genes and spots AnnData with every result and its spread (module docstring)."""
         ds = self.dataset
         posterior = self._require_posterior()
+        # the heap a sampler freed (1.1 GB after the default posterior on 100k cells) would
+        # otherwise stay resident under the arrays made below, which are too large to reuse it
+        release_free_memory()
+        # first what needs all draws of the graph or of z (the GAT over every cell, S x E edge
+        # probabilities): small results, but large working memory, which is thus not added to
+        # that of the cells x genes summaries below
+        graph = self._graph_outputs()
+        domains = self.domains(n_domains, seed=seed) if n_domains else None
         # every site of the draws: local ones go to layers/obsm/obs, those with plate "global"
         # to uns["pyrospatial"]["globals"] (mean, sd, q05, q50, q95)
         summary = summarise({k: v for k, v in posterior.samples.items() if k != "expected_rna"})
@@ -547,8 +561,8 @@ class CORAL:
                 f"{[f'input_{c}' for c in stale]} (this fit's domains are written only with n_domains).",
                 UserWarning, stacklevel=2)
             obs = obs.rename(columns={column: f"input_{column}" for column in stale})
-        cells_rna = AnnData(
-            X=summary["expected_rna"]["mean"].astype(np.float32),
+        cells_rna = AnnData(  # X is copied from the layer's array by export_summaries' copy
+            X=summary["expected_rna"]["mean"].astype(np.float32, copy=False),
             obs=obs,
             var=pd.DataFrame(index=pd.Index(ds.gene_names, name="gene")),
         )
@@ -560,35 +574,16 @@ class CORAL:
             cells_rna, None, summary, settings=self._settings(), locations=locations,
         )
         # spot-consistent counts
-        for stat in ("mean", "sd", "q05", "q50", "q95"):
-            cells_rna.layers[f"counts_{stat}"] = getattr(split, stat).astype(np.float32)
+        for stat in ("mean", "sd", "q05", "q50", "q95"):  # float32 already: a copy would double them
+            cells_rna.layers[f"counts_{stat}"] = getattr(split, stat).astype(np.float32, copy=False)
         cells_rna.uns["pyrospatial"]["spot_sum_max_abs_error"] = float(split.max_abs_spot_error)
         cells_rna.uns["pyrospatial"]["n_cells_outside_spots"] = int(np.sum(ds.cell_spot < 0))
         cells_rna.uns["pyrospatial"]["protein_names"] = np.asarray(ds.feature_names, dtype=str)
         # graph quantities
-        n = ds.n_cells
-        edge_stats = summarise_draws(posterior.edge_prob)
-        rows = np.concatenate([ds.edges[0], ds.edges[1]])
-        cols = np.concatenate([ds.edges[1], ds.edges[0]])
-        for stat in ("mean", "sd"):
-            values = np.concatenate([edge_stats[stat], edge_stats[stat]])
-            cells_rna.obsp[f"edge_prob_{stat}"] = sp.csr_matrix((values, (rows, cols)), shape=(n, n))
-        cells_rna.obsp["attention"] = self.attention()
-        interactions = self.interactions()
-        recalibration = interactions.pop("recalibration")
-        cells_rna.uns["pyrospatial"]["interactions"] = {
-            key: (np.nan_to_num(value, nan=-1.0) if isinstance(value, np.ndarray) and value.dtype.kind == "f" else value)
-            for key, value in interactions.items()
-        }
-        cells_rna.uns["pyrospatial"]["interactions"]["recalibration_factor"] = (
-            float(recalibration["factor"]) if recalibration else 1.0)
-        cells_rna.uns["pyrospatial"]["interactions"]["note"] = (
-            "entries with no edge between the two types are -1; the intervals are too narrow unless the posterior "
-            "conditions on the graph with a Bayesian edge decoder (see CORAL.interactions); recalibration_factor "
-            "is the widening applied to them (1: none; fitted on held-apart simulations, pyrospatial.criticism.recalibration)"
-        )
-        if n_domains:
-            domains = self.domains(n_domains, seed=seed)
+        for key, matrix in graph["obsp"].items():
+            cells_rna.obsp[key] = matrix
+        cells_rna.uns["pyrospatial"]["interactions"] = graph["interactions"]
+        if domains is not None:
             cells_rna.obs["domain"] = pd.Categorical(domains["labels"].astype(str))
             cells_rna.obs["domain_confidence"] = domains["confidence"]
         # spots
@@ -607,6 +602,34 @@ class CORAL:
             "coord_type": "generic", "graph": ds.settings.get("graph", "knn"), "n_neighbors": ds.settings.get("k"),
             "radius": ds.settings.get("graph_radius"), "transform": None})
         return cells_rna, spots_out
+
+    def _graph_outputs(self) -> dict[str, Any]:
+        """The graph's outputs of :meth:`export`: ``obsp`` (``edge_prob_mean``, ``edge_prob_sd``,
+        ``attention``: sparse (N, N)) and ``interactions`` (its ``uns`` record: NaN as -1,
+        ``recalibration_factor``, ``note``)."""
+        ds = self.dataset
+        n = ds.n_cells
+        edge_stats = summarise_draws(self._require_posterior().edge_prob)
+        rows = np.concatenate([ds.edges[0], ds.edges[1]])
+        cols = np.concatenate([ds.edges[1], ds.edges[0]])
+        obsp = {}
+        for stat in ("mean", "sd"):
+            values = np.concatenate([edge_stats[stat], edge_stats[stat]])
+            obsp[f"edge_prob_{stat}"] = sp.csr_matrix((values, (rows, cols)), shape=(n, n))
+        obsp["attention"] = self.attention()
+        interactions = self.interactions()
+        recalibration = interactions.pop("recalibration")
+        record = {
+            key: (np.nan_to_num(value, nan=-1.0) if isinstance(value, np.ndarray) and value.dtype.kind == "f" else value)
+            for key, value in interactions.items()
+        }
+        record["recalibration_factor"] = float(recalibration["factor"]) if recalibration else 1.0
+        record["note"] = (
+            "entries with no edge between the two types are -1; the intervals are too narrow unless the posterior "
+            "conditions on the graph with a Bayesian edge decoder (see CORAL.interactions); recalibration_factor "
+            "is the widening applied to them (1: none; fitted on held-apart simulations, pyrospatial.criticism.recalibration)"
+        )
+        return {"obsp": obsp, "interactions": record}
 
     @staticmethod
     def _spot_sums(batch: Batch, draws: np.ndarray) -> dict[str, np.ndarray]:
