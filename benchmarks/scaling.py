@@ -244,10 +244,14 @@ def run_worker(args: argparse.Namespace) -> None:
     else:
         coral.posterior = None
         with Stage("posterior", cuda) as st:
-            coral.sample(args.num_samples, seed=args.seed)  # the default method, whatever it is now
+            # the default method, whatever it is now; --short-posterior: 2 warm-up iterations and
+            # every state kept, which gives draws of the same shapes (so the export's memory)
+            short = {"num_warmup": 2, "thin": 1} if args.short_posterior else {}
+            coral.sample(args.num_samples, seed=args.seed, **short)
         diagnostics = {k: v for k, v in coral.posterior.diagnostics.items()
                        if isinstance(v, (int, float, str, bool)) or v is None}
         emit(st, coverage_90=_posterior_coverage(coral, tissue), method=coral.posterior.method,
+             short_posterior=bool(args.short_posterior),
              num_samples=args.num_samples, draws_mb=_draws_mb(coral), diagnostics=diagnostics,
              replayed=list(coral.posterior.replayed))
 
@@ -340,7 +344,7 @@ def run_driver(args: argparse.Namespace) -> None:
         cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", str(n), "--device", args.device,
                "--record", record_path, "--max-epochs", str(args.max_epochs), "--num-samples", str(args.num_samples),
                "--batch-spots", str(args.batch_spots), "--seed", str(args.seed),
-               "--skip-stages", ",".join(args.skip_stages)]
+               "--skip-stages", ",".join(args.skip_stages)] + (["--short-posterior"] if args.short_posterior else [])
         print(f"[scaling] {n} cells on {args.device}", flush=True)
         try:
             proc = subprocess.run(cmd, check=False, env=env, timeout=args.timeout or None)
@@ -369,6 +373,7 @@ def run_driver(args: argparse.Namespace) -> None:
         "settings": {
             "convergence": f"relative change of the {WINDOW}-epoch mean loss below {REL_TOL}, at most {args.max_epochs} epochs",
             "batch_spots": args.batch_spots, "num_samples": args.num_samples, "seed": args.seed, "quick": args.quick,
+            "short_posterior": bool(args.short_posterior),
             "simulator": "simulate_tissue(n_types=5, n_proteins=30, n_genes=200, cells_per_spot=8, edge_z_scale=1)",
             "omp_num_threads": env["OMP_NUM_THREADS"],
             "machine": f"{platform.platform()}, {os.cpu_count()} CPUs, python {platform.python_version()}",
@@ -392,6 +397,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--timeout", type=float, default=0, help="seconds per size before its worker is stopped (0: none)")
     parser.add_argument("--skip-stages", default="", help="comma-separated stages not run (only 'posterior': the "
                         "default posterior; the export then uses the guide's draws), recorded as skipped")
+    parser.add_argument("--short-posterior", action="store_true",
+                        help="the default posterior with 2 warm-up iterations and thin 1: draws of the default's "
+                             "shapes in a fraction of its time, to measure the export's memory; the posterior's "
+                             "seconds and coverage are then not the default's (records say short_posterior); "
+                             "write them to their own --out")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--record", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
