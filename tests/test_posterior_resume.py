@@ -32,14 +32,14 @@ NUM_SAMPLES = 48
 TOTAL_ITERATIONS = 24 + 12
 
 WORKER = r"""
-import sys, warnings
+import ast, sys, warnings
 warnings.filterwarnings("ignore")
 import numpy as np, torch
 import pyrospatial as ps
 from pyrospatial.data.sim import simulate_tissue
 
 ck, out, resume = sys.argv[1], sys.argv[2], sys.argv[3] == "resume"
-settings = eval(sys.argv[4])
+settings = ast.literal_eval(sys.argv[4])
 tissue = simulate_tissue(n_cells=200, n_types=3, n_proteins=10, n_genes=25, seed=3, cells_per_spot=8.0)
 coral = ps.CORAL(tissue.cells, tissue.spots, cell_type_key="cell_type", spot_diameter=55.0)
 coral.train(max_epochs=30, batch_size=None, seed=4, progress=False)
