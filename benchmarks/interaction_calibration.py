@@ -37,6 +37,7 @@ import pyrospatial
 from pyrospatial import criticism as dg
 from pyrospatial.methods.analysis import interaction_matrix
 from pyrospatial.methods.coral import CORAL
+from pyrospatial.methods.edge_decoder_posterior import edge_probabilities
 from pyrospatial.data.dataset import SpatialDataset
 from pyrospatial.criticism.recalibration import INTERACTION_RECALIBRATION, widen
 from _results import command_line, write_results  # noqa: E402  (benchmarks/ is on sys.path when a script runs)
@@ -45,7 +46,9 @@ LEVELS = (0.5, 0.9)
 QUANTILES = (0.05, 0.25, 0.75, 0.95)
 #: model variants trained per simulation (CORAL model_kwargs)
 MODELS = {"point": {"bayesian_edge_decoder": False}, "bayes_edge": {"bayesian_edge_decoder": True}}
-#: posteriors compared: the model variant, CORAL.sample's method and its keyword arguments
+#: posteriors compared: the model variant, CORAL.sample's method and its keyword arguments; each is
+#: scored on the draws CORAL.interactions() reads (graph-free posteriors: the edge decoder drawn
+#: given the graph at the states' posterior mean, pyrospatial.methods.edge_decoder_posterior)
 METHODS = {
     "refine": ("point", "refine", {}),
     "refine_graph": ("point", "refine", {"graph": True}),
@@ -54,6 +57,10 @@ METHODS = {
     "bayes_edge_refine_graph": ("bayes_edge", "refine", {"graph": True}),
     "bayes_edge_refine_graph_warmup300": ("bayes_edge", "refine", {"graph": True, "num_warmup": 300}),
 }
+#: graph-free posteriors also scored as read before the edge decoder's posterior existed: the
+#: trained decoder (or the guide's draws of a Bayesian one) held, the states' draws
+#: (``METHOD_held_decoder``; the posterior's own ``edge_prob``)
+HELD_DECODER = ("refine", "bayes_edge_refine")
 #: run by default (the longer warm-up is a separate study: --methods)
 DEFAULT_METHODS = ["refine", "refine_graph", "guide", "bayes_edge_refine", "bayes_edge_refine_graph"]
 
@@ -92,20 +99,31 @@ def run_case(n_cells: int, seed: int, settings: dict, methods: list[str]) -> dic
         coral.refined = False
         t_method = time.perf_counter()
         coral.sample(settings["num_samples"], method=kind, seed=seed, **kwargs)
-        draws = interaction_matrix(coral.posterior.edge_prob, dataset.edges, dataset.cell_type, T,
-                                   keep_draws=True)["draws"][:, upper[0], upper[1]]
-        record[method] = {
-            "interval": dg.interval_coverage_by_level(draws, truth[upper], LEVELS).tolist(),
-            "pit": dg.pit_coverage_by_level(draws, truth[upper], LEVELS).tolist(),
-            "abs_error_mean": float(np.abs(draws.mean(0) - truth[upper]).mean()),
-            "sd_mean": float(draws.std(0).mean()),
-            "posterior_mean": draws.mean(0).tolist(),
-            # per entry, for refitting an interval recalibration (benchmarks/interaction_recalibration.py)
-            "quantiles": {str(q): np.quantile(draws, q, axis=0).tolist() for q in QUANTILES},
-            # the entries' largest split-R-hat across the refinement's chains (NaN for the guide)
-            "rhat_max": float(coral.interactions()["rhat_max"]),
-            "seconds": time.perf_counter() - t_method,
-        }
+        reported = coral.interactions(recalibrate=False)  # draws the edge decoder given the graph if needed
+        seconds = time.perf_counter() - t_method
+        posterior = coral.posterior
+        if posterior.edge_decoder is not None:  # what interactions() read
+            edge_prob = edge_probabilities(posterior.samples["z"].mean(0), dataset.edges, posterior.edge_decoder)
+        else:
+            edge_prob = posterior.edge_prob
+        readings = {method: edge_prob}
+        if method in HELD_DECODER:
+            readings[method + "_held_decoder"] = posterior.edge_prob
+        for name, probabilities in readings.items():
+            draws = interaction_matrix(probabilities, dataset.edges, dataset.cell_type, T,
+                                       keep_draws=True)["draws"][:, upper[0], upper[1]]
+            record[name] = {
+                "interval": dg.interval_coverage_by_level(draws, truth[upper], LEVELS).tolist(),
+                "pit": dg.pit_coverage_by_level(draws, truth[upper], LEVELS).tolist(),
+                "abs_error_mean": float(np.abs(draws.mean(0) - truth[upper]).mean()),
+                "sd_mean": float(draws.std(0).mean()),
+                "posterior_mean": draws.mean(0).tolist(),
+                # per entry, for refitting an interval recalibration (benchmarks/interaction_recalibration.py)
+                "quantiles": {str(q): np.quantile(draws, q, axis=0).tolist() for q in QUANTILES},
+                # the entries' largest split-R-hat across the refinement's chains (NaN for independent draws)
+                "rhat_max": float(reported["rhat_max"]) if name == method else float("nan"),
+                "seconds": seconds,
+            }
         if kind == "refine" and kwargs.get("graph") and MODELS[variant]["bayesian_edge_decoder"]:
             # the posterior the package's interval recalibration was fitted for (on seeds 100-107)
             widened = widen(draws, INTERACTION_RECALIBRATION.factor)
@@ -145,11 +163,17 @@ def markdown(result: dict) -> str:
         c = result["coverage"][method]
         lines.append(f"| {method} | {c['interval']['0.9']:.3f} | {c['pit']['0.9']:.3f} | {c['interval']['0.5']:.3f} | "
                      f"{c['pit']['0.5']:.3f} | {c['abs_error_mean']:.4f} | {c['sd_mean']:.4f} |")
-    lines += ["", "Posteriors: `refine`, `sample()` with a point-estimated edge decoder; `refine_graph`, "
+    lines += ["", "Posteriors: `refine`, `sample()` (the default posterior, which leaves the graph out) with a "
+              "point-estimated edge decoder; `refine_graph`, "
               "`sample(graph=True)`, which also conditions on the graph and re-estimates the edge decoder by EM; "
               "`guide`, the amortised guide's draws; `bayes_edge_*`, the same with "
-              "`CORAL(..., model_kwargs={\"bayesian_edge_decoder\": True})` (the edge decoder a latent: without "
-              "`graph=True` it keeps the guide's draws, with it HMC samples it jointly with the cells); `_warmup300`: "
+              "`CORAL(..., model_kwargs={\"bayesian_edge_decoder\": True})` (the edge decoder a latent: "
+              "with `graph=True` HMC samples it jointly with the cells). Each row scores the draws "
+              "`CORAL.interactions()` reads: for a posterior that leaves the graph out, the edge decoder drawn "
+              "from its posterior given the graph (every edge, the training ratio of sampled non-edges) at the "
+              "states' posterior mean, entries read there (`pyrospatial.methods.edge_decoder_posterior`); "
+              "`_held_decoder`: the same posterior read as before that existed, the trained decoder (or the "
+              "guide's draws of a Bayesian one) held, over the states' draws; `_warmup300`: "
               "300 warm-up transitions (EM and adaptation) instead of the default 100; `_recalibrated`: the same draws "
               "widened around their mean by the factor of `pyrospatial.criticism.recalibration.INTERACTION_RECALIBRATION`, "
               "fitted on seeds 100-107 (`benchmarks/results/interaction_recalibration.md`), never on these seeds; "

@@ -439,9 +439,8 @@ def _report(path: Path, metrics: dict, config: DemoConfig, figures: dict[str, st
         f"- Held-out graph edges are told apart from random non-adjacent pairs with AUC {m['edge_auc']:.2f}.",
     ]
     if not graph:
-        lines.append("- **Caveat**: the interaction intervals are far too narrow with this posterior, which leaves the "
-                     "cell graph out (90% coverage about 0.3 on simulations); read the means, not the intervals. "
-                     "`CORAL.interactions` says how to draw intervals worth reading.")
+        lines.append("- The interaction intervals come from the edge decoder's posterior given the cell graph, drawn at "
+                     "the states' posterior mean (this posterior leaves the graph out; `CORAL.interactions` says how).")
     lines += [
         "",
         f"![domains](figures/{figures['domains']})",

@@ -102,7 +102,9 @@ def interaction_interval_caveat(interactions: dict) -> str | None:
 
     ``interactions`` is the dict of :meth:`~pyrospatial.methods.coral.CORAL.interactions` or its
     export ``uns["pyrospatial"]["interactions"]``. An explicit ``intervals_calibrated`` (bool)
-    or ``warning`` (str) entry decides when present; otherwise the intervals are trusted only
+    or ``warning`` (str) entry decides when present (``CORAL.interactions`` sets
+    ``intervals_calibrated`` for a graph-free posterior, whose edge decoder is drawn given the
+    graph); otherwise the intervals are trusted only
     when the recalibration fitted for the graph-conditioned posterior with a Bayesian edge
     decoder was applied (``recalibration`` not None, or ``recalibration_factor`` not 1), and
     a largest split-R-hat ``rhat_max`` above 1.05 (chains that disagree) is a caveat too."""
@@ -116,9 +118,9 @@ def interaction_interval_caveat(interactions: dict) -> str | None:
     factor = float(recalibration["factor"]) if recalibration else float(interactions.get("recalibration_factor", 1.0))
     posterior = str(interactions.get("posterior", ""))
     if factor == 1.0:
-        if "graph=False" in posterior:
-            return ("this posterior leaves the cell graph out: its 90% intervals cover about a third of "
-                    "simulated truths (far too narrow)")
+        if "graph=False" in posterior:  # an export written before the edge decoder's posterior existed
+            return ("this posterior leaves the cell graph out and holds the edge decoder: its 90% intervals "
+                    "cover about a third of simulated truths (far too narrow)")
         return ("these intervals are not recalibrated: only the graph-conditioned posterior with a Bayesian "
                 "edge decoder, widened by its recalibration, has intervals that cover their level")
     rhat = float(interactions.get("rhat_max", float("nan")))

@@ -43,10 +43,10 @@ def test_export_keys_shapes_and_h5ad_round_trip(trained, tmp_path):
     assert (lo <= mid + 1e-6).all() and (mid <= hi + 1e-6).all()
     inter = cells.uns["pyrospatial"]["interactions"]
     assert inter["mean"].shape == (ds.n_types, ds.n_types)
-    assert inter["posterior"] == "method=local, graph=False, edge decoder: point estimate"
+    assert inter["posterior"].startswith("method=local, graph=False; edge decoder drawn from its posterior")
     assert inter["recalibration_factor"] == 1.0  # the recalibration is not for this posterior
-    # 30 draws of 10 chains: too few kept per chain for a split-R-hat
-    assert np.isnan(inter["rhat_max"])
+    assert bool(inter["intervals_calibrated"])
+    assert np.isnan(inter["rhat_max"])  # independent draws of the decoder: no chains
     assert cells.obsp["edge_prob_mean"].nnz == 2 * ds.n_edges
     # the global read-out's posterior, summarised (the default posterior samples it in turn)
     omega = cells.uns["pyrospatial"]["globals"]["rna_weight"]
@@ -61,19 +61,45 @@ def test_export_keys_shapes_and_h5ad_round_trip(trained, tmp_path):
     assert str(back.uns["pyrospatial"]["interactions"]["posterior"]) == inter["posterior"]
 
 
-def test_interactions_report_the_split_rhat_of_their_entries(trained):
+def test_interactions_report_the_split_rhat_of_their_entries(trained, monkeypatch):
     from pyrospatial.methods.analysis import interaction_matrix
     from pyrospatial.criticism.convergence import chain_convergence
 
     posterior, ds = trained.posterior, trained.dataset
-    saved = posterior.diagnostics["num_chains"]
-    try:  # read the 30 draws as 5 chains of 6 (the fixture's 20 chains give too few per chain)
-        posterior.diagnostics["num_chains"] = 5
-        draws = interaction_matrix(posterior.edge_prob, ds.edges, ds.cell_type, ds.n_types, keep_draws=True)["draws"]
-        expected = chain_convergence(draws, 5)[0]
+    # a graph-conditioned posterior's entries come from its chains (read the 30 draws as 5 chains
+    # of 6: the fixture's 10 chains give too few per chain)
+    monkeypatch.setitem(posterior.diagnostics, "graph", True)
+    monkeypatch.setitem(posterior.diagnostics, "num_chains", 5)
+    draws = interaction_matrix(posterior.edge_prob, ds.edges, ds.cell_type, ds.n_types, keep_draws=True)["draws"]
+    expected = chain_convergence(draws, 5)[0]
+    with pytest.warns(UserWarning, match="graph"):  # read as the graph posterior of a point decoder
         assert np.isfinite(expected) and trained.interactions()["rhat_max"] == pytest.approx(expected)
-    finally:
-        posterior.diagnostics["num_chains"] = saved
+
+
+def test_graph_free_interactions_draw_the_edge_decoder_given_the_graph(trained):
+    """The default posterior leaves the graph out: the entries' draws come from the edge
+    decoder's posterior given the graph at the states' posterior mean, one decoder per draw,
+    made once and kept on the posterior."""
+    from pyrospatial.methods.analysis import interaction_matrix
+    from pyrospatial.methods.edge_decoder_posterior import edge_probabilities
+
+    posterior, ds = trained.posterior, trained.dataset
+    posterior.edge_decoder = None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        first = trained.interactions()
+    decoders = posterior.edge_decoder
+    assert decoders is not None and decoders.weight.shape[0] == posterior.num_samples and decoders.converged
+    assert decoders.nonedges_per_draw == round(ds.nonedge_ratio * ds.n_edges)
+    expected = interaction_matrix(edge_probabilities(posterior.samples["z"].mean(0), ds.edges, decoders),
+                                  ds.edges, ds.cell_type, ds.n_types)
+    for key in ("mean", "sd", "q05", "q95"):
+        np.testing.assert_allclose(first[key], expected[key], equal_nan=True)
+    assert np.nanmin(first["sd"]) > 0  # the decoder's own uncertainty is there
+    second = trained.interactions()
+    assert trained.posterior.edge_decoder is decoders
+    np.testing.assert_array_equal(first["q95"], second["q95"])
+    assert first["intervals_calibrated"] is True
 
 
 def test_deconvolved_counts_add_up_exactly_to_every_spot(trained):
@@ -179,8 +205,7 @@ def test_interactions_widen_only_the_posterior_the_recalibration_was_fitted_for(
     from pyrospatial.errors import InputError
     from pyrospatial.criticism.recalibration import INTERACTION_RECALIBRATION
 
-    with pytest.warns(UserWarning, match="graph=True"):  # graph-free posterior, point edge decoder
-        raw = trained.interactions()
+    raw = trained.interactions()  # graph-free posterior: the edge decoder drawn given the graph, not widened
     assert raw["recalibration"] is None and "widened" not in raw["posterior"]
     with pytest.raises(InputError, match="bayesian_edge_decoder"):
         trained.interactions(recalibrate=True)

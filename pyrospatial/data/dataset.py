@@ -233,6 +233,14 @@ class SpatialDataset:
     def n_nonedges(self) -> int:
         return self.n_cells * (self.n_cells - 1) // 2 - self.n_edges
 
+    def sample_nonedges(self, size: int, rng: np.random.Generator) -> np.ndarray:
+        """``(2, size)`` distinct uniformly random non-adjacent pairs ``i < j`` of the tissue's
+        cells (all of them when ``size`` reaches :attr:`n_nonedges`)."""
+        n = self.n_cells
+        coo = self._adjacency.tocoo()
+        keys = np.unique(coo.row.astype(np.int64) * n + coo.col)
+        return _sample_nonedges(rng, n, keys, int(size))
+
     @property
     def protein_names(self) -> pd.Index:
         """Labels of the ``protein`` dimension in criticism (the per-cell feature names)."""

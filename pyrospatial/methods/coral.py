@@ -68,6 +68,7 @@ from pyrospatial.engine.memory import release_free_memory
 from pyrospatial.engine.posterior import sample_posterior
 from pyrospatial.engine.summary import summarise
 from pyrospatial.criticism.recalibration import INTERACTION_RECALIBRATION, widen
+from pyrospatial.methods.edge_decoder_posterior import EdgeDecoderDraws, coral_edge_decoder_posterior, edge_probabilities
 
 __all__ = ["LOCAL_SITES", "EDGE_DECODER_SITES", "CoralPosterior", "CORAL"]
 
@@ -98,6 +99,11 @@ class CoralPosterior:
     #: deterministic sites not held in ``samples`` (too large: ``max_draws_mb``) but recomputed
     #: from the latents' draws chunk by chunk (:meth:`CORAL.draw_chunks`, :meth:`CORAL.site_draws`)
     replayed: tuple[str, ...] = ()
+    #: the seed ``CORAL.sample`` was given (it also seeds the edge decoder's posterior)
+    seed: int = 0
+    #: draws of the edge decoder given the graph, for a posterior that leaves the graph out
+    #: (made by :meth:`CORAL.interactions` on first use)
+    edge_decoder: EdgeDecoderDraws | None = None
 
     @property
     def num_samples(self) -> int:
@@ -315,7 +321,7 @@ class CORAL:
         edge_prob = self._edge_probabilities(dict(draws), self.dataset.edges)
         self.posterior = CoralPosterior(
             samples=dict(draws), edge_prob=edge_prob, plates=dict(draws.plates), method=method,
-            diagnostics=dict(getattr(draws, "diagnostics", {}) or {}), replayed=replayed,
+            diagnostics=dict(getattr(draws, "diagnostics", {}) or {}), replayed=replayed, seed=int(seed),
         )
         return self.posterior
 
@@ -452,12 +458,17 @@ class CORAL:
         """Cell-type x cell-type interaction matrix (mean, sd, q05, q50, q95 over draws).
 
         Entry ``(a, b)`` is the mean edge probability over the graph's a-b edges
-        (:func:`~pyrospatial.methods.analysis.interaction_matrix`). Its intervals are only as good as
-        the posterior: draw it with ``sample(graph=True)`` and
-        ``model_kwargs={"bayesian_edge_decoder": True}``. The default posterior ignores the
-        selection of the observed edges and the decoder's uncertainty: its 90% intervals cover
-        about a third of simulated truths (``benchmarks/results/interaction_calibration.md``), and
-        a ``UserWarning`` says so whenever the posterior leaves the graph out.
+        (:func:`~pyrospatial.methods.analysis.interaction_matrix`). Its draws depend on which
+        posterior was drawn:
+
+        - a posterior that leaves the graph out (the default ``sample()``, and ``"guide"``): the
+          edge decoder is drawn from its posterior given the graph and the states' posterior
+          mean, with every edge and sampled non-edges weighted as in training (cost linear in
+          cells; :mod:`pyrospatial.methods.edge_decoder_posterior`), and the entries are read at
+          the states' posterior mean. 90% intervals covered 0.85 of the entries on simulations
+          held apart from the scored ones (``benchmarks/results/interaction_calibration.md``).
+        - ``sample(graph=True)``: the sampled states and decoder as they are (with
+          ``model_kwargs={"bayesian_edge_decoder": True}`` widened by the recalibration below).
 
         Parameters
         ----------
@@ -478,35 +489,52 @@ class CORAL:
             from, and the widening when applied), ``recalibration`` (the applied
             :class:`~pyrospatial.criticism.recalibration.Recalibration` as a dict, or None) and
             ``rhat_max``: the largest split-R-hat of the entries across the refinement's chains
-            (:func:`~pyrospatial.criticism.convergence.chain_convergence`; NaN for guide draws or fewer
-            than 4 draws per chain). Above about 1.05 the chains disagree.
+            (:func:`~pyrospatial.criticism.convergence.chain_convergence`; NaN for independent
+            draws: the guide's and the edge decoder's given the states). Above about 1.05 the
+            chains disagree.
         """
         posterior = self._require_posterior()
-        result = interaction_matrix(posterior.edge_prob, self.dataset.edges, self.dataset.cell_type, self.dataset.n_types,
-                                    keep_draws=True)
-        draws = result.pop("draws")
-        result["cell_types"] = np.asarray(self.dataset.cell_types)
         graph = bool(posterior.diagnostics.get("graph", False))
-        decoder = "bayesian" if self.model.bayesian_edge_decoder else "point estimate"
-        result["posterior"] = f"method={posterior.method}, graph={graph}, edge decoder: {decoder}"
-        chains = posterior.diagnostics.get("num_chains") if posterior.method in MCMC_METHODS else None
-        result["rhat_max"] = chain_convergence(draws, chains)[0] if chains else float("nan")
         fitted_for = posterior.method in ("hmc", "refine") and graph and self.model.bayesian_edge_decoder
         if recalibrate and not fitted_for:
             raise InputError(
                 "interactions(recalibrate=True): the recalibration was fitted for "
-                f"{INTERACTION_RECALIBRATION.posterior}; this posterior is {result['posterior']}. Draw it with "
-                "sample(graph=True) on a CORAL built with model_kwargs={'bayesian_edge_decoder': True}, or pass "
-                "recalibrate=False.")
+                f"{INTERACTION_RECALIBRATION.posterior}; this posterior is method={posterior.method}, graph={graph}. "
+                "Draw it with sample(graph=True) on a CORAL built with model_kwargs={'bayesian_edge_decoder': True}, "
+                "or pass recalibrate=False.")
+        if graph:
+            edge_prob = posterior.edge_prob
+            decoder = "bayesian" if self.model.bayesian_edge_decoder else "point estimate"
+            how = f"method={posterior.method}, graph=True, edge decoder: {decoder}"
+            chains = posterior.diagnostics.get("num_chains") if posterior.method in MCMC_METHODS else None
+            if not self.model.bayesian_edge_decoder:
+                warnings.warn(
+                    "CORAL.interactions(): this graph-conditioned posterior holds a point-estimated edge decoder; its "
+                    "90% interaction intervals covered 0.6 of simulated truths "
+                    "(benchmarks/results/interaction_calibration.md). The default posterior's (sample() without graph) "
+                    "draw the decoder given the graph.", UserWarning, stacklevel=2)
+        else:
+            z_mean = posterior.samples["z"].mean(0)
+            if posterior.edge_decoder is None:
+                decoder_samples = {k: posterior.samples[k] for k in EDGE_DECODER_SITES if k in posterior.samples}
+                posterior.edge_decoder = coral_edge_decoder_posterior(
+                    self.model, self.dataset, z_mean, posterior.num_samples, seed=posterior.seed,
+                    decoder_samples=decoder_samples or None)
+            edge_prob = edge_probabilities(z_mean, self.dataset.edges, posterior.edge_decoder)
+            how = (f"method={posterior.method}, graph=False; edge decoder drawn from its posterior given the graph "
+                   "(every edge, sampled non-edges) at the states' posterior mean (Laplace)")
+            chains = None
+            if not posterior.edge_decoder.converged:
+                warnings.warn("CORAL.interactions(): Newton's method for the edge decoder's posterior did not reach "
+                              "its tolerance; the intervals may be off.", UserWarning, stacklevel=2)
+        result = interaction_matrix(edge_prob, self.dataset.edges, self.dataset.cell_type, self.dataset.n_types,
+                                    keep_draws=True)
+        draws = result.pop("draws")
+        result["cell_types"] = np.asarray(self.dataset.cell_types)
+        result["posterior"] = how
+        result["rhat_max"] = chain_convergence(draws, chains)[0] if chains else float("nan")
         if not graph:
-            warnings.warn(
-                "CORAL.interactions(): this posterior leaves the cell graph out of its target, so the interaction "
-                "intervals are far too narrow (90% coverage about 0.3 on simulations, "
-                "benchmarks/results/interaction_calibration.md). For intervals worth reading, build CORAL with "
-                "model_kwargs={'bayesian_edge_decoder': True} and draw with sample(graph=True): a whole-tissue HMC "
-                "whose graph terms alone cost about 40 minutes at 1,500 cells and 2 hours at 3,000 on one CPU "
-                "thread (benchmarks/results/graph_cost.md); on larger tissues read the means only.",
-                UserWarning, stacklevel=2)
+            result["intervals_calibrated"] = True  # read by pyrospatial.plotting.interaction_interval_caveat
         result["recalibration"] = None
         if fitted_for and recalibrate is not False:
             factor = INTERACTION_RECALIBRATION.factor
@@ -627,9 +655,9 @@ class CORAL:
         }
         record["recalibration_factor"] = float(recalibration["factor"]) if recalibration else 1.0
         record["note"] = (
-            "entries with no edge between the two types are -1; the intervals are too narrow unless the posterior "
-            "conditions on the graph with a Bayesian edge decoder (see CORAL.interactions); recalibration_factor "
-            "is the widening applied to them (1: none; fitted on held-apart simulations, pyrospatial.criticism.recalibration)"
+            "entries with no edge between the two types are -1; 'posterior' says where the draws come from (see "
+            "CORAL.interactions); recalibration_factor is the widening applied to them (1: none; fitted on "
+            "held-apart simulations, pyrospatial.criticism.recalibration)"
         )
         return {"obsp": obsp, "interactions": record}
 
