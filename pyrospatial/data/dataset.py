@@ -237,9 +237,12 @@ class SpatialDataset:
         """``(2, size)`` distinct uniformly random non-adjacent pairs ``i < j`` of the tissue's
         cells (all of them when ``size`` reaches :attr:`n_nonedges`)."""
         n = self.n_cells
-        coo = self._adjacency.tocoo()
-        keys = np.unique(coo.row.astype(np.int64) * n + coo.col)
-        return _sample_nonedges(rng, n, keys, int(size))
+        cached = getattr(self, "_edge_keys", None)
+        if cached is None or cached[0] is not self._adjacency:  # copies with other edges build their own
+            coo = self._adjacency.tocoo()
+            cached = (self._adjacency, np.unique(coo.row.astype(np.int64) * n + coo.col))
+            self._edge_keys = cached
+        return _sample_nonedges(rng, n, cached[1], int(size))
 
     @property
     def protein_names(self) -> pd.Index:

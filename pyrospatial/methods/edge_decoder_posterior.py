@@ -80,25 +80,35 @@ def pair_features(z: torch.Tensor, pairs: torch.Tensor) -> torch.Tensor:
     return torch.cat([cross, torch.ones_like(cross[..., :1])], dim=-1)
 
 
-def _newton(features: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor, prior_loc: torch.Tensor,
-            prior_precision: torch.Tensor, start: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int, bool]:
-    """Mode and negative Hessian of the weighted logistic regression with a Gaussian prior
-    (one problem; float64)."""
+def _curvature(features: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """``features^T diag(weights) features`` (float32 product, float64 result)."""
+    return ((features * weights.unsqueeze(-1)).T @ features).double()
+
+
+def _newton(edge_features: torch.Tensor, nonedge_features: torch.Tensor, nonedge_weight: float,
+            prior_loc: torch.Tensor, prior_precision: torch.Tensor,
+            start: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int, bool]:
+    """Mode and negative Hessian of the logistic regression of the edges (label 1, weight 1)
+    and the drawn non-edges (label 0, weight ``nonedge_weight``) with a Gaussian prior. The
+    features are float32 (the products dominate the cost); the parameters, gradient and solve
+    float64. The Hessian returned is the last iteration's, taken at most one step (below the
+    tolerance) from the mode."""
     theta = start.clone()
     converged = False
     for iteration in range(1, NEWTON_MAX_ITER + 1):
-        logits = features @ theta
-        p = torch.sigmoid(logits)
-        grad = features.T @ (weights * (labels - p)) - prior_precision * (theta - prior_loc)
-        hessian = (features * (weights * p * (1 - p)).unsqueeze(-1)).T @ features + torch.diag(prior_precision)
+        theta32 = theta.float()
+        p_edge = torch.sigmoid(edge_features @ theta32)
+        p_non = torch.sigmoid(nonedge_features @ theta32)
+        grad = ((edge_features.T @ (1.0 - p_edge)).double() - nonedge_weight * (nonedge_features.T @ p_non).double()
+                - prior_precision * (theta - prior_loc))
+        hessian = (_curvature(edge_features, p_edge * (1.0 - p_edge))
+                   + nonedge_weight * _curvature(nonedge_features, p_non * (1.0 - p_non))
+                   + torch.diag(prior_precision))
         step = torch.linalg.solve(hessian, grad)
         theta = theta + step
         if float((step.abs() * prior_precision.sqrt()).max()) < NEWTON_TOL:
             converged = True
             break
-    logits = features @ theta
-    p = torch.sigmoid(logits)
-    hessian = (features * (weights * p * (1 - p)).unsqueeze(-1)).T @ features + torch.diag(prior_precision)
     return theta, hessian, iteration, converged
 
 
@@ -160,17 +170,16 @@ def edge_decoder_posterior(
         mode = torch.cat([(0.5 * (W + W.T))[rows, cols], torch.tensor([float(start_bias)], dtype=torch.float64)])
     else:
         mode = prior_loc.clone()
-    edge_features = pair_features(z_t, edges_t)  # the same for every draw
-    labels = torch.cat([torch.ones(E, dtype=torch.float64), torch.zeros(n_drawn, dtype=torch.float64)])
-    weights = torch.cat([torch.ones(E, dtype=torch.float64), torch.full((n_drawn,), nonedge_weight, dtype=torch.float64)])
+    z32 = z_t.float()
+    edge_features = pair_features(z32, edges_t)  # the same for every draw
     rng = np.random.default_rng(int(seed))
     generator = torch.Generator().manual_seed(int(seed))
     thetas, max_iter, all_converged = [], 0, True
     for _ in range(int(num_samples)):
         nonedges = torch.as_tensor(sample_nonedges(n_drawn, rng), dtype=torch.long)
-        features = torch.cat([edge_features, pair_features(z_t, nonedges)])
         # each draw starts where the last one ended: the modes differ only by the non-edge sample
-        mode, hessian, iterations, converged = _newton(features, labels, weights, prior_loc, prior_precision, mode)
+        mode, hessian, iterations, converged = _newton(edge_features, pair_features(z32, nonedges), nonedge_weight,
+                                                       prior_loc, prior_precision, mode)
         max_iter, all_converged = max(max_iter, iterations), all_converged and converged
         # theta ~ Normal(mode, H^-1): with H = L L^T, theta = mode + L^-T eps
         chol = torch.linalg.cholesky(hessian)
