@@ -417,3 +417,23 @@ def test_with_edges_replaces_only_the_graph(dataset):
     assert not batch_pairs & set(map(tuple, held_out.T.tolist()))
     with pytest.raises(InputError, match="shape"):
         dataset.with_edges(np.zeros((3, 2), dtype=int))
+
+
+def test_sampled_nonedges_are_uniform_over_nonadjacent_pairs(dataset):
+    """sample_nonedges: pairs i < j, never an edge, never a self-pair, each cell drawn about
+    equally often (uniform over pairs: each cell is in (n - 1 - degree) of them), the same for
+    one seed; a copy with other edges does not reuse the cached keys of the first graph."""
+    n = dataset.n_cells
+    pairs = dataset.sample_nonedges(20000, np.random.default_rng(0))
+    assert pairs.shape == (2, 20000) and (pairs[0] < pairs[1]).all()
+    edges = set(map(tuple, np.sort(dataset.edges, axis=0).T.tolist()))
+    assert not edges & set(map(tuple, pairs.T.tolist()))
+    counts = np.bincount(pairs.ravel(), minlength=n)
+    degree = np.bincount(dataset.edges.ravel(), minlength=n)
+    expected = 2 * 20000 * (n - 1 - degree) / (2 * dataset.n_nonedges)
+    z = (counts - expected) / np.sqrt(expected)
+    assert abs(z.mean()) < 0.2 and 0.8 < z.std() < 1.2  # Poisson-like scatter around the uniform rate
+    np.testing.assert_array_equal(pairs, dataset.sample_nonedges(20000, np.random.default_rng(0)))
+    other = dataset.with_edges(np.stack([np.arange(n - 1), np.arange(1, n)]))  # a chain graph
+    chain = other.sample_nonedges(5000, np.random.default_rng(1))
+    assert not (chain[1] - chain[0] == 1).any()

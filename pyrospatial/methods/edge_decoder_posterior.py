@@ -74,10 +74,11 @@ def pair_features(z: torch.Tensor, pairs: torch.Tensor) -> torch.Tensor:
     K = z.shape[-1]
     zi = z.index_select(-2, pairs[0])
     zj = z.index_select(-2, pairs[1])
+    outer = zi.unsqueeze(-1) * zj.unsqueeze(-2)  # z_ik z_jl
     rows, cols = torch.triu_indices(K, K, device=z.device)
-    cross = zi[..., rows] * zj[..., cols]
-    cross = torch.where(rows == cols, cross, cross + zi[..., cols] * zj[..., rows])
-    return torch.cat([cross, torch.ones_like(cross[..., :1])], dim=-1)
+    flat = (outer + outer.transpose(-1, -2)).flatten(-2)[..., rows * K + cols]  # z_ik z_jl + z_il z_jk
+    half_on_diagonal = torch.where(rows == cols, 0.5, 1.0).to(z.dtype)
+    return torch.cat([flat * half_on_diagonal, torch.ones_like(flat[..., :1])], dim=-1)
 
 
 def _curvature(features: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
