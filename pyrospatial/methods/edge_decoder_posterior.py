@@ -204,15 +204,19 @@ def edge_decoder_posterior(
                             converged=all_converged, nonedges_per_draw=n_drawn, nonedge_weight=nonedge_weight)
 
 
-def edge_probabilities(z: np.ndarray, pairs: np.ndarray, decoders: EdgeDecoderDraws) -> np.ndarray:
-    """``(S, P)`` probabilities ``sigmoid(z_i^T W_e z_j + b_e)`` of the pairs ``(2, P)`` of the
-    cells of ``z (n, K)`` under each of the ``S`` decoders."""
-    z_t = torch.as_tensor(np.asarray(z), dtype=torch.float64)
-    features = pair_features(z_t, torch.as_tensor(np.asarray(pairs), dtype=torch.long))
-    K = z_t.shape[-1]
+def edge_probabilities(z: np.ndarray, pairs: np.ndarray, decoders: EdgeDecoderDraws, chunk: int = 16) -> np.ndarray:
+    """``(S, P)`` float32 probabilities ``sigmoid(z_i^T W_e z_j + b_e)`` of the pairs ``(2, P)`` of
+    the cells of ``z (n, K)`` under each of the ``S`` decoders (``chunk`` decoders at a time)."""
+    z32 = torch.as_tensor(np.asarray(z), dtype=torch.float32)
+    features = pair_features(z32, torch.as_tensor(np.asarray(pairs), dtype=torch.long))
+    K = z32.shape[-1]
     rows, cols = torch.triu_indices(K, K)
-    theta = torch.cat([torch.as_tensor(decoders.weight)[:, rows, cols], torch.as_tensor(decoders.bias)[:, None]], dim=1)
-    return torch.sigmoid(theta @ features.T).to(torch.float32).numpy()
+    theta = torch.cat([torch.as_tensor(decoders.weight)[:, rows, cols], torch.as_tensor(decoders.bias)[:, None]],
+                      dim=1).float()
+    out = np.empty((theta.shape[0], features.shape[0]), dtype=np.float32)
+    for lo in range(0, theta.shape[0], chunk):
+        out[lo:lo + chunk] = torch.sigmoid(theta[lo:lo + chunk] @ features.T).numpy()
+    return out
 
 
 def coral_edge_decoder_posterior(model, dataset, z_mean: np.ndarray, num_samples: int, *, seed: int = 0,
