@@ -19,7 +19,7 @@ variables): the edges' fitted probabilities shrink towards the average, so the e
 frequent pairs come out low and those of rare pairs high. Regressing on ``E[z | data]``
 instead is regression calibration, the standard correction. On 8 simulations held apart
 from the scored ones (``benchmarks/interaction_decoder_choice.py``) the per-draw decoder
-covered 0.52 of the entries at 90% and the posterior-mean one 0.85, with half the error.
+covered 0.54 of the entries at 90% and the posterior-mean one 0.85, with half the error.
 
 Given ``zbar`` the edges are a logistic regression in ``theta``: ``f`` is linear in the
 ``K (K + 1) / 2`` free entries of the symmetric ``W_e`` and the bias, with features
