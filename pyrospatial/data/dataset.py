@@ -42,7 +42,7 @@ from pyrospatial.engine.batch import Batch
 from pyrospatial.errors import AssignmentError, CoordinateError, CountsError, DuplicateNamesError, InputError
 from pyrospatial.data.batching import BatchSpec, SpotBatchSampler, _BatchBuilder, _identity
 from pyrospatial.data.geometry_checks import check_overlap, check_spot_geometry, checked_diameter
-from pyrospatial.data.graph import _unique_pairs, assign_cells_to_spots, knn_pairs, radius_pairs
+from pyrospatial.data.graph import _unique_pairs, assign_cells_to_spots, knn_pairs, radius_pairs, sample_nonadjacent_pairs
 
 
 __all__ = ["SpatialDataset"]
@@ -235,30 +235,15 @@ class SpatialDataset:
 
     def sample_nonedges(self, size: int, rng: np.random.Generator) -> np.ndarray:
         """``(2, size)`` uniformly random non-adjacent pairs ``i < j`` of the tissue's cells, drawn
-        independently (with replacement: each stands for ``n_nonedges / size`` pairs in an
-        unbiased sum over all of them); at least 2 cells and one non-adjacent pair needed."""
-        n, size = self.n_cells, int(size)
-        if n < 2 or self.n_nonedges < 1:
-            raise InputError(f"sample_nonedges: {n} cells with {self.n_nonedges} non-adjacent pairs; nothing to draw.")
+        independently (:func:`pyrospatial.data.graph.sample_nonadjacent_pairs`)."""
+        if self.n_nonedges < 1:
+            raise InputError(f"sample_nonedges: the {self.n_cells} cells have no non-adjacent pair to draw.")
         cached = getattr(self, "_edge_keys", None)
         if cached is None or cached[0] is not self._adjacency:  # copies with other edges build their own
             coo = self._adjacency.tocoo()
-            cached = (self._adjacency, np.unique(coo.row.astype(np.int64) * n + coo.col))
+            cached = (self._adjacency, np.unique(coo.row.astype(np.int64) * self.n_cells + coo.col))
             self._edge_keys = cached
-        keys = cached[1]
-        out = np.empty(0, dtype=np.int64)
-        while out.size < size:  # rejection of self-pairs and edges (a small fraction of all pairs)
-            draw = int(1.2 * (size - out.size)) + 16
-            i, j = rng.integers(0, n, draw), rng.integers(0, n, draw)
-            key = np.minimum(i, j) * n + np.maximum(i, j)
-            if keys.size:
-                at = np.minimum(np.searchsorted(keys, key), keys.size - 1)
-                key = key[(i != j) & (keys[at] != key)]
-            else:
-                key = key[i != j]
-            out = np.concatenate([out, key])
-        out = out[:size]
-        return np.stack([out // n, out % n])
+        return sample_nonadjacent_pairs(self.n_cells, cached[1], size, rng)
 
     @property
     def protein_names(self) -> pd.Index:

@@ -10,7 +10,7 @@ from scipy.spatial import cKDTree
 
 from pyrospatial.errors import InputError
 
-__all__ = ["knn_pairs", "radius_pairs", "assign_cells_to_spots"]
+__all__ = ["knn_pairs", "radius_pairs", "assign_cells_to_spots", "sample_nonadjacent_pairs"]
 
 
 # ------------------------------------------------------------------------------------------
@@ -62,3 +62,23 @@ def assign_cells_to_spots(
         raise InputError(f"assignment must be 'radius' or 'nearest', got {assignment!r}.")
     inside = distance <= spot_diameter / 2.0
     return np.where(inside, nearest, -1), nearest
+
+
+def sample_nonadjacent_pairs(n: int, edge_keys: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
+    """``(2, size)`` uniformly random pairs ``i < j`` of ``n`` cells that are not edges, drawn
+    independently (with replacement: each stands for ``n_pairs / size`` non-adjacent pairs in an
+    unbiased sum over all of them). ``edge_keys``: sorted ``i * n + j`` of the edges (either or
+    both directions); at least one non-adjacent pair must exist."""
+    size = int(size)
+    out = np.empty(0, dtype=np.int64)
+    while out.size < size:  # rejection of self-pairs and edges (a small fraction of all pairs)
+        draw = int(1.2 * (size - out.size)) + 16
+        i, j = rng.integers(0, n, draw), rng.integers(0, n, draw)
+        key = np.minimum(i, j) * n + np.maximum(i, j)
+        keep = i != j
+        if edge_keys.size:
+            at = np.minimum(np.searchsorted(edge_keys, key), edge_keys.size - 1)
+            keep &= edge_keys[at] != key
+        out = np.concatenate([out, key[keep]])
+    out = out[:size]
+    return np.stack([out // n, out % n])

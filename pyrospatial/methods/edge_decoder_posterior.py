@@ -47,9 +47,10 @@ import torch
 
 __all__ = ["EdgeDecoderDraws", "edge_decoder_posterior", "edge_probabilities", "pair_features"]
 
-#: Newton iterations at most per draw, and the step size (in prior sds) below which it stops
+#: Newton iterations at most per draw, and the step (in posterior sds, from the Hessian) below
+#: which it stops: a hundredth of the spread the draws are taken with
 NEWTON_MAX_ITER = 25
-NEWTON_TOL = 1e-4
+NEWTON_TOL = 1e-2
 
 
 @dataclass
@@ -87,35 +88,28 @@ def _curvature(features: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
 
 
 def _newton(edge_features: torch.Tensor, nonedge_features: torch.Tensor, nonedge_weight: float,
-            prior_loc: torch.Tensor, prior_precision: torch.Tensor, start: torch.Tensor,
-            hessian: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, int, bool]:
+            prior_loc: torch.Tensor, prior_precision: torch.Tensor,
+            start: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int, bool]:
     """Mode and negative Hessian of the logistic regression of the edges (label 1, weight 1)
-    and the drawn non-edges (label 0, weight ``nonedge_weight``) with a Gaussian prior.
-
-    Without ``hessian``: Newton's method, the Hessian recomputed each step; the one returned is
-    the last step's, at most one step (below the tolerance) from the mode. With ``hessian``
-    (another non-edge sample's, near this one's mode): chord steps with that fixed Hessian,
-    which is returned; each step costs a gradient, not a Hessian. The features are float32
-    (the products dominate the cost); the parameters, gradient and solve float64."""
+    and the drawn non-edges (label 0, weight ``nonedge_weight``) with a Gaussian prior, by
+    Newton's method. The Hessian returned is the last step's, at most one step (below the
+    tolerance: a hundredth of a posterior sd) from the mode. The features are float32 (their
+    products dominate the cost); the parameters, gradient and solve float64."""
     theta = start.clone()
     converged = False
-    fixed = hessian is not None
-    chol = torch.linalg.cholesky(hessian) if fixed else None
     for iteration in range(1, NEWTON_MAX_ITER + 1):
         theta32 = theta.float()
         p_edge = torch.sigmoid(edge_features @ theta32)
         p_non = torch.sigmoid(nonedge_features @ theta32)
         grad = ((edge_features.T @ (1.0 - p_edge)).double() - nonedge_weight * (nonedge_features.T @ p_non).double()
                 - prior_precision * (theta - prior_loc))
-        if fixed:
-            step = torch.cholesky_solve(grad.unsqueeze(-1), chol).squeeze(-1)
-        else:
-            hessian = (_curvature(edge_features, p_edge * (1.0 - p_edge))
-                       + nonedge_weight * _curvature(nonedge_features, p_non * (1.0 - p_non))
-                       + torch.diag(prior_precision))
-            step = torch.linalg.solve(hessian, grad)
+        hessian = (_curvature(edge_features, p_edge * (1.0 - p_edge))
+                   + nonedge_weight * _curvature(nonedge_features, p_non * (1.0 - p_non))
+                   + torch.diag(prior_precision))
+        step = torch.linalg.solve(hessian, grad)
         theta = theta + step
-        if float((step.abs() * prior_precision.sqrt()).max()) < NEWTON_TOL:
+        posterior_sd = torch.linalg.inv(hessian).diagonal().sqrt()
+        if float((step.abs() / posterior_sd).max()) < NEWTON_TOL:
             converged = True
             break
     return theta, hessian, iteration, converged
@@ -183,14 +177,12 @@ def edge_decoder_posterior(
     edge_features = pair_features(z32, edges_t)  # the same for every draw
     rng = np.random.default_rng(int(seed))
     generator = torch.Generator().manual_seed(int(seed))
-    thetas, max_iter, all_converged, hessian = [], 0, True, None
+    thetas, max_iter, all_converged = [], 0, True
     for _ in range(int(num_samples)):
         nonedges = torch.as_tensor(sample_nonedges(n_drawn, rng), dtype=torch.long)
-        # the modes of different non-edge samples differ by the sampling noise: each draw starts
-        # where the last one ended, with the first draw's Hessian (chord steps; the Laplace
-        # covariance differs between samples only by that noise's second-order effect)
+        # each draw starts where the last one ended: the modes differ by the non-edge sample
         mode, hessian, iterations, converged = _newton(edge_features, pair_features(z32, nonedges), nonedge_weight,
-                                                       prior_loc, prior_precision, mode, hessian)
+                                                       prior_loc, prior_precision, mode)
         max_iter, all_converged = max(max_iter, iterations), all_converged and converged
         # theta ~ Normal(mode, H^-1): with H = L L^T, theta = mode + L^-T eps
         chol = torch.linalg.cholesky(hessian)
