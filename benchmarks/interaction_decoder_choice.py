@@ -65,6 +65,7 @@ def run_case(seed: int, n_cells: int, num_samples: int) -> dict:
     record: dict = {"seed": seed, "n_cells": n_cells, "n_edges": int(dataset.n_edges), "truth": truth.tolist()}
     for variant in VARIANTS:
         t0 = time.perf_counter()
+        decoders = None
         if variant == "held_decoder":
             prob = coral.posterior.edge_prob
         elif variant == "per_draw":
@@ -86,6 +87,8 @@ def run_case(seed: int, n_cells: int, num_samples: int) -> dict:
             "abs_error_mean": float(np.abs(draws.mean(0) - truth).mean()),
             "sd_mean": float(draws.std(0).mean()),
             "seconds": time.perf_counter() - t0,
+            # Newton's method reached its tolerance for every draw's decoder (None: no decoder fitted)
+            "converged": None if decoders is None else bool(decoders.converged),
         }
     print(record, flush=True)
     return record
