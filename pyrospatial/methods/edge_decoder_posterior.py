@@ -45,6 +45,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from pyrospatial.models.blocks import symmetric_from_upper
+
 __all__ = ["EdgeDecoderDraws", "edge_decoder_posterior", "edge_probabilities", "pair_features"]
 
 #: Newton iterations at most per draw, and the step (in posterior sds, from the Hessian) below
@@ -189,9 +191,7 @@ def edge_decoder_posterior(
         eps = torch.randn(D, 1, dtype=torch.float64, generator=generator)
         thetas.append(mode + torch.linalg.solve_triangular(chol.T, eps, upper=True).squeeze(-1))
     theta = torch.stack(thetas)
-    weight = torch.zeros(len(thetas), K, K, dtype=torch.float64)
-    weight[:, rows, cols] = theta[:, :-1]
-    weight[:, cols, rows] = theta[:, :-1]
+    weight = symmetric_from_upper(theta[:, :-1], K)
     return EdgeDecoderDraws(weight=weight.numpy(), bias=theta[:, -1].numpy(), newton_iterations=max_iter,
                             converged=all_converged, nonedges_per_draw=n_drawn, nonedge_weight=nonedge_weight)
 
@@ -225,10 +225,7 @@ def coral_edge_decoder_posterior(model, dataset, z_mean: np.ndarray, num_samples
         if decoder_samples is None:
             raise ValueError("a Bayesian edge decoder needs its draws (decoder_samples) to start from.")
         upper = torch.as_tensor(np.asarray(decoder_samples["edge_weight"]), dtype=torch.float64).mean(0)
-        rows, cols = torch.triu_indices(cfg.z_dim, cfg.z_dim)
-        start_weight = torch.zeros(cfg.z_dim, cfg.z_dim, dtype=torch.float64)
-        start_weight[rows, cols] = upper
-        start_weight[cols, rows] = upper
+        start_weight = symmetric_from_upper(upper, cfg.z_dim)
         start_bias = float(np.mean(decoder_samples["edge_bias"]))
     else:
         start_weight = model.edge_decoder.weight.detach().cpu().double()
