@@ -625,6 +625,8 @@ def run_cli_case(case: Case, workdir: Path, subprocess_run: bool = False) -> Rec
     before = {str(p): _digest(p) for p in watched}
     code, _, stderr = run(argv)
     outcome, message = _classify_cli(code, stderr, out if code == 0 else None)
+    # the case's temporary folder is named, not its path on this machine (the results are committed)
+    message = message.replace(str(folder), "CASE_DIR").replace(str(workdir), "WORK_DIR")
     if code != 0 and out.exists() and case.corruption != "out_is_file" and outcome != "crash":
         outcome, message = "crash", f"an output folder was created on an error: {message}"
     if {str(p): _digest(p) for p in watched} != before:
