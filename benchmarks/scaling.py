@@ -247,11 +247,11 @@ def run_worker(args: argparse.Namespace) -> None:
             # the default method, whatever it is now; --short-posterior: 2 warm-up iterations and
             # every state kept, which gives draws of the same shapes (so the export's memory)
             short = {"num_warmup": 2, "thin": 1} if args.short_posterior else {}
-            coral.sample(args.num_samples, seed=args.seed, **short)
+            coral.sample(args.num_samples, seed=args.seed, **short, **json.loads(args.sampler_options))
         diagnostics = {k: v for k, v in coral.posterior.diagnostics.items()
                        if isinstance(v, (int, float, str, bool)) or v is None}
         emit(st, coverage_90=_posterior_coverage(coral, tissue), method=coral.posterior.method,
-             short_posterior=bool(args.short_posterior),
+             short_posterior=bool(args.short_posterior), sampler_options=json.loads(args.sampler_options),
              num_samples=args.num_samples, draws_mb=_draws_mb(coral), diagnostics=diagnostics,
              replayed=list(coral.posterior.replayed))
 
@@ -316,6 +316,8 @@ def write_markdown(path: Path, payload: dict) -> None:
         for key in ("method", "epochs", "converged", "num_samples", "draws_mb", "h5ad_mb", "torch_threads", "skipped"):
             if r.get(key) is not None:
                 notes.append(f"{key} {r[key]:.0f}" if isinstance(r[key], float) else f"{key} {r[key]}")
+        if r.get("sampler_options"):
+            notes.append(f"options {json.dumps(r['sampler_options'])}")
         lines.append(f"| {r['stage']} | {r['device']} | {r['n_cells']} | {_fmt(r['seconds'])} | {_fmt(r.get('cpu_seconds'))} | {_fmt(r['peak_rss_mb'], 0)} | "
                      f"{_fmt(r.get('gpu_peak_mb'), 0)} | {_fmt(r.get('coverage_90'))} | {'; '.join(notes)} |")
     lines += ["", "Fitted exponent of seconds against cells (log-log least squares):", "",
@@ -341,10 +343,11 @@ def run_driver(args: argparse.Namespace) -> None:
     for n in sizes:
         with tempfile.NamedTemporaryFile("w", suffix=".jsonl", delete=False) as handle:
             record_path = handle.name
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", str(n), "--device", args.device,
+        cmd = ([sys.executable, str(Path(__file__).resolve()), "--worker", str(n), "--device", args.device,
                "--record", record_path, "--max-epochs", str(args.max_epochs), "--num-samples", str(args.num_samples),
                "--batch-spots", str(args.batch_spots), "--seed", str(args.seed),
-               "--skip-stages", ",".join(args.skip_stages)] + (["--short-posterior"] if args.short_posterior else [])
+               "--skip-stages", ",".join(args.skip_stages), "--sampler-options", args.sampler_options]
+               + (["--short-posterior"] if args.short_posterior else []))
         print(f"[scaling] {n} cells on {args.device}", flush=True)
         try:
             proc = subprocess.run(cmd, check=False, env=env, timeout=args.timeout or None)
@@ -374,6 +377,7 @@ def run_driver(args: argparse.Namespace) -> None:
             "convergence": f"relative change of the {WINDOW}-epoch mean loss below {REL_TOL}, at most {args.max_epochs} epochs",
             "batch_spots": args.batch_spots, "num_samples": args.num_samples, "seed": args.seed, "quick": args.quick,
             "short_posterior": bool(args.short_posterior),
+            "sampler_options": json.loads(args.sampler_options),
             "simulator": "simulate_tissue(n_types=5, n_proteins=30, n_genes=200, cells_per_spot=8, edge_z_scale=1)",
             "omp_num_threads": env["OMP_NUM_THREADS"],
             "machine": f"{platform.platform()}, {os.cpu_count()} CPUs, python {platform.python_version()}",
@@ -402,6 +406,9 @@ def main(argv: list[str] | None = None) -> None:
                              "shapes in a fraction of its time, to measure the export's memory; the posterior's "
                              "seconds and coverage are then not the default's (records say short_posterior); "
                              "write them to their own --out")
+    parser.add_argument("--sampler-options", default="{}",
+                        help="JSON of extra CORAL.sample options for the posterior stage, e.g. "
+                             "'{\"block_steps\": true, \"step_window\": 10}' (default: none, the default posterior)")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--record", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

@@ -153,3 +153,49 @@ def test_finished_checkpoint_is_reused_and_bad_ones_are_refused(killed_and_resum
     fresh = tmp_path / "new" / "posterior.pt"
     trained.sample(8, seed=5, num_chains=4, num_warmup=2, thin=1, num_steps=2, checkpoint=str(fresh), resume=True)
     assert _iteration(fresh) == 2 + 2
+
+
+class _Crash(Exception):
+    pass
+
+
+def test_per_block_step_sizes_resume_to_the_same_draws(trained, tmp_path, monkeypatch):
+    """With ``block_steps`` each block's step size and its dual averaging are tensors: a run
+    stopped after the checkpoint of iteration 15 (in the final step-size window) and resumed
+    returns the draws of an uninterrupted run."""
+    from pyrospatial.engine.local_checkpoint import SamplerCheckpoint
+
+    settings = {**SAMPLER, "block_steps": True, "step_window": 8}
+    # Monte Carlo EM leaves its estimates in the model (and CORAL then skips it): every run
+    # starts from the trained weights, with EM
+    weights = {k: v.clone() for k, v in trained.model.state_dict().items()}
+
+    def as_trained():
+        trained.model.load_state_dict(weights)
+        trained.refined = False
+
+    as_trained()
+    reference = trained.sample(NUM_SAMPLES, seed=5, **settings)
+    as_trained()
+    ck = tmp_path / "posterior.pt"
+    write = SamplerCheckpoint.write
+
+    def write_then_stop(self, iteration, *args, **kwargs):
+        write(self, iteration, *args, **kwargs)
+        if iteration == 15:
+            raise _Crash
+
+    monkeypatch.setattr(SamplerCheckpoint, "write", write_then_stop)
+    with pytest.raises(_Crash):
+        trained.sample(NUM_SAMPLES, seed=5, **settings, checkpoint=str(ck), checkpoint_every_s=0.0)
+    monkeypatch.undo()
+    as_trained()
+    saved = torch.load(ck, map_location="cpu", weights_only=True)
+    assert saved["iteration"] == 15
+    post = trained.sample(NUM_SAMPLES, seed=5, **settings, checkpoint=str(ck), resume=True)
+    assert post.diagnostics["resumed_at"] == 15 and post.diagnostics["block_steps"] is True
+    for name in ("z", "v", "cell_size"):
+        np.testing.assert_array_equal(np.asarray(post.samples[name]), np.asarray(reference.samples[name]), err_msg=name)
+    with pytest.raises(CheckpointError, match="block_steps: checkpoint True, this run False"):
+        trained.sample(NUM_SAMPLES, seed=5, **{**settings, "block_steps": False}, checkpoint=str(ck), resume=True)
+    as_trained()

@@ -252,6 +252,33 @@ class _DualAveraging:
         return math.exp(self.log_avg)
 
 
+class _BlockDualAveraging:
+    """:class:`_DualAveraging` of one log step size per block, from each block's acceptance
+    rate averaged over the chains (tensors ``(B,)``, float64)."""
+
+    def __init__(self, step: torch.Tensor, target: float):
+        self.target = float(target)
+        self.reset(step)
+
+    def reset(self, step: torch.Tensor) -> None:
+        step = step.detach().double()
+        self.mu, self.log_avg = torch.log(10.0 * step), torch.log(step)
+        self.h, self.t = torch.zeros_like(step), 0
+
+    def update(self, accept: torch.Tensor) -> torch.Tensor:
+        self.t += 1
+        eta = 1.0 / (self.t + 10.0)
+        self.h = (1.0 - eta) * self.h + eta * (self.target - accept.double())
+        log_step = self.mu - math.sqrt(self.t) / 0.05 * self.h
+        w = self.t**-0.75
+        self.log_avg = w * log_step + (1.0 - w) * self.log_avg
+        return log_step.exp()
+
+    @property
+    def final(self) -> torch.Tensor:
+        return self.log_avg.exp()
+
+
 class _HMC:
     """Vectorised HMC on one part: ``C`` chains, one accept per block.
 
@@ -268,10 +295,16 @@ class _HMC:
     ``part`` (each piece moves the same sites and conditions on its own values, e.g. on the
     cells of one chunk of spots; all but one are ``local_terms_only``). They are evaluated one
     after the other and their gradients added, so memory holds one piece's graph at a time.
-    Default: ``[part]``."""
+    Default: ``[part]``.
+
+    ``block_steps``: in a blocked part, one step size per block, each adapted by dual averaging
+    to its own acceptance rate (blocks are independent samplers, so each may take its own
+    step: a spot whose counts pin its cells' sum and a lone cell held only by its proteins
+    need step sizes that differ by far more than one shared step can serve). False: one step
+    size for the part, adapted to the mean acceptance over blocks."""
 
     def __init__(self, model, part: _Part, C: int, num_steps: int, step_size: float, target_accept: float,
-                 dense: tuple[str, ...] = (), pieces: list[_Part] | None = None):
+                 dense: tuple[str, ...] = (), pieces: list[_Part] | None = None, block_steps: bool = False):
         self.model, self.part, self.C, self.L = model, part, C, int(num_steps)
         self.pieces = list(pieces) if pieces is not None else [part]
         self.mass = {
@@ -281,8 +314,14 @@ class _HMC:
         self.dense = tuple(k for k in dense if k in part.state and part.state[k].dim() == 3)
         self.dense_cov: dict[str, torch.Tensor] = {}  # (R, K, K) inverse mass per row
         self.dense_chol: dict[str, torch.Tensor] = {}  # (R, K, K) Cholesky factor of the mass
-        self.step = float(step_size)
-        self.dual = _DualAveraging(self.step, target_accept)
+        self.block_steps = bool(block_steps) and part.blocked
+        if self.block_steps:
+            self.step: float | torch.Tensor = torch.full((part.n_blocks,), float(step_size), dtype=torch.float64,
+                                                         device=part.batch.device)
+            self.dual: _DualAveraging | _BlockDualAveraging = _BlockDualAveraging(self.step, target_accept)
+        else:
+            self.step = float(step_size)
+            self.dual = _DualAveraging(self.step, target_accept)
         # running sums over the current window's iterations and chains (float64): memory of
         # one state, however long the window
         self.window_n = 0
@@ -361,23 +400,35 @@ class _HMC:
             return torch.einsum("rkl,crl->crk", self.dense_cov[name], p)
         return self.mass[name] * p
 
+    def mean_step(self) -> float:
+        """The step size (the mean over blocks with ``block_steps``)."""
+        return float(self.step.mean()) if isinstance(self.step, torch.Tensor) else self.step
+
+    def _site_steps(self, jitter: float, x: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """The step size of every coordinate of each site: a number, or with ``block_steps``
+        each row's block's step, broadcastable to the site's ``(C, ...)`` state."""
+        if not self.block_steps:
+            return {k: self.step * jitter for k in x}
+        per_block = (self.step * jitter).to(next(iter(x.values())).dtype).expand(self.C, -1)
+        return {k: self.part.block_mask(per_block, v, self.part.plates[k]) for k, v in x.items()}
+
     def transition(self) -> float:
         part, C = self.part, self.C
         # jittered step size: trajectory lengths vary, so no direction is stuck at a multiple
         # of its period (a Gaussian direction with unit scale has period 2 pi)
-        step = self.step * float(torch.empty(()).uniform_(0.5, 1.5))
         x = dict(part.state)
+        step = self._site_steps(float(torch.empty(()).uniform_(0.5, 1.5)), x)
         p = {k: self._momentum(k, v) for k, v in x.items()}
         k0 = self.kinetic(p)
         g = self.grad
-        p = {k: p[k] + 0.5 * step * g[k] for k in p}
+        p = {k: p[k] + 0.5 * step[k] * g[k] for k in p}
         lp_new = self.lp
         for leap in range(self.L):
-            x = {k: x[k] + step * self._velocity(k, p[k]) for k in x}
+            x = {k: x[k] + step[k] * self._velocity(k, p[k]) for k in x}
             lp_new, g = self._evaluate(x)
             if leap < self.L - 1:
-                p = {k: p[k] + step * g[k] for k in p}
-        p = {k: p[k] + 0.5 * step * g[k] for k in p}
+                p = {k: p[k] + step[k] * g[k] for k in p}
+        p = {k: p[k] + 0.5 * step[k] * g[k] for k in p}
         log_ratio = lp_new - self.kinetic(p) - self.lp + k0
         log_ratio = torch.nan_to_num(log_ratio, nan=-math.inf, posinf=-math.inf)
         accept = torch.log(torch.rand_like(log_ratio)) < log_ratio  # (C, B)
@@ -386,13 +437,15 @@ class _HMC:
             part.state[k] = torch.where(mask, x[k].detach(), part.state[k])
             self.grad[k] = torch.where(mask, g[k], self.grad[k])
         self.lp = torch.where(accept, lp_new, self.lp)
-        rate = float(torch.clamp(log_ratio, max=0.0).exp().mean())
+        rates = torch.clamp(log_ratio, max=0.0).exp()  # (C, B)
+        self.block_rates = rates.mean(0)  # each block's acceptance rate, averaged over the chains
+        rate = float(rates.mean())
         self.accept_history.append(rate)
         return rate
 
     # -- warm-up adaptation ---------------------------------------------------------------
     def adapt(self, rate: float) -> None:
-        self.step = self.dual.update(rate)
+        self.step = self.dual.update(self.block_rates if self.block_steps else rate)
         for k, v in self.part.state.items():
             v = v.detach().double()
             if k not in self.window_sum:
@@ -441,25 +494,28 @@ class _HMC:
         self.part.state.update(on(saved["part_state"]))
         self.lp, self.grad = saved["lp"].to(device), on(saved["grad"])
         self.mass, self.dense_cov, self.dense_chol = on(saved["mass"]), on(saved["dense_cov"]), on(saved["dense_chol"])
-        self.step = float(saved["step"])
+        self.step = saved["step"].to(device) if isinstance(saved["step"], torch.Tensor) else float(saved["step"])
         for key, value in saved["dual"].items():
-            setattr(self.dual, key, value)
+            setattr(self.dual, key, value.to(device) if isinstance(value, torch.Tensor) else value)
         self.window_n = int(saved["window_n"])
         self.window_sum, self.window_sumsq = on(saved["window_sum"]), on(saved["window_sumsq"])
         self.accept_history = [float(a) for a in saved["accept_history"]]
 
 
-def _mass_windows(num_warmup: int) -> set[int]:
-    """Iterations after which the mass matrix is re-estimated (doubling windows)."""
+def _mass_windows(num_warmup: int, step_window: int | None = None) -> set[int]:
+    """Iterations after which the mass matrix is re-estimated (doubling windows).
+
+    ``step_window``: warm-up iterations after the last mass update, in which only the step size
+    adapts (its dual averaging restarts at every update). None: the last update is at 90% of
+    the warm-up (4 iterations of a 40-iteration warm-up)."""
     if num_warmup < 20:
         return set()
+    last = int(0.9 * num_warmup) if step_window is None else num_warmup - int(step_window)
     ends, width = set(), max(10, num_warmup // 10)
     end = width
     while end + 2 * width <= num_warmup:
         ends.add(end)
         width *= 2
         end += width
-    ends.add(int(0.9 * num_warmup))
-    return ends
-
-
+    ends.add(last)
+    return {e for e in ends if 0 < e <= last}

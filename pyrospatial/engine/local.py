@@ -156,6 +156,8 @@ def local_posterior(
     max_cells_per_chunk: int | None = None,
     sample_globals: bool = True,
     dense_globals: bool = True,
+    block_steps: bool = False,
+    step_window: int | None = None,
     seed: int = 0,
     device: str | torch.device | None = None,
     progress: bool = False,
@@ -188,6 +190,13 @@ def local_posterior(
         site (each gene's read-out), from the Hessian's diagonal blocks
         (:class:`pyrospatial.engine.hmc._HMC`); False: the diagonal mass of the other sites.
         With it the read-out's chains mix (``benchmarks/results/readout_mixing.md``).
+    block_steps
+        One step size per block (spot with its cells, or lone cell), each adapted to its own
+        acceptance rate (:class:`pyrospatial.engine.hmc._HMC`); False: one step size per chunk.
+    step_window
+        Warm-up iterations after the last mass update in which only the step sizes adapt.
+        None: the last update at 90% of the warm-up (4 of the default 40 iterations).
+        ``benchmarks/results/block_step_sizes.md`` measures both options.
     em_params, em_lr
         Model parameters re-estimated by Monte Carlo EM during the first chunk's warm-up
         (None: the contract's ``em_parameters``; ``()``: none) and the Adam learning rate.
@@ -223,6 +232,9 @@ def local_posterior(
         raise InputError(f"max_cells_per_chunk must be >= 1 (or None for the default), got {max_cells_per_chunk}.")
     if int(num_warmup) < 0 or int(thin) < 1 or int(num_steps) < 1:
         raise InputError("num_warmup must be >= 0, and thin and num_steps >= 1.")
+    if step_window is not None and not 1 <= int(step_window) < int(num_warmup):
+        raise InputError(f"step_window must be None or between 1 and num_warmup - 1 ({int(num_warmup) - 1}), "
+                         f"got {step_window!r}.")
     if resume and checkpoint is None:
         raise InputError("resume=True needs checkpoint=PATH (the file a killed run wrote).")
     if checkpoint is not None and not sample_globals:
@@ -276,7 +288,8 @@ def local_posterior(
                 "num_samples": S, "num_chains": C, "num_warmup": int(num_warmup), "thin": int(thin),
                 "num_steps": int(num_steps), "step_size": float(step_size), "target_accept": float(target_accept),
                 "em_params": [name for name, _ in em], "em_lr": float(em_lr), "noncentred": sorted(noncentred),
-                "dense_globals": bool(dense_globals), "seed": int(seed), "n_cells": int(full.n_cells),
+                "dense_globals": bool(dense_globals), "block_steps": bool(block_steps),
+                "step_window": None if step_window is None else int(step_window), "seed": int(seed), "n_cells": int(full.n_cells),
                 "n_spots": int(full.n_spots), "chunk_cells": [int(c[0].size) for c in chunks],
                 "sites": [site.name for site in site_list], "fingerprint": fingerprint,
             }
@@ -293,10 +306,10 @@ def local_posterior(
             pieces = _global_pieces(parts, sampled) if sampled_globals else None
             kept, kernels = _run_chain(model, parts, C, per_chain, num_warmup, thin, num_steps, step_size,
                                        target_accept, group_em, em_lr, em_trace, bar, base_model, pieces,
-                                       dense_globals, saver, saved)
+                                       dense_globals, saver, saved, block_steps, step_window)
             for part, part_kept, kernel in zip(parts, kept, kernels):
                 stats["acceptance"].append(float(np.mean(kernel.accept_history[num_warmup:] or [float("nan")])))
-                stats["step_size"].append(kernel.step)
+                stats["step_size"].append(kernel.mean_step())
                 if pieces is not None:  # each kept state carries its own global latents
                     fixed = {k: v for k, v in part.conditioned.items() if k not in sampled_names}
                     part = _Part("local", part.batch, part.cells, moving + sampled, per_cell=False, per_spot=True,
@@ -313,6 +326,8 @@ def local_posterior(
         "num_warmup": int(num_warmup),
         "thin": int(thin),
         "num_steps": int(num_steps),
+        "block_steps": bool(block_steps),
+        "step_window": None if step_window is None else int(step_window),
         "chunks": len(chunks),
         "graph": False,
         "resumed_at": int(saved["iteration"]) if saved is not None else None,
@@ -330,7 +345,8 @@ def local_posterior(
 def _run_chain(model, parts: list[_Part], C: int, per_chain: int, num_warmup: int, thin: int, num_steps: int,
                step_size: float, target_accept: float, em, em_lr: float, em_trace, bar, model_of_em,
                pieces: list[_Part] | None = None, dense_globals: bool = True,
-               saver: SamplerCheckpoint | None = None, saved: dict | None = None):
+               saver: SamplerCheckpoint | None = None, saved: dict | None = None, block_steps: bool = False,
+               step_window: int | None = None):
     """Warm-up (step size, mass, EM) and sampling of the chunks ``parts`` in one sweep: each
     chunk's HMC in turn, then (with ``pieces``, one per chunk) the global latents' HMC given
     every chunk's cells. Returns the kept unconstrained states of each chunk and its kernel.
@@ -348,9 +364,9 @@ def _run_chain(model, parts: list[_Part], C: int, per_chain: int, num_warmup: in
                              pieces=pieces)
     else:
         global_kernel = None
-    kernels = [_HMC(model, part, C, num_steps, step_size, target_accept) for part in parts]
+    kernels = [_HMC(model, part, C, num_steps, step_size, target_accept, block_steps=block_steps) for part in parts]
     optimiser = torch.optim.Adam([p for _, p in em], lr=float(em_lr)) if em else None
-    windows = _mass_windows(num_warmup)
+    windows = _mass_windows(num_warmup, step_window)
     em_start = min(10, num_warmup // 4)
     kept: list[list[dict[str, torch.Tensor]]] = [[] for _ in parts]
     total, start = num_warmup + per_chain * thin, 0
