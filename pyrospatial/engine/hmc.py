@@ -6,8 +6,9 @@ its cells, and one per cell outside every spot). A :class:`_Part` is a sub-batch
 latent sites moved on it; its log density is evaluated for ``C`` chains at once (an outer
 plate at ``dim=-2``) and summed per *block*; each block accepts or rejects its own proposal,
 so independent blocks mix as if each had its own sampler while sharing one vectorised
-gradient evaluation. Step size: dual averaging of the mean acceptance; mass: diagonal, from
-the chains' spread in doubling windows.
+gradient evaluation. Step size: dual averaging of the mean acceptance, or (``block_steps``)
+one step size per block, each adapted to its own acceptance; mass: diagonal, from the chains'
+spread in doubling windows.
 """
 
 from __future__ import annotations

@@ -1,31 +1,31 @@
-"""Local posterior refinement: HMC per spot, all spots at once, globals held at guide draws.
+"""Local posterior: HMC per spot, all spots at once, the global latents sampled in turn.
 
 :func:`local_posterior` is the default calibrated posterior of spot models (CORAL). Given the
 global latents (e.g. the RNA read-out weights) the spots are conditionally independent: the
 cells of one spot share that spot's counts and nothing else, and a cell outside every spot
-depends on nothing but its own data. So each chain holds one guide draw of the global latents
-fixed and runs HMC on *blocks*, one per spot (its cells' latents and its own) and one per
-cell outside every spot, each with its own accept/reject, vectorised over every block and
+depends on nothing but its own data. So the sampler runs HMC on *blocks*, one per spot (its
+cells' latents and its own) and one per cell outside every spot, each with its own
+accept/reject and its own step size (adapted to its own acceptance rate: a spot whose counts
+pin its cells' sum needs far smaller steps than a lone cell), vectorised over every block and
 every chain at once (:class:`pyrospatial.engine.hmc._Part` with ``per_spot``). The cost of
-one iteration is linear in cells, and blocks of a dozen cells mix in tens of iterations, so
-the whole refinement costs about as much as the SVI fit instead of many times it
-(``benchmarks/scaling.py``, ``benchmarks/calibration.py``).
+one iteration is linear in cells; the whole run costs many times the SVI fit (30-80x on the
+tissues of ``benchmarks/scaling.py``, ``docs/posterior.md``).
 
 What it corrects is what a mean-field guide gets wrong: the coupling of the cells that share
-a spot's counts (their per-cell RNA and sizes), and the spread of the variance-type globals
-(``contract.em_parameters``: re-estimated by Monte Carlo EM during warm-up, on a sample of
-the spots when the tissue is large). The global latents keep the guide's uncertainty: each
-chain has its own draw, so the returned draws still carry it.
+a spot's counts (their per-cell RNA and sizes), the spread of the global read-out, and the
+variance-type parameters (``contract.em_parameters``: re-estimated by Monte Carlo EM during
+warm-up).
 
 The global latents are sampled in turn (Gibbs): after the spots' step, one HMC step on the
 globals given every cell (a dense per-gene mass for the read-out), then the spots again.
 Latents that only the cell graph informs (``contract.graph_sites``, e.g. a Bayesian edge
 decoder) keep their guide draws: the graph is not part of this target, so sampled they would
-drift to their prior.
+drift to their prior. With ``sample_globals=False`` every chain keeps one guide draw of the
+global latents instead.
 
 Large tissues are sampled in chunks of spots (``max_cells_per_chunk``), so memory is bounded
 by the chunk's autograd graph, never by the tissue's: every chunk runs in the same sweep, each
-with its own step size and mass, and the globals' step sums the log density and its gradient
+with its own step sizes and mass, and the globals' step sums the log density and its gradient
 chunk by chunk (the globals' prior counted once), so the target is the whole tissue's
 (``tests/test_chunked_globals.py``, ``benchmarks/results/chunked_readout.md``). Only the
 chunks' states (chains x cells x latent size) are held at once. With the globals held
@@ -156,7 +156,7 @@ def local_posterior(
     max_cells_per_chunk: int | None = None,
     sample_globals: bool = True,
     dense_globals: bool = True,
-    block_steps: bool = False,
+    block_steps: bool = True,
     step_window: int | None = None,
     seed: int = 0,
     device: str | torch.device | None = None,
@@ -192,11 +192,15 @@ def local_posterior(
         With it the read-out's chains mix (``benchmarks/results/readout_mixing.md``).
     block_steps
         One step size per block (spot with its cells, or lone cell), each adapted to its own
-        acceptance rate (:class:`pyrospatial.engine.hmc._HMC`); False: one step size per chunk.
+        acceptance rate (:class:`pyrospatial.engine.hmc._HMC`); False: one step size per chunk,
+        adapted to the blocks' mean acceptance, which the many lone cells dominate while the
+        spots reject most proposals.
     step_window
-        Warm-up iterations after the last mass update in which only the step sizes adapt.
-        None: the last update at 90% of the warm-up (4 of the default 40 iterations).
-        ``benchmarks/results/block_step_sizes.md`` measures both options.
+        Warm-up iterations after the last mass update in which only the step sizes adapt (the
+        dual averaging restarts at every mass update). None: a quarter of the warm-up (10 of
+        the default 40 iterations). Until the fourth session of 2026-12-06 the defaults were
+        ``block_steps=False, step_window=4``; ``benchmarks/results/block_step_sizes.md``
+        measures both (split-R-hat of the cells' latents 1.3-1.6 instead of 7-76).
     em_params, em_lr
         Model parameters re-estimated by Monte Carlo EM during the first chunk's warm-up
         (None: the contract's ``em_parameters``; ``()``: none) and the Adam learning rate.
@@ -232,7 +236,9 @@ def local_posterior(
         raise InputError(f"max_cells_per_chunk must be >= 1 (or None for the default), got {max_cells_per_chunk}.")
     if int(num_warmup) < 0 or int(thin) < 1 or int(num_steps) < 1:
         raise InputError("num_warmup must be >= 0, and thin and num_steps >= 1.")
-    if step_window is not None and not 1 <= int(step_window) < int(num_warmup):
+    if step_window is None:
+        step_window = max(1, int(num_warmup) // 4)
+    elif not 1 <= int(step_window) < int(num_warmup):
         raise InputError(f"step_window must be None or between 1 and num_warmup - 1 ({int(num_warmup) - 1}), "
                          f"got {step_window!r}.")
     if resume and checkpoint is None:
@@ -289,7 +295,7 @@ def local_posterior(
                 "num_steps": int(num_steps), "step_size": float(step_size), "target_accept": float(target_accept),
                 "em_params": [name for name, _ in em], "em_lr": float(em_lr), "noncentred": sorted(noncentred),
                 "dense_globals": bool(dense_globals), "block_steps": bool(block_steps),
-                "step_window": None if step_window is None else int(step_window), "seed": int(seed), "n_cells": int(full.n_cells),
+                "step_window": int(step_window), "seed": int(seed), "n_cells": int(full.n_cells),
                 "n_spots": int(full.n_spots), "chunk_cells": [int(c[0].size) for c in chunks],
                 "sites": [site.name for site in site_list], "fingerprint": fingerprint,
             }
@@ -327,7 +333,7 @@ def local_posterior(
         "thin": int(thin),
         "num_steps": int(num_steps),
         "block_steps": bool(block_steps),
-        "step_window": None if step_window is None else int(step_window),
+        "step_window": int(step_window),
         "chunks": len(chunks),
         "graph": False,
         "resumed_at": int(saved["iteration"]) if saved is not None else None,
@@ -345,7 +351,7 @@ def local_posterior(
 def _run_chain(model, parts: list[_Part], C: int, per_chain: int, num_warmup: int, thin: int, num_steps: int,
                step_size: float, target_accept: float, em, em_lr: float, em_trace, bar, model_of_em,
                pieces: list[_Part] | None = None, dense_globals: bool = True,
-               saver: SamplerCheckpoint | None = None, saved: dict | None = None, block_steps: bool = False,
+               saver: SamplerCheckpoint | None = None, saved: dict | None = None, block_steps: bool = True,
                step_window: int | None = None):
     """Warm-up (step size, mass, EM) and sampling of the chunks ``parts`` in one sweep: each
     chunk's HMC in turn, then (with ``pieces``, one per chunk) the global latents' HMC given
