@@ -13,7 +13,9 @@ edges joining a type-``a`` and a type-``b`` cell, which is exactly what
 
 For each simulation: CORAL is trained on the true graph, then the coverage of the 90% and 50%
 intervals of the T(T+1)/2 distinct entries is scored (interval read off the draws, and the
-randomised PIT), pooled over simulations, for the default posterior (``method="refine"``), the
+randomised PIT), pooled over simulations, for the default posterior (rows ``refine``:
+``method="local"``, HMC per spot; until the fourth session of 2026-12-06 these rows ran
+``method="refine"``, the whole-tissue HMC, under the name the default had before), the
 refinement that also conditions on the graph (``graph=True``) and the guide's draws; each starts
 from the same trained model. Also the expected calibration error of the per-edge probabilities (edges
 and weighted non-edges) and the mean absolute error of the entries.
@@ -50,10 +52,10 @@ MODELS = {"point": {"bayesian_edge_decoder": False}, "bayes_edge": {"bayesian_ed
 #: scored on the draws CORAL.interactions() reads (graph-free posteriors: the edge decoder drawn
 #: given the graph at the states' posterior mean, pyrospatial.methods.edge_decoder_posterior)
 METHODS = {
-    "refine": ("point", "refine", {}),
+    "refine": ("point", "local", {}),  # the default posterior (named before it was HMC per spot)
     "refine_graph": ("point", "refine", {"graph": True}),
     "guide": ("point", "guide", {}),
-    "bayes_edge_refine": ("bayes_edge", "refine", {}),
+    "bayes_edge_refine": ("bayes_edge", "local", {}),
     "bayes_edge_refine_graph": ("bayes_edge", "refine", {"graph": True}),
     "bayes_edge_refine_graph_warmup300": ("bayes_edge", "refine", {"graph": True, "num_warmup": 300}),
 }

@@ -101,3 +101,24 @@ def test_each_draw_has_its_own_nonedge_sample_and_the_seed_fixes_them():
     i, j = edges
     expected = 1 / (1 + np.exp(-(np.einsum("pk,skl,pl->sp", z[i], a.weight, z[j]) + a.bias[:, None])))
     np.testing.assert_allclose(prob, expected, rtol=1e-5)
+
+
+def test_newton_started_far_from_the_mode_still_finds_it():
+    """A start far from the mode (a decoder 20x too large, as the trained decoder of a badly
+    scaled state can be): the full Newton step overshoots into a region where the weighted
+    non-edges make the curvature vanish, and without the line search the iterates diverged to
+    NaN (a Cholesky error); with it they reach the mode found from the prior mean."""
+    rng = np.random.default_rng(7)
+    n = 200
+    z = rng.normal(size=(n, K))
+    edges = _all_pairs_graph(z, np.eye(K) * 0.5, -2.5, rng)
+    near = _fit(z, edges, n, seed=2, num_samples=3)
+    n_nonedges = n * (n - 1) // 2 - edges.shape[1]
+    far = edge_decoder_posterior(
+        z, edges, _nonedge_sampler(n, edges), n_nonedges, 3,
+        prior_weight_loc=torch.zeros(D - 1, dtype=torch.float64), prior_weight_scale=3.0,
+        prior_bias_loc=0.0, prior_bias_scale=5.0, nonedge_ratio=1.0, seed=2,
+        start_weight=20.0 * torch.ones(K, K, dtype=torch.float64), start_bias=30.0)
+    assert near.converged and far.converged
+    np.testing.assert_allclose(far.weight, near.weight, atol=1e-3)
+    np.testing.assert_allclose(far.bias, near.bias, atol=1e-3)

@@ -156,7 +156,7 @@ def local_posterior(
     max_cells_per_chunk: int | None = None,
     sample_globals: bool = True,
     dense_globals: bool = True,
-    block_steps: bool = True,
+    block_steps: bool = False,
     step_window: int | None = None,
     seed: int = 0,
     device: str | torch.device | None = None,
@@ -192,15 +192,17 @@ def local_posterior(
         With it the read-out's chains mix (``benchmarks/results/readout_mixing.md``).
     block_steps
         One step size per block (spot with its cells, or lone cell), each adapted to its own
-        acceptance rate (:class:`pyrospatial.engine.hmc._HMC`); False: one step size per chunk,
-        adapted to the blocks' mean acceptance, which the many lone cells dominate while the
-        spots reject most proposals.
+        acceptance rate (:class:`pyrospatial.engine.hmc._HMC`). False (default): one step size
+        per chunk, adapted to the blocks' mean acceptance, which the many lone cells dominate
+        while the spots reject most proposals.
     step_window
         Warm-up iterations after the last mass update in which only the step sizes adapt (the
-        dual averaging restarts at every mass update). None: a quarter of the warm-up (10 of
-        the default 40 iterations). Until the fourth session of 2026-12-06 the defaults were
-        ``block_steps=False, step_window=4``; ``benchmarks/results/block_step_sizes.md``
-        measures both (split-R-hat of the cells' latents 1.3-1.6 instead of 7-76).
+        dual averaging restarts at every mass update). None (default): the last update at 90%
+        of the warm-up (4 of the default 40 iterations). ``block_steps=True, step_window=10``
+        mixed far better on the tuning tissues (``benchmarks/results/block_step_sizes.md``:
+        split-R-hat of the cells' latents 1.3-1.6 instead of 7-76) but let one chain of a
+        400-cell simulation jump to ``|z| ~ 1e22`` after the step size's restart at the last mass
+        update (``docs/posterior.md``), so they are not the default yet.
     em_params, em_lr
         Model parameters re-estimated by Monte Carlo EM during the first chunk's warm-up
         (None: the contract's ``em_parameters``; ``()``: none) and the Adam learning rate.
@@ -236,9 +238,7 @@ def local_posterior(
         raise InputError(f"max_cells_per_chunk must be >= 1 (or None for the default), got {max_cells_per_chunk}.")
     if int(num_warmup) < 0 or int(thin) < 1 or int(num_steps) < 1:
         raise InputError("num_warmup must be >= 0, and thin and num_steps >= 1.")
-    if step_window is None:
-        step_window = max(1, int(num_warmup) // 4)
-    elif not 1 <= int(step_window) < int(num_warmup):
+    if step_window is not None and not 1 <= int(step_window) < int(num_warmup):
         raise InputError(f"step_window must be None or between 1 and num_warmup - 1 ({int(num_warmup) - 1}), "
                          f"got {step_window!r}.")
     if resume and checkpoint is None:
@@ -295,7 +295,7 @@ def local_posterior(
                 "num_steps": int(num_steps), "step_size": float(step_size), "target_accept": float(target_accept),
                 "em_params": [name for name, _ in em], "em_lr": float(em_lr), "noncentred": sorted(noncentred),
                 "dense_globals": bool(dense_globals), "block_steps": bool(block_steps),
-                "step_window": int(step_window), "seed": int(seed), "n_cells": int(full.n_cells),
+                "step_window": None if step_window is None else int(step_window), "seed": int(seed), "n_cells": int(full.n_cells),
                 "n_spots": int(full.n_spots), "chunk_cells": [int(c[0].size) for c in chunks],
                 "sites": [site.name for site in site_list], "fingerprint": fingerprint,
             }
@@ -333,7 +333,7 @@ def local_posterior(
         "thin": int(thin),
         "num_steps": int(num_steps),
         "block_steps": bool(block_steps),
-        "step_window": int(step_window),
+        "step_window": None if step_window is None else int(step_window),
         "chunks": len(chunks),
         "graph": False,
         "resumed_at": int(saved["iteration"]) if saved is not None else None,
@@ -351,7 +351,7 @@ def local_posterior(
 def _run_chain(model, parts: list[_Part], C: int, per_chain: int, num_warmup: int, thin: int, num_steps: int,
                step_size: float, target_accept: float, em, em_lr: float, em_trace, bar, model_of_em,
                pieces: list[_Part] | None = None, dense_globals: bool = True,
-               saver: SamplerCheckpoint | None = None, saved: dict | None = None, block_steps: bool = True,
+               saver: SamplerCheckpoint | None = None, saved: dict | None = None, block_steps: bool = False,
                step_window: int | None = None):
     """Warm-up (step size, mass, EM) and sampling of the chunks ``parts`` in one sweep: each
     chunk's HMC in turn, then (with ``pieces``, one per chunk) the global latents' HMC given

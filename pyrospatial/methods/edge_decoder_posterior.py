@@ -39,11 +39,13 @@ non-edges.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch.nn import functional as F
 
 from pyrospatial.models.blocks import symmetric_from_upper
 
@@ -53,6 +55,8 @@ __all__ = ["EdgeDecoderDraws", "edge_decoder_posterior", "edge_probabilities", "
 #: which it stops: a hundredth of the spread the draws are taken with
 NEWTON_MAX_ITER = 25
 NEWTON_TOL = 1e-2
+#: step halvings of the line search before a Newton step is taken as it is (2^-30 of it)
+LINE_SEARCH_HALVINGS = 30
 
 
 @dataclass
@@ -89,15 +93,30 @@ def _curvature(features: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     return ((features * weights.unsqueeze(-1)).T @ features).double()
 
 
+def _log_posterior(edge_features: torch.Tensor, nonedge_features: torch.Tensor, nonedge_weight: float,
+                   prior_loc: torch.Tensor, prior_precision: torch.Tensor, theta: torch.Tensor) -> float:
+    """The logistic regression's log posterior (up to a constant): ``sum log sigmoid(f)`` over
+    the edges, ``nonedge_weight * sum log(1 - sigmoid(f))`` over the drawn non-edges, the prior."""
+    theta32 = theta.float()
+    edges = -F.softplus(-(edge_features @ theta32)).double().sum()
+    nonedges = -F.softplus(nonedge_features @ theta32).double().sum()
+    return float(edges + nonedge_weight * nonedges - 0.5 * (prior_precision * (theta - prior_loc) ** 2).sum())
+
+
 def _newton(edge_features: torch.Tensor, nonedge_features: torch.Tensor, nonedge_weight: float,
             prior_loc: torch.Tensor, prior_precision: torch.Tensor,
             start: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int, bool]:
     """Mode and negative Hessian of the logistic regression of the edges (label 1, weight 1)
     and the drawn non-edges (label 0, weight ``nonedge_weight``) with a Gaussian prior, by
-    Newton's method. The Hessian returned is the last step's, at most one step (below the
-    tolerance: a hundredth of a posterior sd) from the mode. The features are float32 (their
-    products dominate the cost); the parameters, gradient and solve float64."""
+    Newton's method with a backtracking line search (a full step can overshoot far from the
+    mode, where the weighted non-edges make the curvature change fast: without it the
+    iterates diverged to NaN on a simulated tissue; near the mode the full step is taken).
+    The Hessian returned is the last step's, at most one step (below the tolerance: a
+    hundredth of a posterior sd) from the mode. The features are float32 (their products
+    dominate the cost); the parameters, gradient and solve float64."""
+    args = (edge_features, nonedge_features, nonedge_weight, prior_loc, prior_precision)
     theta = start.clone()
+    value = _log_posterior(*args, theta)
     converged = False
     for iteration in range(1, NEWTON_MAX_ITER + 1):
         theta32 = theta.float()
@@ -109,11 +128,20 @@ def _newton(edge_features: torch.Tensor, nonedge_features: torch.Tensor, nonedge
                    + nonedge_weight * _curvature(nonedge_features, p_non * (1.0 - p_non))
                    + torch.diag(prior_precision))
         step = torch.linalg.solve(hessian, grad)
-        theta = theta + step
         posterior_sd = torch.linalg.inv(hessian).diagonal().sqrt()
         if float((step.abs() / posterior_sd).max()) < NEWTON_TOL:
+            theta = theta + step
             converged = True
             break
+        # Armijo backtracking on the (concave) log posterior: halve until it rises enough
+        slope, scale = float(grad @ step), 1.0
+        for _ in range(LINE_SEARCH_HALVINGS):
+            candidate = theta + scale * step
+            new_value = _log_posterior(*args, candidate)
+            if math.isfinite(new_value) and new_value >= value + 1e-4 * scale * slope:
+                break
+            scale *= 0.5
+        theta, value = candidate, new_value
     return theta, hessian, iteration, converged
 
 
