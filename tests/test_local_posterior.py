@@ -190,3 +190,44 @@ def test_block_step_sizes_let_a_stiff_spot_move_beside_loose_blocks():
     # the loose cells against their exact posterior (tolerances of the first test)
     np.testing.assert_allclose(z[:, loose].mean(0), mean[loose], atol=0.15)
     np.testing.assert_allclose(z[:, loose].std(0), sd[loose], rtol=0.2)
+
+
+class WindowModel(ToyModel):
+    """z_i ~ N(0, 3); y_i = 0 observed from Uniform(z_i - 1, z_i + 1): the density is -inf
+    wherever |z_i| > 1."""
+
+    def forward(self, batch, predictive: bool = False) -> None:
+        import pyro
+        import pyro.distributions as dist
+
+        from pyrospatial.engine.batch import cell_plate
+
+        with cell_plate(batch):
+            z = pyro.sample("z", dist.Normal(torch.zeros(batch.n_cells), 3.0))
+            pyro.sample("y", dist.Uniform(z - 1.0, z + 1.0), obs=torch.zeros(batch.n_cells))
+
+
+class InsideGuide(ToyModel):
+    def forward(self, batch, predictive: bool = False) -> None:
+        import pyro
+        import pyro.distributions as dist
+
+        from pyrospatial.engine.batch import cell_plate
+
+        with cell_plate(batch):
+            pyro.sample("z", dist.Normal(torch.full((batch.n_cells,), 0.3), 0.05))
+
+
+def test_a_proposal_of_density_minus_infinity_is_never_accepted(monkeypatch):
+    """Every uniform draw of the accept test made exactly 0 (log u = -inf, which happens once
+    in 2^24 draws): proposals of finite density are all accepted, those of density -inf must
+    still be rejected. The density -inf used to become the lowest float32 (-3.4e38), a finite
+    number, so such a proposal was accepted and the chain then walked off (a CORAL chain
+    reached |z| ~ 1e22)."""
+    monkeypatch.setattr(torch, "rand_like", lambda x, **kwargs: torch.zeros_like(x))
+    batch = toy_batch(CELL_SPOT, Y)
+    draws = local_posterior(WindowModel(), InsideGuide(), OneBatch(batch), num_samples=200, num_chains=10,
+                            num_warmup=0, thin=1, num_steps=3, step_size=1.5, seed=0, em_params=())
+    z = np.asarray(draws["z"])
+    assert np.abs(z).max() <= 1.0, np.abs(z).max()
+    assert np.unique(z).size > 100  # the chains moved (inside the window)

@@ -218,7 +218,10 @@ def _with_grad(model, part: _Part, state: dict[str, torch.Tensor], C: int):
         grads = torch.autograd.grad(lp.sum(), list(leaves.values()), allow_unused=True)
     g = {k: (torch.nan_to_num(gr, nan=0.0, posinf=0.0, neginf=0.0) if gr is not None else torch.zeros_like(leaves[k]))
          for k, gr in zip(leaves, grads)}
-    lp = torch.nan_to_num(lp.detach(), nan=-math.inf, posinf=-math.inf)
+    # a non-finite density is -inf, never a finite number: torch.nan_to_num's default turns -inf
+    # into the lowest float (-3.4e38 in float32), which a proposal could then be accepted at
+    # (with a uniform draw of exactly 0) and from which every other such proposal was accepted
+    lp = torch.nan_to_num(lp.detach(), nan=-math.inf, posinf=-math.inf, neginf=-math.inf)
     return lp, g
 
 
@@ -431,8 +434,9 @@ class _HMC:
                 p = {k: p[k] + step[k] * g[k] for k in p}
         p = {k: p[k] + 0.5 * step[k] * g[k] for k in p}
         log_ratio = lp_new - self.kinetic(p) - self.lp + k0
-        log_ratio = torch.nan_to_num(log_ratio, nan=-math.inf, posinf=-math.inf)
-        accept = torch.log(torch.rand_like(log_ratio)) < log_ratio  # (C, B)
+        log_ratio = torch.nan_to_num(log_ratio, nan=-math.inf, posinf=-math.inf, neginf=-math.inf)
+        # a proposal of density -inf is never accepted, even with a uniform draw of exactly 0
+        accept = (torch.log(torch.rand_like(log_ratio)) < log_ratio) & torch.isfinite(lp_new)  # (C, B)
         for k in part.state:
             mask = part.block_mask(accept, x[k], part.plates[k])
             part.state[k] = torch.where(mask, x[k].detach(), part.state[k])
