@@ -200,9 +200,8 @@ def local_posterior(
         dual averaging restarts at every mass update). None (default): the last update at 90%
         of the warm-up (4 of the default 40 iterations). ``block_steps=True, step_window=10``
         mixed far better on the tuning tissues (``benchmarks/results/block_step_sizes.md``:
-        split-R-hat of the cells' latents 1.3-1.6 instead of 7-76) but let one chain of a
-        400-cell simulation jump to ``|z| ~ 1e22`` after the step size's restart at the last mass
-        update (``docs/posterior.md``), so they are not the default yet.
+        split-R-hat of the cells' latents 1.3-1.6 instead of 7-76); they are not the default
+        until the scored benchmarks are rerun with them (``docs/posterior.md``).
     em_params, em_lr
         Model parameters re-estimated by Monte Carlo EM during the first chunk's warm-up
         (None: the contract's ``em_parameters``; ``()``: none) and the Adam learning rate.
