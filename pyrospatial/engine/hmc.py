@@ -235,52 +235,40 @@ DENSE_MIN_PRECISION = 1.0
 class _DualAveraging:
     """Nesterov dual averaging of the log step size (Hoffman & Gelman 2014)."""
 
-    def __init__(self, step: float, target: float):
+    _log, _exp = staticmethod(math.log), staticmethod(math.exp)
+
+    def __init__(self, step, target: float):
         self.target = float(target)
         self.reset(step)
 
-    def reset(self, step: float) -> None:
-        self.mu, self.log_avg, self.h, self.t = math.log(10.0 * step), math.log(step), 0.0, 0
+    def reset(self, step) -> None:
+        self.mu, self.log_avg, self.h, self.t = self._log(10.0 * step), self._log(step), 0.0, 0
 
-    def update(self, accept: float) -> float:
+    def update(self, accept):
         self.t += 1
         eta = 1.0 / (self.t + 10.0)
         self.h = (1.0 - eta) * self.h + eta * (self.target - accept)
         log_step = self.mu - math.sqrt(self.t) / 0.05 * self.h
         w = self.t**-0.75
         self.log_avg = w * log_step + (1.0 - w) * self.log_avg
-        return math.exp(log_step)
+        return self._exp(log_step)
 
     @property
-    def final(self) -> float:
-        return math.exp(self.log_avg)
+    def final(self):
+        return self._exp(self.log_avg)
 
 
-class _BlockDualAveraging:
-    """:class:`_DualAveraging` of one log step size per block, from each block's acceptance
-    rate averaged over the chains (tensors ``(B,)``, float64)."""
+class _BlockDualAveraging(_DualAveraging):
+    """The same, of one log step size per block (tensors ``(B,)``, float64), from each block's
+    acceptance rate averaged over the chains."""
 
-    def __init__(self, step: torch.Tensor, target: float):
-        self.target = float(target)
-        self.reset(step)
+    _log, _exp = staticmethod(torch.log), staticmethod(torch.exp)
 
     def reset(self, step: torch.Tensor) -> None:
-        step = step.detach().double()
-        self.mu, self.log_avg = torch.log(10.0 * step), torch.log(step)
-        self.h, self.t = torch.zeros_like(step), 0
+        super().reset(step.detach().double())
 
     def update(self, accept: torch.Tensor) -> torch.Tensor:
-        self.t += 1
-        eta = 1.0 / (self.t + 10.0)
-        self.h = (1.0 - eta) * self.h + eta * (self.target - accept.double())
-        log_step = self.mu - math.sqrt(self.t) / 0.05 * self.h
-        w = self.t**-0.75
-        self.log_avg = w * log_step + (1.0 - w) * self.log_avg
-        return log_step.exp()
-
-    @property
-    def final(self) -> torch.Tensor:
-        return self.log_avg.exp()
+        return super().update(accept.double())
 
 
 class _HMC:

@@ -5,8 +5,8 @@ global latents (e.g. the RNA read-out weights) the spots are conditionally indep
 cells of one spot share that spot's counts and nothing else, and a cell outside every spot
 depends on nothing but its own data. So the sampler runs HMC on *blocks*, one per spot (its
 cells' latents and its own) and one per cell outside every spot, each with its own
-accept/reject and its own step size (adapted to its own acceptance rate: a spot whose counts
-pin its cells' sum needs far smaller steps than a lone cell), vectorised over every block and
+accept/reject (and, with ``block_steps``, its own step size: a spot whose counts pin its
+cells' sum needs far smaller steps than a lone cell), vectorised over every block and
 every chain at once (:class:`pyrospatial.engine.hmc._Part` with ``per_spot``). The cost of
 one iteration is linear in cells; the whole run costs many times the SVI fit (30-80x on the
 tissues of ``benchmarks/scaling.py``, ``docs/posterior.md``).
@@ -25,7 +25,7 @@ global latents instead.
 
 Large tissues are sampled in chunks of spots (``max_cells_per_chunk``), so memory is bounded
 by the chunk's autograd graph, never by the tissue's: every chunk runs in the same sweep, each
-with its own step sizes and mass, and the globals' step sums the log density and its gradient
+with its own step size and mass, and the globals' step sums the log density and its gradient
 chunk by chunk (the globals' prior counted once), so the target is the whole tissue's
 (``tests/test_chunked_globals.py``, ``benchmarks/results/chunked_readout.md``). Only the
 chunks' states (chains x cells x latent size) are held at once. With the globals held
@@ -237,9 +237,11 @@ def local_posterior(
         raise InputError(f"max_cells_per_chunk must be >= 1 (or None for the default), got {max_cells_per_chunk}.")
     if int(num_warmup) < 0 or int(thin) < 1 or int(num_steps) < 1:
         raise InputError("num_warmup must be >= 0, and thin and num_steps >= 1.")
-    if step_window is not None and not 1 <= int(step_window) < int(num_warmup):
-        raise InputError(f"step_window must be None or between 1 and num_warmup - 1 ({int(num_warmup) - 1}), "
-                         f"got {step_window!r}.")
+    if step_window is not None:
+        if not 1 <= int(step_window) < int(num_warmup):
+            raise InputError(f"step_window must be None or between 1 and num_warmup - 1 ({int(num_warmup) - 1}), "
+                             f"got {step_window!r}.")
+        step_window = int(step_window)
     if resume and checkpoint is None:
         raise InputError("resume=True needs checkpoint=PATH (the file a killed run wrote).")
     if checkpoint is not None and not sample_globals:
@@ -293,8 +295,8 @@ def local_posterior(
                 "num_samples": S, "num_chains": C, "num_warmup": int(num_warmup), "thin": int(thin),
                 "num_steps": int(num_steps), "step_size": float(step_size), "target_accept": float(target_accept),
                 "em_params": [name for name, _ in em], "em_lr": float(em_lr), "noncentred": sorted(noncentred),
-                "dense_globals": bool(dense_globals), "block_steps": bool(block_steps),
-                "step_window": None if step_window is None else int(step_window), "seed": int(seed), "n_cells": int(full.n_cells),
+                "dense_globals": bool(dense_globals), "block_steps": bool(block_steps), "step_window": step_window,
+                "seed": int(seed), "n_cells": int(full.n_cells),
                 "n_spots": int(full.n_spots), "chunk_cells": [int(c[0].size) for c in chunks],
                 "sites": [site.name for site in site_list], "fingerprint": fingerprint,
             }
@@ -332,7 +334,7 @@ def local_posterior(
         "thin": int(thin),
         "num_steps": int(num_steps),
         "block_steps": bool(block_steps),
-        "step_window": None if step_window is None else int(step_window),
+        "step_window": step_window,
         "chunks": len(chunks),
         "graph": False,
         "resumed_at": int(saved["iteration"]) if saved is not None else None,
