@@ -5,8 +5,8 @@ global latents (e.g. the RNA read-out weights) the spots are conditionally indep
 cells of one spot share that spot's counts and nothing else, and a cell outside every spot
 depends on nothing but its own data. So the sampler runs HMC on *blocks*, one per spot (its
 cells' latents and its own) and one per cell outside every spot, each with its own
-accept/reject (and, with ``block_steps``, its own step size: a spot whose counts pin its
-cells' sum needs far smaller steps than a lone cell), vectorised over every block and
+accept/reject and its own step size (a spot whose counts pin its cells' sum needs far
+smaller steps than a lone cell), vectorised over every block and
 every chain at once (:class:`pyrospatial.engine.hmc._Part` with ``per_spot``). The cost of
 one iteration is linear in cells; the whole run costs many times the SVI fit (30-80x on the
 tissues of ``benchmarks/scaling.py``, ``docs/posterior.md``).
@@ -156,7 +156,7 @@ def local_posterior(
     max_cells_per_chunk: int | None = None,
     sample_globals: bool = True,
     dense_globals: bool = True,
-    block_steps: bool = False,
+    block_steps: bool = True,
     step_window: int | None = None,
     seed: int = 0,
     device: str | torch.device | None = None,
@@ -192,16 +192,16 @@ def local_posterior(
         With it the read-out's chains mix (``benchmarks/results/readout_mixing.md``).
     block_steps
         One step size per block (spot with its cells, or lone cell), each adapted to its own
-        acceptance rate (:class:`pyrospatial.engine.hmc._HMC`). False (default): one step size
+        acceptance rate (default; :class:`pyrospatial.engine.hmc._HMC`). False: one step size
         per chunk, adapted to the blocks' mean acceptance, which the many lone cells dominate
         while the spots reject most proposals.
     step_window
         Warm-up iterations after the last mass update in which only the step sizes adapt (the
-        dual averaging restarts at every mass update). None (default): the last update at 90%
-        of the warm-up (4 of the default 40 iterations). ``block_steps=True, step_window=10``
-        mixed far better on the tuning tissues (``benchmarks/results/block_step_sizes.md``:
-        split-R-hat of the cells' latents 1.3-1.6 instead of 7-76); they are not the default
-        until the scored benchmarks are rerun with them (``docs/posterior.md``).
+        dual averaging restarts at every mass update). None (default): a quarter of the
+        warm-up (10 of the default 40 iterations). The defaults were chosen on the tuning
+        tissues of ``benchmarks/results/block_step_sizes.md``: split-R-hat of the cells'
+        latents 1.3-1.6 where the former defaults (``block_steps=False, step_window=4``) left
+        7-76, at the same cost (``docs/posterior.md``).
     em_params, em_lr
         Model parameters re-estimated by Monte Carlo EM during the first chunk's warm-up
         (None: the contract's ``em_parameters``; ``()``: none) and the Adam learning rate.
@@ -237,7 +237,9 @@ def local_posterior(
         raise InputError(f"max_cells_per_chunk must be >= 1 (or None for the default), got {max_cells_per_chunk}.")
     if int(num_warmup) < 0 or int(thin) < 1 or int(num_steps) < 1:
         raise InputError("num_warmup must be >= 0, and thin and num_steps >= 1.")
-    if step_window is not None:
+    if step_window is None:
+        step_window = max(1, int(num_warmup) // 4)
+    else:
         if not 1 <= int(step_window) < int(num_warmup):
             raise InputError(f"step_window must be None or between 1 and num_warmup - 1 ({int(num_warmup) - 1}), "
                              f"got {step_window!r}.")
