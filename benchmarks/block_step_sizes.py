@@ -86,15 +86,25 @@ def _split_rhat(samples: dict, cell_spot: np.ndarray, n_spots: int, chains: int)
     return out
 
 
-def run_seed(seed: int, n_cells: int) -> dict:
+def run_seed(seed: int, n_cells: int, variants: dict[str, dict] | None = None, num_samples: int = 100,
+             restore_fit: bool = False) -> dict:
+    """Fit the tissue of ``seed`` once and sample it with each variant's ``CORAL.sample`` options
+    (default: :data:`VARIANTS`). ``restore_fit``: every variant starts from the trained weights
+    and runs its own Monte Carlo EM, as a fresh default run does; without it (the committed
+    ``block_step_sizes`` results) the variants after the first keep the first's EM estimates
+    (``CORAL.sample`` runs EM once per fit)."""
     tissue, dataset, scored, truth = study_tissue(n_cells, seed)
     coral, fit_info = fit(tissue, dataset, seed)
+    trained = {k: v.detach().clone() for k, v in coral.model.state_dict().items()}
     result = {"seed": seed, "n_cells": n_cells, "fit": fit_info, "cells_inside_spots": int((dataset.cell_spot >= 0).sum()),
               "n_spots": int(dataset.n_spots), "variants": {}}
-    for name, kwargs in VARIANTS.items():
+    for name, kwargs in (VARIANTS if variants is None else variants).items():
         coral.posterior = None
+        if restore_fit:
+            coral.model.load_state_dict(trained)
+            coral.refined = False
         start = time.process_time()
-        coral.sample(100, seed=seed, **kwargs)
+        coral.sample(num_samples, seed=seed, **kwargs)
         cpu = time.process_time() - start
         post = coral.posterior
         d = post.diagnostics

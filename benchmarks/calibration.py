@@ -221,11 +221,11 @@ def interaction_summary(out: Path) -> dict:
     if not path.exists():
         return {"not_measured": "run benchmarks/interaction_calibration.py --out OUT first"}
     other = json.loads(path.read_text())
-    # measured with the whole-tissue HMC without the graph; the default (local) leaves the graph out of its
-    # target too, and CORAL.interactions() reads both the same way (the edge decoder drawn given the graph)
+    # its rows "refine"/"bayes_edge_refine" run the default posterior (method="local", the graph left out of
+    # its target), read by CORAL.interactions() with the edge decoder drawn from its posterior given the graph
     return {"source": other["command"],
-            "default_posterior": "refine (graph left out, like local; read by CORAL.interactions() with the edge "
-                                 "decoder drawn from its posterior given the graph)",
+            "default_posterior": "local (the default: graph left out; read by CORAL.interactions() with the edge "
+                                 "decoder drawn from its posterior given the graph); rows 'refine'",
             "coverage": other["coverage"]}
 
 

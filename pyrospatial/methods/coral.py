@@ -265,8 +265,9 @@ class CORAL:
         """Coherent joint posterior draws of z, v, s and rho, and per-edge probabilities.
 
         ``method="local"`` (default, calibrated, cost linear in cells): HMC per spot from the
-        trained guide, every spot at once, each chain holding one guide draw of the global
-        latents, with Monte Carlo EM of the variance-type global parameters
+        trained guide, every spot at once with its own step size, the global latents sampled in
+        turn, with Monte Carlo EM of the variance-type global parameters in the first
+        ``sample()`` after a fit (later calls keep its estimates and run no EM)
         (:func:`pyrospatial.engine.local.local_posterior`; ``refine_kwargs`` pass through, e.g.
         ``num_chains``, ``num_warmup``, ``max_cells_per_chunk``, and ``checkpoint``/``resume``: a
         file the sampler's state is written to, from which a killed run continues). ``"hmc"`` (``"refine"`` is

@@ -1,0 +1,70 @@
+"""How small a budget the default per-spot HMC needs: chains, thinning and warm-up.
+
+    OMP_NUM_THREADS=1 python benchmarks/sampler_budget.py --seeds 11 12 [--cells 3000]
+        [--out benchmarks/results]
+
+The default posterior (:func:`pyrospatial.engine.local.local_posterior`: 10 chains, 40 warm-up
+iterations, thin 3, 100 draws) costs many times the SVI fit (issue 23 asks for 2x). Its cost is
+about chains x (warm-up + kept states x thin) gradient evaluations of the tissue, so fewer
+chains and less thinning are the direct savings, if the intervals stay calibrated. This script
+fits one simulated tissue per seed (the simulator and fit of ``benchmarks/scaling.py``; seeds 11
+and 12 are the tuning tissues, scored by no calibration or scaling benchmark) and samples it
+with each budget below, every budget from the trained weights with its own Monte Carlo EM (as a
+fresh run). Reported as ``benchmarks/block_step_sizes.py`` reports (its columns): 90% coverage
+of expected RNA, its total and profile, and ``v``; split-R-hat; acceptance; CPU seconds. R-hat
+over 4 chains detects less than over 10: compare the coverage first. Writes
+``OUT/sampler_budget.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _results import command_line, write_results  # noqa: E402
+from block_step_sizes import markdown as block_markdown  # noqa: E402
+from block_step_sizes import run_seed  # noqa: E402
+
+BUDGETS = {  # CORAL.sample options; 100 draws each (chains x kept states)
+    "default": {},  # 10 chains, 40 warm-up, thin 3: 10 x 70 = 700 chain iterations
+    "thin1": {"thin": 1},  # 10 x 50 = 500
+    "chains4_thin1": {"num_chains": 4, "thin": 1},  # 4 x (40 + 25) = 260
+    "chains4_thin1_warmup20": {"num_chains": 4, "thin": 1, "num_warmup": 20},  # 4 x 45 = 180
+}
+
+
+def markdown(payload: dict) -> str:
+    text = block_markdown(payload)
+    head, _, rest = text.partition("## Coverage")
+    intro = ["# Budget of the default per-spot HMC (issue 23)", "",
+             f"`{payload['command']}`. Simulated tissues of {payload['n_cells']} cells (the simulator and fit of "
+             "`benchmarks/scaling.py`, tuning seeds), each fitted once and sampled with every budget from the "
+             "trained weights (Monte Carlo EM in each): 100 draws, the default sampler (a step size per block, "
+             "last mass update a quarter of the warm-up before its end). Budgets (chain iterations = chains x "
+             "(warm-up + kept states x thin)): " + "; ".join(f"`{k}` = {v or 'the default'}"
+                                                             for k, v in BUDGETS.items()) + ".", ""]
+    return "\n".join(intro) + "## Coverage" + rest
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, nargs="*", default=[11, 12])
+    parser.add_argument("--cells", type=int, default=3000)
+    parser.add_argument("--out", default="benchmarks/results")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    seeds = [run_seed(seed, args.cells, variants=BUDGETS, restore_fit=True) for seed in args.seeds]
+    payload = {"command": command_line("sampler_budget.py", argv), "n_cells": args.cells,
+               "platform": platform.platform(), "python": platform.python_version(), "budgets": BUDGETS,
+               "seeds": seeds}
+    write_results(args.out, "sampler_budget", payload, markdown(payload))
+
+
+if __name__ == "__main__":
+    main()
