@@ -204,8 +204,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--merge", default=None,
                         help="comma-separated JSON files of this script (e.g. seeds split over processes): pool their "
                              "records into OUT/interaction_calibration[_TAG].{json,md} without simulating")
+    parser.add_argument("--replace-from", default=None, metavar="JSON",
+                        help="a JSON of this script run with a subset of --methods on some of the seeds: replace "
+                             "those methods' rows (held-decoder rows included) seed by seed in OUT/"
+                             "interaction_calibration[_TAG].json, keep every other row, and re-pool (no simulating)")
     args = parser.parse_args(argv)
     stem = "interaction_calibration" + (f"_{args.tag}" if args.tag else "")
+    if args.replace_from:
+        return replace_rows(Path(args.out), stem, Path(args.replace_from))
     if args.markdown_only:
         result = json.loads((Path(args.out) / f"{stem}.json").read_text())
         (Path(args.out) / f"{stem}.md").write_text(markdown(result))
@@ -229,6 +235,25 @@ def main(argv: list[str] | None = None) -> int:
     records = [run_case(n, seed, settings, methods) for n in settings["sizes"] for seed in settings["seeds"]]
     command = command_line("interaction_calibration.py", argv)
     return write(Path(args.out), stem, command, settings, records)
+
+
+def replace_rows(out: Path, stem: str, source: Path) -> int:
+    """Replace, seed by seed, the rows of the methods ``source`` ran in ``OUT/STEM.json``."""
+    old = json.loads((out / f"{stem}.json").read_text())
+    new = json.loads(source.read_text())
+    by_case = {(r["n_cells"], r["seed"]): r for r in new["records"]}
+    missing = sorted(set(by_case) - {(r["n_cells"], r["seed"]) for r in old["records"]})
+    if missing:
+        raise SystemExit(f"--replace-from: (cells, seed) {missing} are not in {out / stem}.json; run them there first")
+    methods = [m for m, value in new["records"][0].items() if isinstance(value, dict)]
+    for record in old["records"]:
+        fresh = by_case.get((record["n_cells"], record["seed"]))
+        if fresh is not None:
+            record.update({m: fresh[m] for m in methods})
+            record["seconds_rerun"] = fresh["seconds"]
+    command = (f"{old['command']} ; then rows {', '.join(methods)} of seeds {sorted(s for _, s in by_case)} "
+               f"replaced by --replace-from with those of: {new['command']}")
+    return write(out, stem, command, old["settings"], old["records"])
 
 
 def write(out: Path, stem: str, command: str, settings: dict, records: list[dict]) -> int:
