@@ -19,6 +19,7 @@ over 4 chains detects less than over 10: compare the coverage first. Writes
 from __future__ import annotations
 
 import argparse
+import json
 import platform
 import sys
 from pathlib import Path
@@ -32,6 +33,7 @@ from block_step_sizes import markdown as block_markdown  # noqa: E402
 from block_step_sizes import run_seed  # noqa: E402
 
 BUDGETS = {  # CORAL.sample options; 100 draws each (chains x kept states)
+    "former_default": {"block_steps": False, "step_window": 4},  # the sampler before 2026-12-06's fifth session
     "default": {},  # 10 chains, 40 warm-up, thin 3: 10 x 70 = 700 chain iterations
     "thin1": {"thin": 1},  # 10 x 50 = 500
     "chains4_thin1": {"num_chains": 4, "thin": 1},  # 4 x (40 + 25) = 260
@@ -57,12 +59,33 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", type=int, nargs="*", default=[11, 12])
     parser.add_argument("--cells", type=int, default=3000)
     parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--budgets", default=",".join(BUDGETS), help=f"comma-separated subset of {list(BUDGETS)}")
+    parser.add_argument("--merge", nargs="*", default=None, metavar="JSON",
+                        help="pool the budgets of earlier runs' sampler_budget.json, seed by seed (no sampling); a "
+                             "budget run twice keeps its first record")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    seeds = [run_seed(seed, args.cells, variants=BUDGETS, restore_fit=True) for seed in args.seeds]
-    payload = {"command": command_line("sampler_budget.py", argv), "n_cells": args.cells,
-               "platform": platform.platform(), "python": platform.python_version(), "budgets": BUDGETS,
-               "seeds": seeds}
+    if args.merge:
+        parts = [json.loads(Path(path).read_text()) for path in args.merge]
+        by_seed: dict[int, dict] = {}
+        for part in parts:
+            for res in part["seeds"]:
+                kept = by_seed.setdefault(res["seed"], {**res, "variants": {}})
+                for name, row in res["variants"].items():
+                    kept["variants"].setdefault(name, row)
+        for res in by_seed.values():  # in the order of BUDGETS
+            res["variants"] = {name: res["variants"][name] for name in BUDGETS if name in res["variants"]}
+        payload = {**parts[0], "command": " ; ".join(part["command"] for part in parts) + " (pooled by --merge)",
+                   "seeds": [by_seed[k] for k in sorted(by_seed)]}
+    else:
+        chosen = args.budgets.split(",")
+        if set(chosen) - set(BUDGETS):
+            parser.error(f"--budgets: unknown {sorted(set(chosen) - set(BUDGETS))}; choose from {list(BUDGETS)}")
+        seeds = [run_seed(seed, args.cells, variants={k: BUDGETS[k] for k in chosen}, restore_fit=True)
+                 for seed in args.seeds]
+        payload = {"command": command_line("sampler_budget.py", argv), "n_cells": args.cells,
+                   "platform": platform.platform(), "python": platform.python_version(), "budgets": BUDGETS,
+                   "seeds": seeds}
     write_results(args.out, "sampler_budget", payload, markdown(payload))
 
 
