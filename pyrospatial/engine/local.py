@@ -8,7 +8,7 @@ cells' latents and its own) and one per cell outside every spot, each with its o
 accept/reject and its own step size (a spot whose counts pin its cells' sum needs far
 smaller steps than a lone cell), vectorised over every block and
 every chain at once (:class:`pyrospatial.engine.hmc._Part` with ``per_spot``). The cost of
-one iteration is linear in cells; the whole run costs many times the SVI fit (30-80x on the
+one iteration is linear in cells; the whole run costs many times the SVI fit (32-48x on the
 tissues of ``benchmarks/scaling.py``, ``docs/posterior.md``).
 
 What it corrects is what a mean-field guide gets wrong: the coupling of the cells that share
