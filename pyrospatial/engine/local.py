@@ -239,11 +239,10 @@ def local_posterior(
         raise InputError("num_warmup must be >= 0, and thin and num_steps >= 1.")
     if step_window is None:
         step_window = max(1, int(num_warmup) // 4)
-    else:
-        if not 1 <= int(step_window) < int(num_warmup):
-            raise InputError(f"step_window must be None or between 1 and num_warmup - 1 ({int(num_warmup) - 1}), "
-                             f"got {step_window!r}.")
-        step_window = int(step_window)
+    elif not 1 <= int(step_window) < int(num_warmup):
+        raise InputError(f"step_window must be None or between 1 and num_warmup - 1 ({int(num_warmup) - 1}), "
+                         f"got {step_window!r}.")
+    step_window = int(step_window)
     if resume and checkpoint is None:
         raise InputError("resume=True needs checkpoint=PATH (the file a killed run wrote).")
     if checkpoint is not None and not sample_globals:
@@ -354,7 +353,7 @@ def local_posterior(
 def _run_chain(model, parts: list[_Part], C: int, per_chain: int, num_warmup: int, thin: int, num_steps: int,
                step_size: float, target_accept: float, em, em_lr: float, em_trace, bar, model_of_em,
                pieces: list[_Part] | None = None, dense_globals: bool = True,
-               saver: SamplerCheckpoint | None = None, saved: dict | None = None, block_steps: bool = False,
+               saver: SamplerCheckpoint | None = None, saved: dict | None = None, block_steps: bool = True,
                step_window: int | None = None):
     """Warm-up (step size, mass, EM) and sampling of the chunks ``parts`` in one sweep: each
     chunk's HMC in turn, then (with ``pieces``, one per chunk) the global latents' HMC given
