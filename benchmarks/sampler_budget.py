@@ -32,10 +32,11 @@ from _results import command_line, write_results  # noqa: E402
 from block_step_sizes import markdown as block_markdown  # noqa: E402
 from block_step_sizes import run_seed  # noqa: E402
 
-BUDGETS = {  # CORAL.sample options; 100 draws each (chains x kept states)
-    "former_default": {"block_steps": False, "step_window": 4},  # the sampler before 2026-12-06's fifth session
-    "default": {},  # 10 chains, 40 warm-up, thin 3: 10 x 70 = 700 chain iterations
-    "thin1": {"thin": 1},  # 10 x 50 = 500
+BUDGETS = {  # CORAL.sample options, every budget explicit (the default changes); 100 draws each (chains x kept states)
+    "former_default": {"num_chains": 10, "thin": 3, "block_steps": False, "step_window": 4},  # before 2026-12-06's fifth session
+    "chains10_thin3": {"num_chains": 10, "thin": 3},  # 10 x (40 + 10 x 3) = 700 chain iterations (default until 2026-12-07)
+    "chains10_thin1": {"num_chains": 10, "thin": 1},  # 10 x 50 = 500
+    "chains6_thin1": {"num_chains": 6, "thin": 1},  # 6 x (40 + 17) = 342
     "chains4_thin1": {"num_chains": 4, "thin": 1},  # 4 x (40 + 25) = 260
     "chains4_thin1_warmup20": {"num_chains": 4, "thin": 1, "num_warmup": 20},  # 4 x 45 = 180
 }

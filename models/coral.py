@@ -487,7 +487,16 @@ class CoralModel(PyroModule):
             )
             size_loc = self.size_intercept + self.size_slope * torch.log(lib_y / lbar)
             s = pyro.sample("cell_size", dist.LogNormal(size_loc, self.size_scale))
-            rho = pyro.deterministic("expected_rna", s.unsqueeze(-1) * self.rna_rates(z, batch.cell_type, W), event_dim=1)
+            if batch.density_only:
+                # only the density is wanted (training, MCMC): a cell's RNA enters the likelihood
+                # through its spot's sum alone, so it is computed for the cells inside a spot
+                # (in a tissue most cells lie between spots) and not recorded
+                inside, membership = batch.spot_members()
+                rho = s[..., inside, None] * self.rna_rates(z[..., inside, :], batch.cell_type[inside], W)
+            else:
+                rho = pyro.deterministic("expected_rna", s.unsqueeze(-1) * self.rna_rates(z, batch.cell_type, W),
+                                         event_dim=1)
+                membership = batch.membership
 
         if batch.n_spots > 0:
             with spot_plate(batch):
@@ -496,9 +505,9 @@ class CoralModel(PyroModule):
                     zeros = batch.spot_library.new_zeros(batch.n_spots)
                     capture = pyro.sample("spot_capture", dist.LogNormal(zeros, self.capture_sd))
                 if self.spot_dispersion == "sum":
-                    counts_dist = spot_sum_negative_binomial(batch.membership, rho, self.rna_inverse_dispersion, capture)
+                    counts_dist = spot_sum_negative_binomial(membership, rho, self.rna_inverse_dispersion, capture)
                 else:
-                    mean_x = spot_sum(batch.membership, rho)
+                    mean_x = spot_sum(membership, rho)
                     mean_x = mean_x if capture is None else capture.unsqueeze(-1) * mean_x
                     counts_dist = negative_binomial(mean_x, self.rna_inverse_dispersion)
                 pyro.sample("spot_counts", counts_dist, obs=batch.spot_counts if observe else None)

@@ -198,6 +198,40 @@ def test_expected_rna_in_count_units_and_spot_mean_is_the_sum():
     torch.testing.assert_close(mean, U @ rho, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("capture", [False, True])
+def test_density_only_batches_give_the_same_density_and_gradients_without_deterministic_sites(capture):
+    # training and MCMC ask for the density alone (Batch.density_only): the model then computes
+    # per-cell RNA for the cells inside a spot only (6 of these 40 cells are in none) and
+    # records no expected_rna; the log density and every gradient must not change
+    from dataclasses import replace
+
+    b = random_batch()
+    model, guide = model_guide(b, capture_sd=0.2 if capture else None)
+    C = 3
+    with poutine.trace() as tracer, pyro.plate("chains", C, dim=-2):
+        model(b)
+    latents = {k: node["value"].detach() for k, node in tracer.trace.nodes.items()
+               if is_sample(node) and not node["is_observed"]}
+
+    def density(batch):
+        values = {k: v.clone().requires_grad_(True) for k, v in latents.items()}
+        with poutine.trace() as run, pyro.plate("chains", C, dim=-2):
+            poutine.condition(model, data=values)(batch)
+        total = sum(node["fn"].log_prob(node["value"]).sum() for node in run.trace.nodes.values()
+                    if is_sample(node) and node["is_observed"] and not node["infer"].get("_deterministic"))
+        grads = torch.autograd.grad(total, list(values.values()))
+        return total.detach(), dict(zip(values, grads)), run.trace.nodes
+
+    full, full_grads, full_nodes = density(b)
+    fast, fast_grads, fast_nodes = density(replace(b, density_only=True))
+    assert "expected_rna" in full_nodes and "expected_rna" not in fast_nodes
+    assert b.spot_members()[0].numel() == b.n_cells - 6
+    torch.testing.assert_close(fast, full)
+    for name in full_grads:
+        torch.testing.assert_close(fast_grads[name], full_grads[name])
+    assert float(full_grads["cell_size"][:, b.cell_spot < 0].abs().sum()) > 0  # lone cells keep their prior term
+
+
 def test_read_out_options_and_vectorised_chains():
     b = random_batch()
     n, G, C = b.n_cells, 12, 3

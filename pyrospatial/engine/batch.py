@@ -63,6 +63,11 @@ class Batch:
     spot_scale: float = 1.0
     edge_scale: float = 1.0
     nonedge_scale: float = 1.0
+    # --- what the caller needs -----------------------------------------------------------
+    #: True when only the log density is wanted (training, MCMC): a model may then skip its
+    #: deterministic sites and any per-cell quantity that no likelihood term uses (CORAL
+    #: computes per-cell RNA for the cells inside a spot only). The density is the same.
+    density_only: bool = False
 
     # ------------------------------------------------------------------------------------
     @property
@@ -81,6 +86,12 @@ class Batch:
         src, dst = self.edge_index
         keep = src < dst
         return self.edge_index[:, keep]
+
+    def spot_members(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(cells, U)``: local indices of the cells inside a spot (ascending) and the
+        ``(m, len(cells))`` membership restricted to those cells (its weights kept)."""
+        cells = torch.nonzero(self.cell_spot >= 0).squeeze(-1)
+        return cells, self.membership.index_select(1, cells)
 
     @property
     def device(self) -> torch.device:

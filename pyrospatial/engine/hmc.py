@@ -114,6 +114,8 @@ class _Part:
     # only the cells- and spots-plate terms of the model count (no prior or Jacobian of the
     # moving sites): one chunk of a target summed over chunks, whose first chunk counts those
     local_terms_only: bool = False
+    # a piece of another part's target: which of that part's cells (its local rows) it holds
+    rows: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         self.plates = {s.name: s.plate for s in self.moving}
@@ -190,7 +192,9 @@ def _log_density(model: Callable, part: _Part, state: dict[str, torch.Tensor], C
         if lj.dim() > u.dim() - site.event_dim:  # element-wise Jacobian: sum the event dims
             lj = lj.reshape(lj.shape[: u.dim() - site.event_dim] + (-1,)).sum(-1)
         total = total + part.block_sum(lj, site.plate)
-    trace = _run_model(model, part.batch, values, C)
+    # only the density is wanted: a model may skip its deterministic sites (Batch.density_only)
+    batch = replace(part.batch, density_only=True) if isinstance(part.batch, Batch) else part.batch
+    trace = _run_model(model, batch, values, C)
     for name, node in trace.nodes.items():
         if node["type"] != "sample" or site_is_subsample(node) or node["infer"].get("_deterministic"):
             continue

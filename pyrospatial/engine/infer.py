@@ -53,7 +53,7 @@ import math
 import os
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable
@@ -67,6 +67,7 @@ from lightning.pytorch.callbacks import EarlyStopping
 from pyro.infer import Trace_ELBO
 from pyro.poutine.util import site_is_subsample
 
+from pyrospatial.engine.batch import Batch
 from pyrospatial.engine.checkpoint import (
     CHECKPOINT_NAME,
     CKPT_KEY,
@@ -290,6 +291,8 @@ class SVIModule(L.LightningModule):
     # -- maths ---------------------------------------------------------------------------
     def loss(self, batch) -> torch.Tensor:
         """Differentiable negative ELBO of ``batch`` (an unbiased full-data estimate)."""
+        if isinstance(batch, Batch):  # the ELBO needs the density only: no deterministic sites
+            batch = replace(batch, density_only=True)
         return self.elbo.differentiable_loss(self.model, self.guide, batch)
 
     def forward(self, batch) -> torch.Tensor:  # noqa: D102

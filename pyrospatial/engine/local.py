@@ -121,11 +121,20 @@ def _chunk_part(full: Batch, chunk: tuple[np.ndarray, np.ndarray], moving: list[
 def _global_pieces(parts: list[_Part], sampled: list[_Site]) -> list[_Part]:
     """The target of the global latents ``sampled`` given the cells of every chunk in
     ``parts``, one piece per chunk (the globals' prior and Jacobian counted by the first only),
-    sharing one state started at the chains' guide draws. The sampled globals leave the chunks'
-    conditioned values (the sweep hands them over); the other held globals stay there and are
-    conditioned in the pieces too."""
-    pieces = [_Part("globals", part.batch, part.cells, sampled, per_cell=False, local_terms_only=i > 0)
-              for i, part in enumerate(parts)]
+    sharing one state started at the chains' guide draws. A piece holds its chunk's spots and
+    their member cells only (``_Part.rows``): the cells outside every spot share no term with
+    the globals, so their terms are constant in this step and are left out (most cells of a
+    tissue lie between spots). The sampled globals leave the chunks' conditioned values (the
+    sweep hands them over); the other held globals stay there and are conditioned in the
+    pieces too."""
+    pieces = []
+    for i, part in enumerate(parts):
+        members = torch.nonzero(part.batch.cell_spot >= 0).squeeze(-1)
+        if members.numel() == 0:  # no spots in this chunk: keep its cells (a target needs rows)
+            members = torch.arange(part.batch.n_cells, device=part.batch.device)
+        piece = _Part("globals", _sub_batch(part.batch, members, True), part.cells[members], sampled,
+                      per_cell=False, local_terms_only=i > 0, rows=members)
+        pieces.append(piece)
     for s in sampled:
         pieces[0].state[s.name] = s.transform.inv(parts[0].conditioned[s.name])
     for piece in pieces[1:]:
@@ -133,8 +142,18 @@ def _global_pieces(parts: list[_Part], sampled: list[_Site]) -> list[_Part]:
     for part, piece in zip(parts, pieces):
         for s in sampled:
             part.conditioned.pop(s.name)
-        piece.conditioned.update(part.conditioned)
+        piece.conditioned.update(part.conditioned)  # held global latents (the cells come by hand_over)
     return pieces
+
+
+def _hand_over(source: _Part, target: _Part) -> None:
+    """Condition ``target`` on ``source``'s current values (constrained) of the sites it moves;
+    a piece holding some of the source's cells (``target.rows``) gets those cells' rows."""
+    for site in source.moving:
+        value = site.transform(source.state[site.name]).detach()
+        if target.rows is not None and site.plate == "cells":
+            value = value[:, target.rows]
+        target.conditioned[site.name] = value
 
 
 def local_posterior(
@@ -359,14 +378,10 @@ def _run_chain(model, parts: list[_Part], C: int, per_chain: int, num_warmup: in
     chunk's HMC in turn, then (with ``pieces``, one per chunk) the global latents' HMC given
     every chunk's cells. Returns the kept unconstrained states of each chunk and its kernel.
     ``saver`` writes checkpoints; ``saved`` (a checkpoint read back) is continued."""
-    def hand_over(source: _Part, target: _Part) -> None:
-        for site in source.moving:
-            target.conditioned[site.name] = site.transform(source.state[site.name]).detach()
-
     if pieces is not None:
         for part, piece in zip(parts, pieces):
-            hand_over(pieces[0], part)
-            hand_over(part, piece)
+            _hand_over(pieces[0], part)
+            _hand_over(part, piece)
         global_kernel = _HMC(model, pieces[0], C, num_steps, step_size, target_accept,
                              dense=tuple(site.name for site in pieces[0].moving) if dense_globals else (),
                              pieces=pieces)
@@ -382,19 +397,19 @@ def _run_chain(model, parts: list[_Part], C: int, per_chain: int, num_warmup: in
         start = SamplerCheckpoint.restore(saved, kernels, global_kernel, em, optimiser, em_trace, kept)
         if pieces is not None:
             for part, piece in zip(parts, pieces):
-                hand_over(pieces[0], part)
-                hand_over(part, piece)
+                _hand_over(pieces[0], part)
+                _hand_over(part, piece)
         bar.update(start * len(parts))
     for it in range(start, total):
         warm = it < num_warmup
         rates = [kernel.transition() for kernel in kernels]
         if pieces is not None:
             for part, piece in zip(parts, pieces):
-                hand_over(part, piece)
+                _hand_over(part, piece)
             global_kernel.refresh()
             global_rate = global_kernel.transition()
             for part, kernel in zip(parts, kernels):
-                hand_over(pieces[0], part)
+                _hand_over(pieces[0], part)
                 kernel.refresh()
             if warm:
                 global_kernel.adapt(global_rate)
