@@ -163,9 +163,9 @@ def local_posterior(
     num_samples: int = 100,
     *,
     sites: Iterable[str] | None = None,
-    num_chains: int = 10,
+    num_chains: int = 4,
     num_warmup: int = 40,
-    thin: int = 3,
+    thin: int = 1,
     num_steps: int = 6,
     step_size: float = 0.05,
     target_accept: float = 0.7,
@@ -203,7 +203,10 @@ def local_posterior(
         HMC settings: chains (each with its own draw of the global latents), warm-up
         iterations (step size by dual averaging, diagonal mass in doubling windows, EM),
         iterations between kept states, leapfrog steps per iteration, initial step size, the
-        mean acceptance rate the step size is adapted to.
+        mean acceptance rate the step size is adapted to. The default budget, 4 chains x (40
+        warm-up + 25 kept) iterations for 100 draws, costs half of the former 10 chains with
+        thin 3 at expected-RNA coverage 0.004-0.011 lower on the tuning tissues
+        (``benchmarks/results/sampler_budget.md``, ``docs/posterior.md``).
     dense_globals
         Give the global latents' HMC step a dense ``K x K`` mass per row of a ``(rows, K)``
         site (each gene's read-out), from the Hessian's diagonal blocks
