@@ -8,8 +8,9 @@ cells' latents and its own) and one per cell outside every spot, each with its o
 accept/reject and its own step size (a spot whose counts pin its cells' sum needs far
 smaller steps than a lone cell), vectorised over every block and
 every chain at once (:class:`pyrospatial.engine.hmc._Part` with ``per_spot``). The cost of
-one iteration is linear in cells; the whole run costs many times the SVI fit (32-48x on the
-tissues of ``benchmarks/scaling.py``, ``docs/posterior.md``).
+one iteration is linear in cells; the whole run costs about the SVI fit on the 3,000-cell demo
+tissue and 8-14x a fit stopped early on minibatches at 10k-100k cells (``benchmarks/scaling.py``,
+``docs/posterior.md``).
 
 What it corrects is what a mean-field guide gets wrong: the coupling of the cells that share
 a spot's counts (their per-cell RNA and sizes), the spread of the global read-out, and the
@@ -142,7 +143,7 @@ def _global_pieces(parts: list[_Part], sampled: list[_Site]) -> list[_Part]:
     for part, piece in zip(parts, pieces):
         for s in sampled:
             part.conditioned.pop(s.name)
-        piece.conditioned.update(part.conditioned)  # held global latents (the cells come by hand_over)
+        piece.conditioned.update(part.conditioned)  # held global latents (the cells come by _hand_over)
     return pieces
 
 
@@ -205,7 +206,7 @@ def local_posterior(
         iterations between kept states, leapfrog steps per iteration, initial step size, the
         mean acceptance rate the step size is adapted to. The default budget, 4 chains x (40
         warm-up + 25 kept) iterations for 100 draws, costs half of the former 10 chains with
-        thin 3 at expected-RNA coverage 0.004-0.011 lower on the tuning tissues
+        thin 3 at expected-RNA coverage 0.007-0.011 lower on the tuning tissues
         (``benchmarks/results/sampler_budget.md``, ``docs/posterior.md``).
     dense_globals
         Give the global latents' HMC step a dense ``K x K`` mass per row of a ``(rows, K)``

@@ -1,7 +1,7 @@
 """Checkpoints of the default posterior, so a killed sampler continues where it stopped.
 
 The per-spot HMC of :func:`pyrospatial.engine.local.local_posterior` is the longest stage of a
-large CORAL run (about 100 CPU minutes at 100k cells, ``docs/scaling.md``). With ``checkpoint``
+large CORAL run (about 23 CPU minutes at 100k cells, ``docs/scaling.md``). With ``checkpoint``
 it writes its whole state to one file every ``every_seconds`` of wall time and after the last
 iteration; ``resume=True`` reads it back and continues with the next iteration.
 
