@@ -461,3 +461,36 @@ def test_deconvolution_and_alignment_resume_exactly(tmp_path):
         return result, {k: v.detach().clone() for k, v in state.items()}
 
     _assert_same(*_interrupted_then_resumed(alignment, tmp_path / "a", 17))
+
+
+def test_the_training_loss_asks_the_model_for_the_density_only_and_equals_the_full_elbo():
+    """SVIModule.loss passes CORAL a density-only batch (per-cell RNA for the cells inside a
+    spot only, no deterministic sites); the negative ELBO is the same as on the batch as is,
+    draw for draw (same seed), so training optimises the same objective."""
+    from dataclasses import replace
+
+    from pyro.infer import Trace_ELBO
+
+    from pyrospatial.data.sim import simulate_tissue
+    from pyrospatial.methods.coral import CORAL
+
+    tissue = simulate_tissue(n_cells=200, n_types=3, n_proteins=6, n_genes=12, seed=3)
+    coral = CORAL(tissue.cells, tissue.spots, cell_type_key="cell_type", spot_diameter=55.0, seed=0)
+    batch = coral.dataset.full_batch()
+    assert 0 < int((batch.cell_spot >= 0).sum()) < batch.n_cells  # cells inside and between spots
+    module = SVIModule(coral.model, coral.guide)
+    seen = []
+    forward = coral.model.forward
+
+    def spy(b, *args, **kwargs):
+        seen.append(b.density_only)
+        return forward(b, *args, **kwargs)
+
+    coral.model.forward = spy
+    pyro.set_rng_seed(5)
+    fast = float(module.loss(batch))
+    coral.model.forward = forward
+    pyro.set_rng_seed(5)
+    full = float(Trace_ELBO().differentiable_loss(coral.model, coral.guide, replace(batch, density_only=False)))
+    assert seen and all(seen)
+    assert fast == pytest.approx(full, rel=1e-5)
