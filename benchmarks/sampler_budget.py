@@ -3,10 +3,11 @@
     OMP_NUM_THREADS=1 python benchmarks/sampler_budget.py --seeds 11 12 [--cells 3000]
         [--out benchmarks/results]
 
-The default posterior (:func:`pyrospatial.engine.local.local_posterior`: 10 chains, 40 warm-up
-iterations, thin 3, 100 draws) costs many times the SVI fit (issue 23 asks for 2x). Its cost is
-about chains x (warm-up + kept states x thin) gradient evaluations of the tissue, so fewer
-chains and less thinning are the direct savings, if the intervals stay calibrated. This script
+The default posterior (:func:`pyrospatial.engine.local.local_posterior`: 4 chains, 40 warm-up
+iterations, thin 1, 100 draws since 2026-12-07; 10 chains with thin 3 before, chosen by this
+script) costs several times the SVI fit at scale (issue 23 asks for 2x). Its cost is about
+chains x (warm-up + kept states x thin) gradient evaluations of the tissue, so fewer chains and
+less thinning are the direct savings, if the intervals stay calibrated. This script
 fits one simulated tissue per seed (the simulator and fit of ``benchmarks/scaling.py``; seeds 11
 and 12 are the tuning tissues, scored by no calibration or scaling benchmark) and samples it
 with each budget below, every budget from the trained weights with its own Monte Carlo EM (as a
