@@ -491,7 +491,7 @@ class CoralModel(PyroModule):
                 # only the density is wanted (training, MCMC): a cell's RNA enters the likelihood
                 # through its spot's sum alone, so it is computed for the cells inside a spot
                 # (in a tissue most cells lie between spots) and not recorded
-                inside, membership = batch.spot_members()
+                inside, membership = batch.spot_members
                 rho = s[..., inside, None] * self.rna_rates(z[..., inside, :], batch.cell_type[inside], W)
             else:
                 rho = pyro.deterministic("expected_rna", s.unsqueeze(-1) * self.rna_rates(z, batch.cell_type, W),

@@ -225,7 +225,7 @@ def test_density_only_batches_give_the_same_density_and_gradients_without_determ
     full, full_grads, full_nodes = density(b)
     fast, fast_grads, fast_nodes = density(replace(b, density_only=True))
     assert "expected_rna" in full_nodes and "expected_rna" not in fast_nodes
-    assert b.spot_members()[0].numel() == b.n_cells - 6
+    assert b.spot_members[0].numel() == b.n_cells - 6
     torch.testing.assert_close(fast, full)
     for name in full_grads:
         torch.testing.assert_close(fast_grads[name], full_grads[name])

@@ -23,6 +23,7 @@ batch's non-adjacent pairs; ``nonedge_scale`` makes them stand for all
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
+from functools import cached_property
 
 import pyro
 import torch
@@ -87,9 +88,11 @@ class Batch:
         keep = src < dst
         return self.edge_index[:, keep]
 
+    @cached_property
     def spot_members(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(cells, U)``: local indices of the cells inside a spot (ascending) and the
-        ``(m, len(cells))`` membership restricted to those cells (its weights kept)."""
+        ``(m, len(cells))`` membership restricted to those cells (its weights kept). Computed
+        once per batch object (an MCMC part evaluates the same batch thousands of times)."""
         cells = torch.nonzero(self.cell_spot >= 0).squeeze(-1)
         return cells, self.membership.index_select(1, cells)
 

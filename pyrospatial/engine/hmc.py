@@ -119,6 +119,9 @@ class _Part:
 
     def __post_init__(self) -> None:
         self.plates = {s.name: s.plate for s in self.moving}
+        # what every density evaluation runs the model on: only the density is wanted, so a
+        # model may skip its deterministic sites (Batch.density_only); made once per part
+        self.density_batch = replace(self.batch, density_only=True) if isinstance(self.batch, Batch) else self.batch
         n, device = self.batch.n_cells, self.batch.device
         self.cell_block: torch.Tensor | None = None
         self.spot_block: torch.Tensor | None = None
@@ -192,9 +195,7 @@ def _log_density(model: Callable, part: _Part, state: dict[str, torch.Tensor], C
         if lj.dim() > u.dim() - site.event_dim:  # element-wise Jacobian: sum the event dims
             lj = lj.reshape(lj.shape[: u.dim() - site.event_dim] + (-1,)).sum(-1)
         total = total + part.block_sum(lj, site.plate)
-    # only the density is wanted: a model may skip its deterministic sites (Batch.density_only)
-    batch = replace(part.batch, density_only=True) if isinstance(part.batch, Batch) else part.batch
-    trace = _run_model(model, batch, values, C)
+    trace = _run_model(model, part.density_batch, values, C)
     for name, node in trace.nodes.items():
         if node["type"] != "sample" or site_is_subsample(node) or node["infer"].get("_deterministic"):
             continue

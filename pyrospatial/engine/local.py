@@ -130,7 +130,7 @@ def _global_pieces(parts: list[_Part], sampled: list[_Site]) -> list[_Part]:
     pieces too."""
     pieces = []
     for i, part in enumerate(parts):
-        members = torch.nonzero(part.batch.cell_spot >= 0).squeeze(-1)
+        members = part.batch.spot_members[0]
         if members.numel() == 0:  # no spots in this chunk: keep its cells (a target needs rows)
             members = torch.arange(part.batch.n_cells, device=part.batch.device)
         piece = _Part("globals", _sub_batch(part.batch, members, True), part.cells[members], sampled,
