@@ -37,6 +37,41 @@ def test_split_counts_add_up_exactly_in_every_draw(split_problem, method):
     assert (result.q50[~outside] <= result.q95[~outside]).all()
 
 
+@pytest.mark.parametrize("method, dispersion", [("multinomial", "spot"), ("dirichlet_multinomial", "cell"),
+                                                 ("dirichlet_multinomial", "spot")])
+def test_split_gives_each_cell_its_share_in_spots_of_every_size_and_nothing_where_the_spot_saw_none(
+        method, dispersion):
+    """Spots of 1 to 9 cells, the cells of a spot scattered through the table, a third of the
+    spot counts zero: every cell's mean count over the draws is its spot's count times its
+    share of the spot's rate (the DM's mean too), within 4.5 Monte Carlo sds per entry; a spot
+    count of zero gives each of its cells zero in every draw. A split that gave one cell's
+    weights to another, or drew for the wrong spot-gene, fails the z-test."""
+    rng = np.random.default_rng(11)
+    sizes = np.arange(1, 10)
+    cell_spot = np.concatenate([np.repeat(np.arange(sizes.size), sizes), np.full(6, -1)])
+    cell_spot = cell_spot[rng.permutation(cell_spot.size)]
+    n_cells, n_genes, n_draws, theta = cell_spot.size, 6, 3000, 2.5
+    counts = rng.poisson(20, (sizes.size, n_genes)) * (rng.random((sizes.size, n_genes)) > 0.33)
+    rates = rng.gamma(2.0, 1.0, (n_cells, n_genes))
+    result = split_spot_counts(counts, cell_spot, np.broadcast_to(rates, (n_draws, n_cells, n_genes)),
+                               method=method, inverse_dispersion=np.full(n_genes, theta), dispersion=dispersion,
+                               keep_draws=True, seed=2)
+    inside = cell_spot >= 0
+    share = rates[inside] / np.stack([rates[cell_spot == j].sum(0) for j in cell_spot[inside]])
+    total = counts[cell_spot[inside]]
+    variance = total * share * (1 - share)
+    if method == "dirichlet_multinomial":  # DM(alpha): variance n p (1 - p) (n + A) / (1 + A)
+        spot_sq = np.stack([(share[cell_spot[inside] == j] ** 2).sum(0) for j in cell_spot[inside]])
+        concentration = theta / spot_sq if dispersion == "cell" else np.full_like(share, theta)
+        variance = variance * (total + concentration) / (1 + concentration)
+    mean = result.draws[:, inside].mean(0)
+    seen = variance > 0
+    z = (mean[seen] - (total * share)[seen]) / np.sqrt(variance[seen] / n_draws)
+    assert np.abs(z).max() < 4.5
+    assert (result.draws[:, inside][:, total == 0] == 0).all() and (total == 0).sum() > 5
+    assert result.max_abs_spot_error == 0.0
+
+
 def test_deconvolve_counts_is_a_deprecated_alias_of_split_spot_counts(split_problem):
     from pyrospatial.methods.analysis import deconvolve_counts
 

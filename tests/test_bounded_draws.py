@@ -146,6 +146,26 @@ def test_blockwise_statistics_equal_one_call(shape, dtype, integer):
         np.testing.assert_array_equal(by_blocks[key], value, err_msg=key)
 
 
+@pytest.mark.parametrize("n_draws", [1, 2, 3, 7, 25, 100])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.int32, np.int64])
+def test_linear_quantiles_equal_numpys_value_for_value(n_draws, dtype):
+    """The summaries' quantiles come from one sort along the draws instead of np.quantile's
+    partition (5x faster on cells x genes draws); they must be np.quantile's values exactly,
+    ties, integer draws, single draws and NaN columns included."""
+    from pyrospatial.engine.summary import linear_quantiles
+
+    rng = np.random.default_rng(n_draws)
+    draws = (rng.gamma(0.7, 4.0, (n_draws, 30, 5)) * (10 if np.dtype(dtype).kind == "i" else 1)).astype(dtype)
+    if np.dtype(dtype).kind == "f":
+        draws[rng.integers(0, n_draws), 3, 2] = np.nan
+        draws[:, 4, 1] = draws[0, 4, 1]  # every draw equal
+    levels = (0.05, 0.5, 0.95, 0.0, 1.0, 0.33)
+    expected = np.quantile(draws, levels, axis=0)
+    for level, value, want in zip(levels, linear_quantiles(draws, levels), expected):
+        assert value.dtype == np.float64
+        np.testing.assert_array_equal(value, want, err_msg=f"q={level}")
+
+
 def test_the_export_holds_one_chunk_of_draws_at_a_time(coral, monkeypatch):
     # a chunk's draws of expected RNA (256 MB by default) must be released before the next
     # chunk's are made: holding two at once was most of the export's peak memory on 100k cells

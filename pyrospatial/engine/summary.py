@@ -12,7 +12,7 @@ import torch
 from pyrospatial.errors import InputError
 from pyrospatial.engine.posterior import DEFAULT_QUANTILES, PosteriorSummary, _Globals, _ordered, local_draws
 
-__all__ = ["BLOCK_MB", "blockwise", "draw_quantiles", "summarise", "summarise_posterior"]
+__all__ = ["BLOCK_MB", "blockwise", "draw_quantiles", "linear_quantiles", "summarise", "summarise_posterior"]
 
 #: megabytes of draws summarised at once by :func:`blockwise`: the quantiles sort a copy of the
 #: draws they summarise and ``sd`` subtracts the mean from one, so summarising a site at once
@@ -34,6 +34,36 @@ def draw_quantiles(draws: np.ndarray, quantiles: Iterable[float]) -> list[np.nda
     ordered = np.sort(np.asarray(draws), axis=0)
     n = ordered.shape[0]
     return [ordered[max(int(math.ceil(n * float(q))) - 1, 0)] for q in quantiles]
+
+
+def linear_quantiles(draws: np.ndarray, quantiles: Iterable[float]) -> list[np.ndarray]:
+    """Quantiles over axis 0 with linear interpolation, equal value for value to
+    ``np.quantile(draws, quantiles, axis=0)`` (float64 results, NaN where a column holds a NaN),
+    from one sort along axis 0.
+
+    ``np.quantile`` selects with ``np.partition`` along an axis it first moves last; on
+    ``(S, n, G)`` draws that took 5x the time of this sort (numpy 2.4, 100 draws of 4M
+    entries: 9.5 s against 1.8 s), and it ran once per block of every cells x genes summary.
+    The interpolation is numpy's: ``a + (b - a) t``, or ``b - (b - a) (1 - t)`` for
+    ``t >= 0.5``, with ``b - a`` in the draws' own type."""
+    draws = np.asarray(draws)
+    ordered = np.sort(draws, axis=0)  # NaNs sort last
+    n = ordered.shape[0]
+    has_nan = np.isnan(ordered[-1]) if draws.dtype.kind in "fc" else None
+    out = []
+    for q in quantiles:
+        virtual = float(q) * (n - 1)
+        lo = int(math.floor(virtual))
+        hi = min(lo + 1, n - 1)
+        t = np.float64(virtual - lo)  # not a Python float: float32 draws are interpolated in float64
+        below, above = ordered[lo], ordered[hi]
+        step = np.subtract(above, below)
+        value = np.add(below, step * t) if t < 0.5 else np.subtract(above, step * (1.0 - t))
+        value = np.asarray(value, dtype=np.float64)
+        if has_nan is not None and has_nan.any():
+            value[has_nan] = np.nan
+        out.append(value)
+    return out
 
 
 def _row_blocks(n_draws: int, n_rows: int, row_bytes: float, block_mb: float) -> list[slice]:
@@ -91,7 +121,7 @@ def _block_stats(draws: np.ndarray, quantiles: tuple[float, ...], integer: bool)
         "sd": as_float.std(0, ddof=1) if draws.shape[0] > 1 else np.zeros(draws.shape[1:], as_float.dtype),
     }
     if quantiles:
-        values = draw_quantiles(as_float, quantiles) if integer else np.quantile(as_float, quantiles, axis=0)
+        values = draw_quantiles(as_float, quantiles) if integer else linear_quantiles(as_float, quantiles)
         for q, v in zip(quantiles, values):
             out[_qkey(q)] = v.astype(as_float.dtype, copy=False)
     return out
