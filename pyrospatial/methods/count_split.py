@@ -8,9 +8,10 @@ the spot-genes ("groups") are sorted by their spot's cell count, largest first, 
 ``k`` of every group that has a ``k``-th cell is one contiguous slice. Sums over a group's
 cells, the Dirichlet normalisation and the sequential binomials of the multinomial are then
 loops over positions of vectorised slices, with no padding to the largest spot: on the
-scaling benchmark's tissues (about 7.5 cells per spot, the largest about 20) the former
-``spots x largest spot x genes`` layout drew 2.7 times as many Gamma variates as there are
-entries.
+scaling benchmark's tissues (8 cells per spot on average, the largest 20) the former
+``spots x largest spot x genes`` layout drew 2.5 times as many Gamma variates as there are
+cells x genes inside spots. The split is 2x faster there, where 90% of the spot counts are
+positive (``benchmarks/results/export_parts.md``), and faster still on sparser spots.
 """
 
 from __future__ import annotations
