@@ -151,10 +151,16 @@ bench-mapping: $(STAMP) $(BENCH_MAPPING_STAMP)
 	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN)/python benchmarks/mapping.py --peer-python $(BENCH_MAPPING_VENV)/bin/python --out benchmarks/results
 
 # --- scaling (issue 23): wall time, peak RSS and coverage per stage vs cells -----------------
-.PHONY: bench-scaling bench-gpu
+.PHONY: bench-scaling bench-gpu bench-export-parts
 
 bench-scaling: $(STAMP)
 	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN)/python benchmarks/scaling.py --device cpu --out benchmarks/results
+
+# the export's costly parts for this checkout and, side by side, the revision EXPORT_AGAINST
+EXPORT_AGAINST ?= 1a92edb
+bench-export-parts: $(STAMP)
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN)/python benchmarks/export_parts.py --sizes 10000,30000,100000 \
+		--against $(EXPORT_AGAINST) --out benchmarks/results
 
 # GPU: a CUDA build of torch in a venv of its own (.venv-gpu, pyrospatial editable), then the
 # CUDA tests (every test with 'cuda' in its name) and the 300k / 1M-cell scaling records,
