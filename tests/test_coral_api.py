@@ -243,3 +243,13 @@ def test_to_inference_data_holds_the_sampled_draws_and_the_contracts_observation
     proteins = np.asarray(trained.cells.X.toarray() if hasattr(trained.cells.X, "toarray") else trained.cells.X)
     np.testing.assert_allclose(idata.observed_data["proteins"].values, proteins, rtol=1e-6)
     assert az.from_netcdf(tmp_path / "idata.nc").posterior["z"].shape == z.shape
+
+
+def test_interactions_say_how_many_decoder_draws_did_not_converge(trained, monkeypatch):
+    from pyrospatial.methods import edge_decoder_posterior as module
+
+    monkeypatch.setattr(trained.posterior, "edge_decoder", None)  # drawn again, Newton capped at one step
+    monkeypatch.setattr(module, "NEWTON_MAX_ITER", 1)
+    with pytest.warns(UserWarning, match=r"iteration cap short of its tolerance in \d+ of 30 draws"):
+        trained.interactions()
+    assert 1 <= trained.posterior.edge_decoder.unconverged_draws <= 30

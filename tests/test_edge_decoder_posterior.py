@@ -119,7 +119,7 @@ def test_newton_started_far_from_the_mode_still_finds_it():
         prior_weight_loc=torch.zeros(D - 1, dtype=torch.float64), prior_weight_scale=3.0,
         prior_bias_loc=0.0, prior_bias_scale=5.0, nonedge_ratio=1.0, seed=2,
         start_weight=20.0 * torch.ones(K, K, dtype=torch.float64), start_bias=30.0)
-    assert near.converged and far.converged
+    assert near.converged and far.converged and far.unconverged_draws == 0
     np.testing.assert_allclose(far.weight, near.weight, atol=1e-3)
     np.testing.assert_allclose(far.bias, near.bias, atol=1e-3)
 
@@ -160,3 +160,21 @@ def test_newton_finds_the_float64_mode_on_a_tissue_sized_problem():
     sd = torch.linalg.inv(h).diagonal().sqrt()
     assert float(((mode - reference).abs() / sd).max()) < 2e-3
     assert weight > 1000
+
+
+def test_draws_stopped_at_the_iteration_cap_are_counted(monkeypatch):
+    """With one Newton iteration allowed, a start far from the mode cannot reach the tolerance:
+    every draw is counted as unconverged (what CORAL.interactions() then warns about)."""
+    from pyrospatial.methods import edge_decoder_posterior as module
+
+    rng = np.random.default_rng(7)
+    n = 200
+    z = rng.normal(size=(n, K))
+    edges = _all_pairs_graph(z, np.eye(K) * 0.5, -2.5, rng)
+    monkeypatch.setattr(module, "NEWTON_MAX_ITER", 1)
+    capped = edge_decoder_posterior(
+        z, edges, _nonedge_sampler(n, edges), n * (n - 1) // 2 - edges.shape[1], 3,
+        prior_weight_loc=torch.zeros(D - 1, dtype=torch.float64), prior_weight_scale=3.0,
+        prior_bias_loc=0.0, prior_bias_scale=5.0, nonedge_ratio=1.0, seed=2,
+        start_weight=20.0 * torch.ones(K, K, dtype=torch.float64), start_bias=30.0)
+    assert not capped.converged and capped.unconverged_draws >= 1 and capped.newton_iterations == 1

@@ -526,9 +526,12 @@ class CORAL:
             how = (f"method={posterior.method}, graph=False; edge decoder drawn from its posterior given the graph "
                    "(every edge, sampled non-edges) at the states' posterior mean (Laplace)")
             chains = None
-            if not posterior.edge_decoder.converged:
-                warnings.warn("CORAL.interactions(): Newton's method for the edge decoder's posterior did not reach "
-                              "its tolerance; the intervals may be off.", UserWarning, stacklevel=2)
+            laplace = posterior.edge_decoder
+            if not laplace.converged:
+                warnings.warn(f"CORAL.interactions(): Newton's method for the edge decoder's posterior stopped at its "
+                              f"iteration cap short of its tolerance in {laplace.unconverged_draws} of "
+                              f"{len(laplace.bias)} draws; those draws are not at their mode and the intervals may be "
+                              "off.", UserWarning, stacklevel=2)
         result = interaction_matrix(edge_prob, self.dataset.edges, self.dataset.cell_type, self.dataset.n_types,
                                     keep_draws=True)
         draws = result.pop("draws")

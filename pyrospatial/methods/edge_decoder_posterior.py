@@ -66,6 +66,7 @@ class EdgeDecoderDraws:
     """One edge decoder per draw of the states: ``weight`` ``(S, K, K)`` symmetric,
     ``bias`` ``(S,)``, and what the Laplace approximation did (``newton_iterations``: the
     largest over draws; ``converged``: every draw's last Newton step was below the tolerance;
+    ``unconverged_draws``: how many draws stopped at the iteration cap instead;
     ``nonedges_per_draw``, ``nonedge_weight``)."""
 
     weight: np.ndarray
@@ -74,6 +75,7 @@ class EdgeDecoderDraws:
     converged: bool
     nonedges_per_draw: int
     nonedge_weight: float
+    unconverged_draws: int = 0
 
 
 def pair_features(z: torch.Tensor, pairs: torch.Tensor) -> torch.Tensor:
@@ -262,13 +264,13 @@ def edge_decoder_posterior(
     edge_pairs = _Pairs(z32, z_t, edges_t)  # the same for every draw
     rng = np.random.default_rng(int(seed))
     generator = torch.Generator().manual_seed(int(seed))
-    thetas, max_iter, all_converged = [], 0, True
+    thetas, max_iter, unconverged = [], 0, 0
     for _ in range(int(num_samples)):
         nonedges = torch.as_tensor(sample_nonedges(n_drawn, rng), dtype=torch.long)
         # each draw starts where the last one ended: the modes differ by the non-edge sample
         mode, hessian, iterations, converged = _newton(edge_pairs, _Pairs(z32, z_t, nonedges),
                                                        nonedge_weight, prior_loc, prior_precision, mode)
-        max_iter, all_converged = max(max_iter, iterations), all_converged and converged
+        max_iter, unconverged = max(max_iter, iterations), unconverged + (not converged)
         # theta ~ Normal(mode, H^-1): with H = L L^T, theta = mode + L^-T eps
         chol = torch.linalg.cholesky(hessian)
         eps = torch.randn(D, 1, dtype=torch.float64, generator=generator)
@@ -276,7 +278,8 @@ def edge_decoder_posterior(
     theta = torch.stack(thetas)
     weight = symmetric_from_upper(theta[:, :-1], K)
     return EdgeDecoderDraws(weight=weight.numpy(), bias=theta[:, -1].numpy(), newton_iterations=max_iter,
-                            converged=all_converged, nonedges_per_draw=n_drawn, nonedge_weight=nonedge_weight)
+                            converged=unconverged == 0, nonedges_per_draw=n_drawn, nonedge_weight=nonedge_weight,
+                            unconverged_draws=unconverged)
 
 
 def edge_probabilities(z: np.ndarray, pairs: np.ndarray, decoders: EdgeDecoderDraws, chunk: int = 16) -> np.ndarray:
