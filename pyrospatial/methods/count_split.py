@@ -169,7 +169,6 @@ class _Layout:
     """
 
     covered: np.ndarray  # (n_covered,) cells inside a spot, grouped by spot
-    n_genes: int
     entry_rate: np.ndarray  # (entries,) flat index into one draw's (N, G) rates
     entry_flat: np.ndarray  # (entries,) flat index into one draw's (n_covered, G) counts
     group_gene: np.ndarray  # (groups,)
@@ -195,7 +194,7 @@ class _Layout:
         offset = np.r_[0, np.cumsum(count[:K])]
         rows = np.concatenate([starts[group_spot[:count[k]]] + k for k in range(K)]) if K else np.zeros(0, np.int64)
         genes = np.concatenate([group_gene[:count[k]] for k in range(K)]) if K else np.zeros(0, np.int64)
-        return cls(covered=covered, n_genes=n_genes, entry_rate=covered[rows] * n_genes + genes,
+        return cls(covered=covered, entry_rate=covered[rows] * n_genes + genes,
                    entry_flat=rows * n_genes + genes, group_gene=group_gene,
                    group_total=totals[spots[group_spot], group_gene], count=count, offset=offset)
 
