@@ -140,7 +140,7 @@ for method in ("guide", "refine"):
         post.samples["expected_rna"][:, inside], truth["expected_rna"][inside], levels)
     split = coral.split_spot_counts(seed=0, keep_draws=True)
     coverage[f"per-cell counts ({method})"] = dg.interval_coverage_by_level(split.draws[:, inside], truth["counts"][inside], levels)
-    v_true = truth["v"].reshape(coral.dataset.n_cells, -1)
+    v_true = dg.standardize_within_groups(truth["v"].reshape(coral.dataset.n_cells, -1), coral.dataset.cell_type)
     coverage[f"v ({method})"] = dg.interval_coverage_by_level(dg.align_sign(post.samples["v"], v_true, coral.dataset.cell_type),
                                                               v_true, levels)
     for key in [k for k in coverage if k.endswith(f"({method})")]:

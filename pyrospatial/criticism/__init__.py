@@ -19,6 +19,7 @@ from pyrospatial.criticism.calibration import (
     reliability_curve,
     sbc_ks_pvalue,
     sbc_ranks,
+    standardize_within_groups,
 )
 from pyrospatial.criticism.convergence import chain_convergence
 from pyrospatial.criticism.plots import edge_reliability_inputs, plot_coverage, plot_ppc, plot_pvalues, plot_reliability
@@ -30,5 +31,5 @@ __all__ = [
     "check_results", "edge_reliability_inputs", "expected_calibration_error", "interval_coverage_by_level",
     "load_inference_data", "observed_data", "pit_coverage_by_level", "plot_coverage", "plot_ppc", "plot_pvalues",
     "plot_reliability", "posterior_predictive", "ppc_summary", "reliability_curve", "sbc_ks_pvalue",
-    "sbc_ranks", "to_inference_data",
+    "sbc_ranks", "standardize_within_groups", "to_inference_data",
 ]
