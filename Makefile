@@ -91,6 +91,11 @@ $(BENCH_ALIGN_STAMP): benchmarks/requirements-peers-alignment.txt constraints-cp
 bench-alignment: $(BENCH_ALIGN_STAMP)
 	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BENCH_ALIGN_VENV)/bin/python benchmarks/alignment.py --out benchmarks/results
 
+# held-apart section pairs (HER2 ST) for choosing align's settings; POT is in the main environment
+.PHONY: bench-alignment-heldapart
+bench-alignment-heldapart: $(STAMP)
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN)/python benchmarks/alignment_heldapart.py --out benchmarks/results
+
 # --- calibration study (issue 6): coverage, SBC, SVI vs NUTS; ~25 min on one CPU thread ------
 .PHONY: bench-calibration
 
