@@ -133,8 +133,10 @@ def standardize_within_groups(truth: np.ndarray, groups: np.ndarray, *, min_size
     puts each type's cells at mean 0 and sd 1. A simulated truth need not be: where cell types
     and ``v`` both follow space, a type's true ``v`` has its own mean and sd, and no posterior of
     that model can know them. Coverage of the standardised truth scores what the model can
-    identify, each cell's position within its type. Groups of fewer than ``min_size`` cells, or
-    with a constant truth, are left as they are. Uses the truth alone, never the draws.
+    identify, each cell's position within its type. Each column is standardised on its own (with
+    several dimensions a rotation within a type is not identified either, and is not undone).
+    Groups of fewer than ``min_size`` cells, or columns with a constant truth, are left as they
+    are. Uses the truth alone, never the draws.
     """
     truth = np.array(truth, dtype=np.float64, copy=True)
     flat = truth.reshape(truth.shape[0], -1)
