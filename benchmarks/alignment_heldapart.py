@@ -124,14 +124,21 @@ def markdown(payload: dict) -> str:
                      f"{mean['label_ece']:.3f} | {mean['match_ece']:.3f} | {mean['best_match_prob_mean']:.3f} | "
                      f"{mean['best_match_agreement']:.3f} | {mean['seconds']:.1f} |")
     lines += ["", "## Accuracy per pair", "",
-              "| pair | " + " | ".join(f"{m} {v}".strip() for m, v in keys) + " |",
-              "|---|" + "---|" * len(keys)]
+              "`adjacent`: the fraction of adjacent spots of b (0.5-1.5 spacings apart) that share a label "
+              "(`alignment.neighbour_label_agreement`): about the label mass of a coupling that places every spot one "
+              "spacing off; a coupling that matches by expression does not lose it.",
+              "", "| pair | adjacent | " + " | ".join(f"{m} {v}".strip() for m, v in keys) + " |",
+              "|---|---|" + "---|" * len(keys)]
     for pair in pairs:
         cells = []
         for method, variant in keys:
             hit = [r for r in records if r["pair"] == pair and r["method"] == method and (r["variant"] or "") == variant]
             cells.append(f"{hit[0]['accuracy']:.3f}" if hit else "-")
-        lines.append(f"| {pair} | " + " | ".join(cells) + " |")
+        adjacent = [r["b_neighbour_agreement"] for r in records if r["pair"] == pair and "b_neighbour_agreement" in r]
+        lines.append(f"| {pair} | {f'{adjacent[0]:.3f}' if adjacent else '-'} | " + " | ".join(cells) + " |")
+    adjacent = [r["b_neighbour_agreement"] for r in records if "b_neighbour_agreement" in r]
+    if adjacent:
+        lines += ["", f"Mean adjacent-spot agreement: {np.mean(adjacent):.3f}."]
     return "\n".join(lines) + "\n"
 
 
@@ -162,7 +169,10 @@ def main(argv: list[str] | None = None) -> int:
         for method in () if args.no_peer else ("pot_fgw", "expression_emd"):
             started = time.perf_counter()
             coupling, _ = bench.RUNNERS[method](a, b)
-            records.append(score(pair, method, None, coupling, labels_a, labels_b, time.perf_counter() - started))
+            extras = ({"b_neighbour_agreement": bench.neighbour_label_agreement(b.obsm["spatial"], labels_b)}
+                      if method in bench.REFERENCES else None)
+            records.append(score(pair, method, None, coupling, labels_a, labels_b, time.perf_counter() - started,
+                                 extras=extras))
             print(json.dumps(records[-1]), flush=True)
     payload = {"command": command_line("alignment_heldapart.py", argv), "variants": variants, "records": records}
     write_results(args.out, "alignment_heldapart", payload, markdown(payload))

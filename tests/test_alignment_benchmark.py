@@ -38,3 +38,14 @@ def test_a_reference_is_named_but_never_the_best_peer(bench):
     assert "accuracy missed by 0.050" in row
     assert "expression_emd: 0.850" in row
     assert "expression_emd" in bench.REFERENCES and "expression_emd" not in bench.METHODS
+
+
+def test_adjacent_label_agreement_counts_ring_one_pairs_at_any_scale(bench):
+    """A 4 x 4 unit lattice, left half 'x', right half 'y': 42 adjacent pairs within 1.5 spacings
+    (12 horizontal, 12 vertical, 18 diagonal), of which 32 share a label (8 horizontal, all 12
+    vertical, the 12 diagonals not across the middle). The unit is the lattice's own spacing, so
+    coordinates in microns give the same figure."""
+    xy = np.array([(x, y) for x in range(4) for y in range(4)], dtype=float)
+    labels = np.where(xy[:, 0] < 2, "x", "y")
+    assert bench.neighbour_label_agreement(xy, labels) == pytest.approx(32 / 42)
+    assert bench.neighbour_label_agreement(100.0 * xy, labels) == pytest.approx(32 / 42)
