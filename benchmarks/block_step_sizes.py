@@ -29,7 +29,8 @@ benchmark) and samples it four ways with the same fit and seed:
 
 Reported per variant: 90% coverage (interval and PIT) of per-cell expected RNA, its total and
 profile (``benchmarks/posterior_error_sources.py``'s split) and of the within-type state ``v``
-(sign-aligned, as ``benchmarks/scaling.py``); split-R-hat (largest, and the fraction of
+(scored as ``benchmarks/scaling.py`` scores it: since 2026-12-07 against the truth
+standardised within cell types, sign-aligned before); split-R-hat (largest, and the fraction of
 coordinates above 1.1) of every returned site and of log cell size, ``v`` and ``z[0]`` split
 into spot means, deviations within spots and cells outside spots; the mean acceptance (target
 0.7); CPU seconds of the sampler. Writes ``OUT/block_step_sizes.{json,md}``.

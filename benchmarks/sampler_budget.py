@@ -40,6 +40,8 @@ BUDGETS = {  # CORAL.sample options, every budget explicit (the default changes)
     "chains6_thin1": {"num_chains": 6, "thin": 1},  # 6 x (40 + 17) = 342
     "chains4_thin1": {"num_chains": 4, "thin": 1},  # 4 x (40 + 25) = 260
     "chains4_thin1_warmup20": {"num_chains": 4, "thin": 1, "num_warmup": 20},  # 4 x 45 = 180
+    "chains2_thin1": {"num_chains": 2, "thin": 1},  # 2 x (40 + 50) = 180
+    "chains4_thin1_steps4": {"num_chains": 4, "thin": 1, "num_steps": 4},  # 260, two thirds of the evaluations each
 }
 
 
@@ -53,6 +55,7 @@ def markdown(payload: dict) -> str:
              "last mass update a quarter of the warm-up before its end). Budgets (chain iterations = chains x "
              "(warm-up + kept states x thin)): " + "; ".join(f"`{k}` = {v or 'the default'}"
                                                              for k, v in BUDGETS.items()) + ".", ""]
+    intro += [f"Note: {note}" for note in payload.get("notes", [])] + (["", ""] if payload.get("notes") else [])
     return "\n".join(intro) + "## Coverage" + rest
 
 
@@ -65,6 +68,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--merge", nargs="*", default=None, metavar="JSON",
                         help="pool the budgets of earlier runs' sampler_budget.json, seed by seed (no sampling); a "
                              "budget run twice keeps its first record")
+    parser.add_argument("--note", action="append", default=[], help="a sentence for the results (repeatable)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     if args.merge:
@@ -78,7 +82,8 @@ def main(argv: list[str] | None = None) -> None:
         for res in by_seed.values():  # in the order of BUDGETS
             res["variants"] = {name: res["variants"][name] for name in BUDGETS if name in res["variants"]}
         payload = {**parts[0], "command": " ; ".join(part["command"] for part in parts) + " (pooled by --merge)",
-                   "seeds": [by_seed[k] for k in sorted(by_seed)]}
+                   "seeds": [by_seed[k] for k in sorted(by_seed)],
+                   "notes": [n for part in parts for n in part.get("notes", [])] + args.note}
     else:
         chosen = args.budgets.split(",")
         if set(chosen) - set(BUDGETS):
@@ -87,7 +92,7 @@ def main(argv: list[str] | None = None) -> None:
                  for seed in args.seeds]
         payload = {"command": command_line("sampler_budget.py", argv), "n_cells": args.cells,
                    "platform": platform.platform(), "python": platform.python_version(), "budgets": BUDGETS,
-                   "seeds": seeds}
+                   "seeds": seeds, "notes": args.note}
     write_results(args.out, "sampler_budget", payload, markdown(payload))
 
 
