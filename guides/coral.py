@@ -6,6 +6,8 @@ Read :class:`CoralGuide`'s docstring for the variational family.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pyro
@@ -86,7 +88,8 @@ class CoralGuide(PyroModule):
 
     ``forward(batch, predictive=False)``: the flag is accepted (so one argument list serves
     model and guide under ``Predictive``) and ignored. :meth:`attention` returns GATConv's
-    per-edge, per-head attention weights.
+    per-edge, per-head attention weights. Within :meth:`repeated_draws` (the engine's posterior
+    draws) the encoder runs once per batch instead of once per draw.
 
     Parameters
     ----------
@@ -134,6 +137,7 @@ class CoralGuide(PyroModule):
         self.z_dim, self.v_dim, self.hidden, self.heads = config.z_dim, config.v_dim, int(hidden), int(heads)
         self.spot_norm = float(spot_norm)
         self.init_raw = _raw(init_scale)
+        self._encoding_memo: dict[str, Any] | None = None  # set by repeated_draws()
 
         n_in = self.n_features + self.n_genes + self.n_types + 1
         per_head = max(math.ceil(self.hidden / self.heads), 1)
@@ -253,6 +257,37 @@ class CoralGuide(PyroModule):
         """``(loc, scale)`` of ``q(z_i)``, each ``(n, z_dim)``."""
         return self._encode(self.cell_inputs(batch)[0], batch.edge_index)
 
+    @contextmanager
+    def repeated_draws(self) -> Iterator[None]:
+        """Reuse the encoding while the guide is drawn from again and again on one batch.
+
+        Inside the context, a call on the very batch object of the call before, without
+        gradients and in eval mode, takes that call's encoder inputs and ``(loc, scale)`` of
+        ``q(z)`` instead of recomputing them: they depend on the batch and the parameters only,
+        never on a draw, so the draws are the same bit for bit.
+        :func:`~pyrospatial.engine.posterior.sample_posterior` draws ``S`` times per chunk,
+        and on 10,000 simulated cells the graph-attention encoder was half of the cost of
+        100 draws. Outside the context (training included) every call encodes afresh."""
+        previous, self._encoding_memo = self._encoding_memo, {}
+        try:
+            yield
+        finally:
+            self._encoding_memo = previous
+
+    def _encoded(self, batch: Batch) -> tuple[torch.Tensor, ...]:
+        """``(e, onehot, has_spot, u, z_loc, z_scale)`` of ``batch``, reused within
+        :meth:`repeated_draws` (see there)."""
+        memo = self._encoding_memo
+        reusable = memo is not None and not torch.is_grad_enabled() and not self.training
+        if reusable and memo.get("batch") is batch:
+            return memo["encoding"]
+        e, onehot, has_spot, u = self.cell_inputs(batch)
+        encoding = (e, onehot, has_spot, u, *self._encode(e, batch.edge_index))
+        if reusable:
+            memo.clear()
+            memo.update(batch=batch, encoding=encoding)
+        return encoding
+
     def _encode(self, e: torch.Tensor, edge_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         h = F.elu(self.gat1(e, edge_index))
         out = self.gat2(h, edge_index)
@@ -270,8 +305,7 @@ class CoralGuide(PyroModule):
         if self.bayesian_edge_decoder:
             pyro.sample("edge_weight", dist.Normal(self.edge_weight_loc, self.edge_weight_scale).to_event(1))
             pyro.sample("edge_bias", dist.Normal(self.edge_bias_loc, self.edge_bias_scale))
-        e, onehot, has_spot, u = self.cell_inputs(batch)
-        z_loc, z_scale = self._encode(e, batch.edge_index)
+        e, onehot, has_spot, u, z_loc, z_scale = self._encoded(batch)
         lib_y = batch.cell_library
         with cell_plate(batch):
             z = pyro.sample("z", dist.Normal(z_loc, z_scale).to_event(1))

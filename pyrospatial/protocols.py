@@ -31,6 +31,14 @@ parameters, non-centred sites, graph-only sites) and uses none without it.
 :func:`~pyrospatial.criticism.ppc.posterior_predictive` and
 :func:`~pyrospatial.criticism.arviz.to_inference_data` need its ``observed`` sites and raise
 an :class:`~pyrospatial.errors.InputError` when the model has no contract.
+
+Guides
+------
+A guide is any callable taking the model's arguments. One hook is optional: a context manager
+method ``repeated_draws()``, which :func:`~pyrospatial.engine.posterior.sample_posterior` enters
+while it draws ``S`` times from each batch (without gradients, in eval mode). Inside it a guide
+may compute once per batch what no draw changes, such as an encoder's output
+(:meth:`pyrospatial.guides.CoralGuide.repeated_draws`); its draws must stay those of fresh calls.
 """
 
 from __future__ import annotations

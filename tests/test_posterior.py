@@ -256,3 +256,60 @@ def test_export_keys_shapes_and_h5ad_roundtrip(data, pair, tmp_path):
     assert forced.obsm["zsum_mean"].shape == (ds.n_cells, 1)
     with pytest.raises(InputError, match="rows"):
         export(cells[:10], spots, summaries)
+
+
+# ------------------------------------------------------------------------------ CORAL's guide, drawn again and again
+@pytest.mark.filterwarnings("ignore:site\\(s\\) \\[.edge_prob.\\]")
+def test_coral_guide_encodes_once_per_chunk_and_gives_the_same_draws(data):
+    """sample_posterior enters CoralGuide.repeated_draws: the graph-attention encoder runs once
+    per distinct batch instead of once per draw, and the draws are those of a guide that encodes
+    at every call (a plain function around the same guide has no hook), bit for bit."""
+    from pyrospatial.guides import CoralGuide
+    from pyrospatial.models import CoralModel
+
+    _, _, ds = data
+    pyro.set_rng_seed(0)
+    model = CoralModel.from_dataset(ds, z_dim=3, hidden=8)
+    guide = CoralGuide.from_dataset(ds, model=model, hidden=8, heads=2)
+    calls = []
+    guide.gat1.register_forward_hook(lambda *_: calls.append(1))
+    S, chunk_size = 7, 20
+    n_chunks = len(list(ds.chunks(chunk_size)))
+    assert n_chunks >= 3
+
+    reused = sample_posterior(model, guide, ds, S, chunk_size=chunk_size, seed=3)
+    # the first chunk once for the global draws, then each chunk once (a fresh batch object)
+    assert len(calls) == 1 + n_chunks
+    calls.clear()
+    fresh = sample_posterior(model, lambda batch, *a, **k: guide(batch, *a, **k), ds, S, chunk_size=chunk_size, seed=3)
+    assert len(calls) == S * (1 + n_chunks)
+    assert set(reused) == set(fresh) and {"z", "v", "cell_size", "expected_rna"} <= set(reused)
+    for name in fresh:
+        np.testing.assert_array_equal(reused[name], fresh[name], err_msg=name)
+    assert guide._encoding_memo is None  # the context is left: training encodes afresh
+
+
+def test_coral_guide_reuses_an_encoding_only_without_gradients_in_eval_mode_on_the_same_batch(data):
+    from pyrospatial.guides import CoralGuide
+    from pyrospatial.models import CoralModel
+
+    _, _, ds = data
+    model = CoralModel.from_dataset(ds, z_dim=3, hidden=8)
+    guide = CoralGuide.from_dataset(ds, model=model, hidden=8, heads=2)
+    calls = []
+    guide.gat1.register_forward_hook(lambda *_: calls.append(1))
+    batch, other = ds.full_batch(), ds.full_batch()
+    with guide.repeated_draws():
+        guide.train()
+        with torch.no_grad():
+            guide(batch), guide(batch)
+        assert len(calls) == 2  # training mode: never reused (dropout-like layers would change it)
+        guide.eval()
+        guide(batch), guide(batch)
+        assert len(calls) == 4  # gradients on: never reused (the graph must reach the encoder)
+        with torch.no_grad():
+            guide(batch), guide(batch), guide(other), guide(batch)
+        assert len(calls) == 7  # the first call, then each change of batch object
+    with torch.no_grad():
+        guide(batch)
+    assert len(calls) == 8 and guide._encoding_memo is None  # outside the context: afresh

@@ -52,6 +52,7 @@ other quantiles):
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections import defaultdict
 from typing import Any, Callable, Iterable, Iterator
@@ -128,6 +129,14 @@ class _FixValues(Messenger):
     def _pyro_sample(self, msg) -> None:
         if msg["name"] in self.values and not msg["is_observed"]:
             msg["value"] = self.values[msg["name"]]
+
+
+def _repeated_draws(guide: Any):
+    """The guide's optional ``repeated_draws()`` context (it may compute what no draw changes,
+    e.g. an encoder's output, once per batch: :meth:`pyrospatial.guides.CoralGuide.repeated_draws`);
+    a context that does nothing for a guide without one."""
+    hook = getattr(guide, "repeated_draws", None)
+    return hook() if callable(hook) else contextlib.nullcontext()
 
 
 class _EvalMode:
@@ -245,7 +254,7 @@ def _draw_chunks(
     keep = None if sites is None else set([sites] if isinstance(sites, str) else sites)
     device = torch.device(device) if device is not None else module_device(model, guide)
     S = int(num_samples)
-    with torch.no_grad(), _EvalMode(model, guide):
+    with torch.no_grad(), _EvalMode(model, guide), _repeated_draws(guide):
         first = next(iter(dataset.chunks(chunk_size))).to(device)
         global_values: list[dict[str, torch.Tensor]] = []
         for s in range(S):
