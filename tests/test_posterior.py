@@ -313,3 +313,30 @@ def test_coral_guide_reuses_an_encoding_only_without_gradients_in_eval_mode_on_t
     with torch.no_grad():
         guide(batch)
     assert len(calls) == 8 and guide._encoding_memo is None  # outside the context: afresh
+
+
+def test_mcmc_starting_draws_encode_once(data):
+    """The samplers' C starting draws (refine._guide_starts, under _EvalMode as both samplers
+    call it) run CORAL's encoder once, not C + 2 times (a trace for the model's sites, one to list
+    the latent sites, one per chain), and are the draws of fresh calls."""
+    from pyrospatial.engine.posterior import _EvalMode
+    from pyrospatial.engine.refine import _guide_starts
+    from pyrospatial.guides import CoralGuide
+    from pyrospatial.models import CoralModel
+
+    _, _, ds = data
+    model = CoralModel.from_dataset(ds, z_dim=3, hidden=8)
+    guide = CoralGuide.from_dataset(ds, model=model, hidden=8, heads=2)
+    calls = []
+    guide.gat1.register_forward_hook(lambda *_: calls.append(1))
+    full = ds.full_batch()
+    starts = {}
+    for label, g in (("reused", guide), ("fresh", lambda batch, *a, **k: guide(batch, *a, **k))):
+        calls.clear()
+        torch.manual_seed(5)
+        with _EvalMode(model, guide):
+            starts[label] = _guide_starts(model, g, full, (), 3)[3]
+        assert len(calls) == (1 if label == "reused" else 3 + 2)
+    for name, draws in starts["fresh"].items():
+        for fresh, reused in zip(draws, starts["reused"][name]):
+            torch.testing.assert_close(reused, fresh, rtol=0, atol=0)

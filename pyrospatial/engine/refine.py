@@ -44,7 +44,7 @@ from pyrospatial.criticism.convergence import convergence_detail
 from pyrospatial.engine.batch import Batch
 from pyrospatial.engine.device import module_device
 from pyrospatial.engine.hmc import _HMC, _log_density, _mass_windows, _Part, _run_model, _Site, _sub_batch
-from pyrospatial.engine.posterior import PosteriorSamples, _EvalMode, site_plate
+from pyrospatial.engine.posterior import PosteriorSamples, _EvalMode, _repeated_draws, site_plate
 from pyrospatial.engine.reparam import decentred_value, noncentre
 from pyrospatial.errors import InputError
 from pyrospatial.protocols import contract_of
@@ -80,8 +80,9 @@ def _latent_sites(model, guide, batch: Batch, renamed: dict[str, str] | None = N
 def _guide_starts(model, guide, full, noncentred: Iterable[str], C: int):
     """The sampled model (``noncentred`` sites in non-centred coordinates), its renamed sites,
     its latent sites and ``C`` guide draws of each as starting states (one per chain),
-    evaluated on the full batch (graph included, as trained)."""
-    with torch.no_grad():
+    evaluated on the full batch (graph included, as trained; the guide's encoding computed once,
+    :func:`~pyrospatial.engine.posterior._repeated_draws`)."""
+    with torch.no_grad(), _repeated_draws(guide):
         guide_trace = poutine.trace(guide).get_trace(full)
         model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(full)
         sampled, renamed = noncentre(model, model_trace, noncentred)
