@@ -18,7 +18,7 @@ from pyro.nn import PyroModule, PyroParam
 import pyrospatial  # noqa: F401  (switches on module-local parameters)
 from pyrospatial.engine.batch import cell_plate, spot_plate
 from pyrospatial.data.dataset import SpatialDataset
-from pyrospatial.errors import InputError
+from pyrospatial.errors import InputError, PyrospatialError
 from pyrospatial.engine.export import export
 from pyrospatial.engine.posterior import sample_posterior
 from pyrospatial.engine.summary import summarise, summarise_posterior
@@ -340,3 +340,29 @@ def test_mcmc_starting_draws_encode_once(data):
     for name, draws in starts["fresh"].items():
         for fresh, reused in zip(draws, starts["reused"][name]):
             torch.testing.assert_close(reused, fresh, rtol=0, atol=0)
+
+
+class _Flaky(PyroModule):
+    """A model whose cells-plate site ``extra`` is sampled in some draws only (or, with
+    ``grow``, changes its shape from draw to draw): not a coherent set of draws."""
+
+    def __init__(self, grow: bool = False):
+        super().__init__()
+        self.grow = grow
+
+    def forward(self, batch):
+        g = pyro.sample("g", dist.Normal(0.0, 1.0))
+        with cell_plate(batch):
+            pyro.sample("z", dist.Normal(g, 1.0).expand([D]).to_event(1))
+            if self.grow:
+                width = 1 + int(torch.randint(0, 2, ()))
+                pyro.deterministic("extra", g.expand(batch.n_cells, width), event_dim=1)
+            elif float(g) > 0:
+                pyro.deterministic("extra", g.expand(batch.n_cells))
+
+
+@pytest.mark.parametrize("grow", [False, True])
+def test_a_site_missing_from_some_draws_or_changing_shape_is_an_error(data, grow):
+    _, _, ds = data
+    with pytest.raises(PyrospatialError, match="draws of chunk|must not depend on the draw"):
+        sample_posterior(_Flaky(grow), CoherentGuide(ds.n_cells), ds, 12, chunk_size=16, seed=0)

@@ -275,7 +275,8 @@ def _draw_chunks(
         reference: dict[str, list[np.ndarray]] = defaultdict(list)  # chunk-0 globals, per draw
         for c, chunk in enumerate(dataset.chunks(chunk_size)):
             chunk = chunk.to(device)
-            stacked: dict[str, list[np.ndarray]] = defaultdict(list)
+            stacked: dict[str, np.ndarray] = {}  # (S, rows, ...) per site, filled draw by draw
+            filled: dict[str, int] = defaultdict(int)
             plates: dict[str, str] = {}
             edge_sites: set[str] = set()
             for s in range(S):
@@ -287,7 +288,14 @@ def _draw_chunks(
                 plates.update(site_plates)
                 for key, value in values.items():
                     if plates[key] != "global":
-                        stacked[key].append(value)
+                        if key not in stacked:
+                            stacked[key] = np.empty((S,) + value.shape, dtype=value.dtype)
+                        if value.shape != stacked[key].shape[1:]:
+                            raise PyrospatialError(
+                                f"site '{key}' has shape {value.shape} in draw {s} of chunk {c} but "
+                                f"{stacked[key].shape[1:]} in the draws before: its shape must not depend on the draw.")
+                        stacked[key][s] = value
+                        filled[key] += 1
                     elif c == 0:
                         reference[key].append(value)
                     elif key not in fixed and key not in globals_out.dropped:
@@ -310,7 +318,12 @@ def _draw_chunks(
                 for key, plate in plates.items():
                     if plate == "global":
                         globals_out.plates[key] = plate
-            yield chunk, {k: np.stack(v) for k, v in stacked.items()}, plates
+            partial = {key: n for key, n in filled.items() if n != S}
+            if partial:
+                raise PyrospatialError(
+                    f"site(s) {sorted(partial)} appeared in only {sorted(set(partial.values()))} of the {S} draws of "
+                    f"chunk {c}: a returned site must be sampled in every draw (keep it out with sites=[...]).")
+            yield chunk, stacked, plates
         for key in globals_out.plates:
             if key not in globals_out.dropped:
                 globals_out.values[key] = np.stack(reference[key])
@@ -419,6 +432,9 @@ def sample_posterior(
         return_observed=return_observed, device=device,
     ):
         out.plates[key] = plate
+        if key not in out and rows.size == total and np.array_equal(rows, np.arange(total)):
+            out[key] = value  # one chunk holds the whole plate in order: no copy
+            continue
         if key not in out:
             out[key] = np.zeros((value.shape[0], total) + value.shape[2:], dtype=value.dtype)
         out[key][:, rows] = value
