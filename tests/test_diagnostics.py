@@ -268,3 +268,26 @@ def test_chain_convergence_separates_mixed_from_stuck_chains():
     stuck = mixed + np.tile(offsets, per_chain)[:, None, None]
     assert dg.chain_convergence(stuck, C)[0] > 2.0
     assert np.isnan(dg.chain_convergence(mixed[: 3 * C], C)[0])  # 3 per chain: too few to split
+
+
+def test_convergence_detail_copies_only_the_coordinates_it_checks():
+    """The draws of a per-cell site may be GBs (100 x 10k cells x 200 genes in float32 is 0.8 GB):
+    the check picks its MAX_COORDS coordinates before converting to float64, so it allocates
+    about their size, not a float64 copy of every draw, and gives what the full conversion gives."""
+    import tracemalloc
+
+    from pyrospatial.criticism.convergence import MAX_COORDS, convergence_detail
+
+    rng = np.random.default_rng(0)
+    draws = rng.normal(size=(40, 250_000)).astype(np.float32)  # 40 MB; a float64 copy would be 80 MB
+    draws[::2, :1000] += 5.0  # chains 0 and 2 (rows k * 4 + c) sit 5 sds apart from chains 1 and 3
+    convergence_detail(draws[:, :1000].copy(), 4)  # ArviZ's lazy imports allocate too: done before tracing
+    tracemalloc.start()
+    detail = convergence_detail(draws, 4)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 4 * 2**20, f"allocated {peak / 2**20:.1f} MB"
+    full = convergence_detail(draws.astype(float), 4)
+    assert detail == full
+    # the shifted coordinates are among those checked (evenly spaced: 2 of the first 1,000)
+    assert detail["rhat_max"] > 1.5 and MAX_COORDS == 500  # about 1.78 there; noise alone stays below 1.5

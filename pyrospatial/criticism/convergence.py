@@ -44,14 +44,15 @@ def convergence_detail(draws: np.ndarray, num_chains: int, *, max_coords: int = 
     import arviz as az
 
     C = int(num_chains)
-    draws = np.asarray(draws, dtype=float)
+    draws = np.asarray(draws)
     per_chain = draws.shape[0] // max(C, 1)
     nan = {"rhat_max": float("nan"), "ess_bulk_min": float("nan"), "rhat_above": float("nan")}
     if C < 2 or per_chain < 4:
         return nan
-    x = draws[: per_chain * C].reshape(per_chain, C, -1).transpose(1, 0, 2)  # (chain, draw, coordinate)
-    if x.shape[2] > max_coords:
+    x = draws[: per_chain * C].reshape(per_chain, C, -1)  # (draw, chain, coordinate)
+    if x.shape[2] > max_coords:  # pick the coordinates before any copy (the draws may be GBs)
         x = x[:, :, np.linspace(0, x.shape[2] - 1, int(max_coords)).round().astype(int)]
+    x = x.astype(float).transpose(1, 0, 2)  # (chain, draw, coordinate)
     x = x[:, :, np.isfinite(x).all(axis=(0, 1)) & (np.ptp(x, axis=(0, 1)) > 0)]
     if x.shape[2] == 0:
         return nan
